@@ -1,0 +1,403 @@
+"""A real Kubernetes control plane for tests: etcd and kube-apiserver on random loopback ports.
+
+Authentication is by client certificate (an admin in ``system:masters``) and service-account tokens, with
+``--authorization-mode=Node,RBAC``. kube-controller-manager, kube-scheduler, kwok (fake GPU nodes) and the
+Kubeflow training operator start on demand, once, when a test first needs them. All state lives in a temporary
+work directory that :meth:`ControlPlane.stop` removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import ssl
+import threading
+import time
+import urllib.request
+from base64 import b64encode
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from . import kwok, pki, testbin
+from .processes import ManagedProcess, free_port, wait_until
+
+log = logging.getLogger(__name__)
+
+ADMIN_USER = "ftj-admin"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+TRAINING_OPERATOR_NAMESPACE = "kubeflow"
+START_TIMEOUT = float(os.environ.get("FTJ_CONTROLPLANE_START_TIMEOUT", "120"))
+
+
+def _ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(url, timeout=3, context=context) as response:
+        return bool(response.status == 200)
+
+
+class ControlPlane:
+    """etcd + kube-apiserver, plus optional components started by the ``ensure_*`` methods."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.timings: dict[str, float] = {}
+        self._processes: dict[str, ManagedProcess] = {}
+        self._lock = threading.RLock()
+        self._pki_dir = workdir / "pki"
+        self._ca = pki.CertificateAuthority(self._pki_dir)
+        self.ca_cert = self._ca.cert_path
+        self._serving = self._ca.issue(
+            "serving",
+            "ftj-test-serving",
+            dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+            ip_addresses=("127.0.0.1", "10.96.0.1"),
+            server=True,
+        )
+        self._admin = self._ca.issue("admin", ADMIN_USER, organizations=("system:masters",), client=True)
+        self._sa_keys = pki.service_account_keys(self._pki_dir)
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        self.kubeconfig = workdir / "admin.kubeconfig"
+        self._write_kubeconfig()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, workdir: Path) -> ControlPlane:
+        """Start etcd and kube-apiserver in ``workdir`` and wait until the API server is ready."""
+        etcd_bin = testbin.binary("etcd")
+        apiserver_bin = testbin.binary("kubernetes", "kube-apiserver")
+        plane = cls(workdir)
+        try:
+            plane._start_etcd(etcd_bin)
+            plane._start_apiserver(apiserver_bin)
+        except BaseException:
+            plane.stop(keep_workdir=True)
+            raise
+        return plane
+
+    def stop(self, *, keep_workdir: bool = False) -> None:
+        """Stop every component (dependents first) and remove the work directory unless asked to keep it."""
+        with self._lock:
+            for name in reversed(list(self._processes)):
+                self._processes[name].stop()
+            self._processes.clear()
+        if not keep_workdir and not os.environ.get("FTJ_KEEP_WORKDIR"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def logs(self) -> dict[str, Path]:
+        """Log file of each component started so far."""
+        return {name: proc.log_path for name, proc in self._processes.items()}
+
+    def _spawn(
+        self, name: str, argv: list[str | os.PathLike[str]], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self.workdir / "logs" / f"{name}.log", env=env, cwd=self.workdir)
+        self._processes[name] = proc
+        return proc.start()
+
+    def _start_etcd(self, etcd_bin: Path) -> None:
+        started = time.monotonic()
+        client_port, peer_port = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{client_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        proc = self._spawn(
+            "etcd",
+            [
+                etcd_bin,
+                "--name=ftj-test",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=ftj-test={peer_url}",
+                # Throw-away data: durability costs seconds on every write and buys nothing here.
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+        )
+        wait_until(lambda: _ok(f"{self.etcd_url}/health"), timeout=START_TIMEOUT, what="etcd /health", watch=[proc])
+        self.timings["etcd"] = time.monotonic() - started
+
+    def _start_apiserver(self, apiserver_bin: Path) -> None:
+        started = time.monotonic()
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                apiserver_bin,
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={self._serving.cert}",
+                f"--tls-private-key-file={self._serving.key}",
+                f"--client-ca-file={self.ca_cert}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={self._sa_keys.cert}",
+                f"--service-account-signing-key-file={self._sa_keys.key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        context = self.ssl_context()
+        wait_until(
+            lambda: _ok(f"{self.server}/readyz", context),
+            timeout=START_TIMEOUT,
+            what="kube-apiserver /readyz",
+            watch=[proc],
+        )
+        self.timings["kube-apiserver"] = time.monotonic() - started
+
+    # -- clients -------------------------------------------------------------------------------------------------
+
+    def _write_kubeconfig(self) -> None:
+        def b64(path: Path) -> str:
+            return b64encode(path.read_bytes()).decode()
+
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "ftj-test",
+                    "cluster": {"server": self.server, "certificate-authority-data": b64(self.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": ADMIN_USER,
+                    "user": {
+                        "client-certificate-data": b64(self._admin.cert),
+                        "client-key-data": b64(self._admin.key),
+                    },
+                }
+            ],
+            "contexts": [{"name": "ftj-test", "context": {"cluster": "ftj-test", "user": ADMIN_USER}}],
+            "current-context": "ftj-test",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(doc))
+        self.kubeconfig.chmod(0o600)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS context that trusts the test CA and presents the admin client certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca_cert))
+        context.load_cert_chain(str(self._admin.cert), str(self._admin.key))
+        return context
+
+    def api_client(self) -> client.ApiClient:
+        """A new kubernetes ApiClient authenticated as the cluster admin (leaves the global config alone)."""
+        api: client.ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))
+        return api
+
+    def token_client(self, token: str) -> client.ApiClient:
+        """A new ApiClient that authenticates with a bearer ``token`` (e.g. from a TokenRequest)."""
+        configuration = client.Configuration()
+        configuration.host = self.server
+        configuration.ssl_ca_cert = str(self.ca_cert)
+        configuration.api_key = {"authorization": f"Bearer {token}"}
+        return client.ApiClient(configuration)
+
+    # -- CRDs ----------------------------------------------------------------------------------------------------
+
+    def apply_crds(self, documents: Iterable[dict[str, Any]], *, timeout: float = 60) -> list[str]:
+        """Create or replace each CustomResourceDefinition and wait until all are Established."""
+        names: list[str] = []
+        with self.api_client() as api:
+            ext = client.ApiextensionsV1Api(api)
+            for doc in documents:
+                if not doc or doc.get("kind") != "CustomResourceDefinition":
+                    continue
+                name = doc["metadata"]["name"]
+                try:
+                    ext.create_custom_resource_definition(doc)
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise
+                    current = ext.read_custom_resource_definition(name)
+                    doc = {**doc, "metadata": {**doc["metadata"], "resourceVersion": current.metadata.resource_version}}
+                    ext.replace_custom_resource_definition(name, doc)
+                names.append(name)
+
+            def established(name: str) -> bool:
+                crd = ext.read_custom_resource_definition(name)
+                return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+            for name in names:
+                wait_until(lambda n=name: established(n), timeout=timeout, what=f"CRD {name} Established")
+        return names
+
+    def apply_crd_files(self, paths: Iterable[Path]) -> list[str]:
+        """Apply every CRD document found in the given YAML files."""
+        documents: list[dict[str, Any]] = []
+        for path in paths:
+            documents.extend(d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict))
+        return self.apply_crds(documents)
+
+    # -- optional components -------------------------------------------------------------------------------------
+
+    def _component_argv_common(self, port: int) -> list[str | os.PathLike[str]]:
+        serving = self._ca.issue(
+            f"serving-{port}", "ftj-test-component", dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True
+        )
+        return [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--tls-cert-file={serving.cert}",
+            f"--tls-private-key-file={serving.key}",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+
+    def _wait_healthz(self, proc: ManagedProcess, port: int) -> None:
+        context = ssl.create_default_context(cafile=str(self.ca_cert))
+        wait_until(
+            lambda: _ok(f"https://127.0.0.1:{port}/healthz", context),
+            timeout=START_TIMEOUT,
+            what=f"{proc.name} /healthz",
+            watch=[proc],
+        )
+
+    def ensure_controller_manager(self) -> ManagedProcess:
+        """Start kube-controller-manager (all default controllers, incl. job, GC, service accounts) once."""
+        with self._lock:
+            if "kube-controller-manager" in self._processes:
+                return self._processes["kube-controller-manager"]
+            binary = testbin.binary("kubernetes", "kube-controller-manager")
+            started = time.monotonic()
+            port = free_port()
+            proc = self._spawn(
+                "kube-controller-manager",
+                [
+                    binary,
+                    *self._component_argv_common(port),
+                    f"--service-account-private-key-file={self._sa_keys.key}",
+                    f"--root-ca-file={self.ca_cert}",
+                    "--use-service-account-credentials=true",
+                    "--cluster-name=ftj-test",
+                    f"--cluster-signing-cert-file={self.ca_cert}",
+                    f"--cluster-signing-key-file={self._ca.key_path}",
+                ],
+            )
+            self._wait_healthz(proc, port)
+            self.timings["kube-controller-manager"] = time.monotonic() - started
+            return proc
+
+    def ensure_scheduler(self) -> ManagedProcess:
+        """Start kube-scheduler once."""
+        with self._lock:
+            if "kube-scheduler" in self._processes:
+                return self._processes["kube-scheduler"]
+            binary = testbin.binary("kubernetes", "kube-scheduler")
+            started = time.monotonic()
+            port = free_port()
+            proc = self._spawn("kube-scheduler", [binary, *self._component_argv_common(port)])
+            self._wait_healthz(proc, port)
+            self.timings["kube-scheduler"] = time.monotonic() - started
+            return proc
+
+    def ensure_kwok(self, nodes: int = 2, gpus_per_node: int = 8) -> ManagedProcess:
+        """Start kwok and register ``nodes`` fake nodes with GPUs; return once every node is Ready."""
+        with self._lock:
+            if "kwok" in self._processes:
+                return self._processes["kwok"]
+            binary = testbin.binary("kwok")
+            started = time.monotonic()
+            proc = self._spawn(
+                "kwok",
+                [
+                    binary,
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--config={kwok.STAGES_FILE}",
+                    "--manage-all-nodes=true",
+                    f"--cidr={POD_CIDR}",
+                    "--node-ip=10.240.0.1",
+                    f"--server-address=127.0.0.1:{free_port()}",
+                    "--node-lease-duration-seconds=40",
+                ],
+            )
+            names = [f"kwok-gpu-{i}" for i in range(nodes)]
+            with self.api_client() as api:
+                core = client.CoreV1Api(api)
+                for name in names:
+                    try:
+                        core.create_node(kwok.fake_node(name, gpus=gpus_per_node))
+                    except ApiException as exc:
+                        if exc.status != 409:
+                            raise
+
+                def all_ready() -> bool:
+                    for name in names:
+                        node = core.read_node(name)
+                        conditions = node.status.conditions or []
+                        if not any(c.type == "Ready" and c.status == "True" for c in conditions):
+                            return False
+                    return True
+
+                wait_until(all_ready, timeout=START_TIMEOUT, what="kwok nodes Ready", watch=[proc])
+            self.timings["kwok"] = time.monotonic() - started
+            return proc
+
+    def ensure_training_operator(self) -> ManagedProcess:
+        """Apply the upstream PyTorchJob CRD from the Go module cache and start the training operator v1 once.
+
+        It runs out of cluster with the admin kubeconfig. Its webhook certificate rotator needs its Secret to
+        exist; no ValidatingWebhookConfiguration is registered, so admission goes to the CRD schema only.
+        """
+        with self._lock:
+            if "training-operator" in self._processes:
+                return self._processes["training-operator"]
+            binary = testbin.binary("training-operator")
+            crd = testbin.training_operator_crd("pytorchjobs")
+            started = time.monotonic()
+            self.apply_crd_files([crd])
+            with self.api_client() as api:
+                core = client.CoreV1Api(api)
+                for create, body in (
+                    (core.create_namespace, {"metadata": {"name": TRAINING_OPERATOR_NAMESPACE}}),
+                    (
+                        lambda b: core.create_namespaced_secret(TRAINING_OPERATOR_NAMESPACE, b),
+                        {"metadata": {"name": "training-operator-webhook-cert"}},
+                    ),
+                ):
+                    try:
+                        create(body)
+                    except ApiException as exc:
+                        if exc.status != 409:
+                            raise
+            probe_port = free_port()
+            env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "MY_POD_NAMESPACE": TRAINING_OPERATOR_NAMESPACE}
+            proc = self._spawn(
+                "training-operator",
+                [
+                    binary,
+                    "--enable-scheme=pytorchjob",
+                    "--metrics-bind-address=0",
+                    f"--health-probe-bind-address=127.0.0.1:{probe_port}",
+                    f"--webhook-server-port={free_port()}",
+                    "--leader-elect=false",
+                ],
+                env=env,
+            )
+            wait_until(
+                lambda: _ok(f"http://127.0.0.1:{probe_port}/readyz"),
+                timeout=START_TIMEOUT,
+                what="training-operator /readyz",
+                watch=[proc],
+            )
+            self.timings["training-operator"] = time.monotonic() - started
+            return proc

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Build the real servers used by the controlplane and trainer test tiers from their published Go modules:
+# etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1
+# and MinIO. Binaries go to a cache outside the repository, one directory per component and version:
+#
+#   ${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}/<component>-<version>/
+#
+# A directory counts as built only when its `.complete` stamp (written last) exists, so an interrupted build is
+# redone and a finished one is reused. Idempotent: run it as often as you like; only what is missing is built.
+#
+# Usage: bash tests/testbin/build.sh [--force] [component ...]
+#   components: etcd kubernetes kwok training-operator minio (default: all)
+#   --force     rebuild even when the stamp is present
+#   --print-dir print the cache directory and exit
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache="${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}"
+all_components=(etcd kubernetes kwok training-operator minio)
+
+force=0
+components=()
+for arg in "$@"; do
+    case "$arg" in
+        --force) force=1 ;;
+        --print-dir) echo "$cache"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        etcd|kubernetes|kwok|training-operator|minio) components+=("$arg") ;;
+        *) echo "build.sh: unknown argument '$arg' (components: ${all_components[*]})" >&2; exit 2 ;;
+    esac
+done
+if [ "${#components[@]}" -eq 0 ]; then
+    components=("${all_components[@]}")
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+    echo "build.sh: 'go' is not on PATH; the real test tier needs Go >= 1.26 to build its servers" >&2
+    exit 1
+fi
+
+# Never let a module's toolchain line trigger a toolchain download; fail loudly instead.
+export GOTOOLCHAIN=local
+# The module and build caches stay at their defaults (~/go/pkg/mod, ~/.cache/go-build) so they stay warm.
+export CGO_ENABLED=0
+gobuild_flags=(-trimpath)
+
+mkdir -p "$cache"
+# Two builds at once (a developer and CI, say) would fight over the same directories.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$cache/.build.lock"
+    flock 9
+fi
+
+component_version() {
+    case "$1" in
+        etcd) echo "$ETCD_VERSION" ;;
+        kubernetes) echo "$KUBERNETES_VERSION" ;;
+        kwok) echo "$KWOK_VERSION" ;;
+        training-operator) echo "$TRAINING_OPERATOR_VERSION" ;;
+        minio) echo "$MINIO_VERSION" ;;
+    esac
+}
+
+build_etcd() {
+    local out="$1"
+    (cd "$here/etcd" && go build "${gobuild_flags[@]}" -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3)
+}
+
+build_kubernetes() {
+    local out="$1" v="$KUBERNETES_VERSION" minor
+    minor="$(echo "$v" | cut -d. -f2)"
+    # What hack/lib/version.sh stamps into release binaries, so clients see the real server version.
+    local ldflags="-s -w"
+    local pkg
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+        ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    done
+    (cd "$here/kubernetes" && go build "${gobuild_flags[@]}" -ldflags "$ldflags" -o "$out/" \
+        k8s.io/kubernetes/cmd/kube-apiserver \
+        k8s.io/kubernetes/cmd/kube-controller-manager \
+        k8s.io/kubernetes/cmd/kube-scheduler)
+}
+
+build_kwok() {
+    local out="$1"
+    GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+}
+
+build_training-operator() {
+    local out="$1"
+    GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" \
+        "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
+    # Make the module (with its manifests/base/crds) present in the module cache for the tests.
+    go mod download "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION"
+}
+
+build_minio() {
+    local out="$1"
+    GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+}
+
+total_start=$SECONDS
+for c in "${components[@]}"; do
+    v="$(component_version "$c")"
+    dir="$cache/$c-$v"
+    if [ "$force" -eq 0 ] && [ -f "$dir/.complete" ]; then
+        echo "testbin: $c $v present in $dir"
+        continue
+    fi
+    echo "testbin: building $c $v into $dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    start=$SECONDS
+    "build_$c" "$dir"
+    elapsed=$((SECONDS - start))
+    printf 'component=%s\nversion=%s\ngo=%s\nbuild_seconds=%s\n' "$c" "$v" "$(go env GOVERSION)" "$elapsed" \
+        >"$dir/.complete"
+    echo "testbin: built $c $v in ${elapsed}s"
+done
+echo "testbin: done in $((SECONDS - total_start))s; binaries under $cache"
