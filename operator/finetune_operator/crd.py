@@ -1,0 +1,247 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+pydantic emits JSON Schema (draft 2020-12) with $refs and anyOf-with-null; Kubernetes wants a structural OpenAPI v3
+schema. `structural()` bridges the two, and the cross-field rules that JSON Schema cannot say are added as CEL
+`x-kubernetes-validations` at their paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from finetune_operator.api import (
+    KIND,
+    MAX_JOB_NAME,
+    PLURAL,
+    SHORT_NAME,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
+from finetune_trainer.config import API_GROUP, API_VERSION
+
+# Fields of the spec that define the run; everything else (runPolicy, scheduling) may change later.
+IMMUTABLE = (
+    "model",
+    "datasets",
+    "evalDatasets",
+    "valSize",
+    "template",
+    "method",
+    "training",
+    "deepspeed",
+    "storage",
+    "output",
+    "distribution",
+    "resources",
+    "image",
+    "env",
+)
+
+
+def _rule(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def _immutable_rule(field: str) -> dict[str, str]:
+    return _rule(
+        f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
+        f"spec.{field} is immutable once the FineTuneJob exists; create a new FineTuneJob instead",
+        field_path=f".{field}",
+    )
+
+
+# CEL rules by schema path (dot-separated property names; [] steps into array items).
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    "": [
+        _rule(
+            f"!has(self.metadata.name) || self.metadata.name.size() <= {MAX_JOB_NAME}",
+            f"metadata.name must be at most {MAX_JOB_NAME} characters (children append suffixes)",
+        )
+    ],
+    "spec": [
+        _rule(
+            "!(has(self.evalDatasets) && size(self.evalDatasets) > 0 && has(self.valSize))",
+            "set evalDatasets or valSize, not both",
+        ),
+        *(_immutable_rule(f) for f in IMMUTABLE),
+    ],
+    "spec.method": [
+        _rule(
+            "!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
+            "lora settings apply to lora, qlora and dora only",
+            field_path=".lora",
+        ),
+        _rule(
+            "!has(self.quantization) || self.type == 'qlora'",
+            "quantization applies to qlora only",
+            field_path=".quantization",
+        ),
+        _rule(
+            "!has(self.freeze) || self.type == 'freeze'",
+            "freeze settings apply to type freeze only",
+            field_path=".freeze",
+        ),
+    ],
+    "spec.datasets[]": [
+        _rule("!has(self.tags) || self.format != 'alpaca'", "tags apply to sharegpt datasets only"),
+    ],
+    "spec.evalDatasets[]": [
+        _rule("!has(self.tags) || self.format != 'alpaca'", "tags apply to sharegpt datasets only"),
+    ],
+    "spec.training": [
+        _rule("!(has(self.warmupSteps) && has(self.warmupRatio))", "set warmupSteps or warmupRatio, not both"),
+    ],
+    "spec.deepspeed": [
+        _rule("self.offload != 'all' || self.zeroStage == 3", "offload: all needs zeroStage 3"),
+    ],
+    "spec.distribution": [
+        _rule("self.nodes >= 1", "distribution.nodes must be at least 1", field_path=".nodes"),
+    ],
+}
+
+_DROP = {"title", "format", "$defs", "discriminator"}
+
+
+def structural(schema: dict[str, Any]) -> dict[str, Any]:
+    """Turn a pydantic JSON schema into a structural OpenAPI v3 schema that Kubernetes accepts."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, list):
+            return [resolve(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+            extra = {k: v for k, v in node.items() if k != "$ref"}
+            return resolve({**target, **extra})
+        node = dict(node)
+        if "anyOf" in node:
+            options = [o for o in node.pop("anyOf") if o != {"type": "null"}]
+            types = sorted(o.get("type", "") for o in options)
+            if types == ["integer", "string"]:
+                node["x-kubernetes-int-or-string"] = True
+            elif len(options) == 1:
+                merged = resolve(options[0])
+                node = {**merged, **{k: v for k, v in node.items() if k not in merged or k == "description"}}
+            else:
+                raise ValueError(f"cannot express anyOf {options} structurally")
+            if node.get("default", 0) is None:
+                node.pop("default")
+        if "const" in node:
+            node["enum"] = [node.pop("const")]
+        if "exclusiveMinimum" in node:
+            node["minimum"] = node.pop("exclusiveMinimum")
+            node["exclusiveMinimum"] = True
+        if "exclusiveMaximum" in node:
+            node["maximum"] = node.pop("exclusiveMaximum")
+            node["exclusiveMaximum"] = True
+        if "enum" in node and "type" not in node:
+            node["type"] = "integer" if all(isinstance(v, int) for v in node["enum"]) else "string"
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _DROP:
+                continue
+            if key == "properties":
+                out[key] = {name: resolve(sub) for name, sub in value.items()}
+            elif key in ("items", "additionalProperties") and isinstance(value, dict):
+                out[key] = resolve(value)
+            else:
+                out[key] = value
+        if out.get("type") == "object":
+            if out.get("additionalProperties") is False:
+                del out["additionalProperties"]
+            elif "properties" not in out and out.get("additionalProperties") in (None, True, {}):
+                out.pop("additionalProperties", None)
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            if isinstance(out.get("default"), dict) and out["default"]:
+                # Let the nested defaults fill in: an empty object default is enough and never goes stale.
+                out["default"] = {}
+        elif "default" in out and isinstance(out["default"], list):
+            out.pop("default")
+        return out
+
+    result: dict[str, Any] = resolve({k: v for k, v in schema.items() if k != "$defs"})
+    return result
+
+
+def _walk(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema
+    for step in filter(None, path.split(".")):
+        items = step.endswith("[]")
+        node = node["properties"][step.removesuffix("[]")]
+        if items:
+            node = node["items"]
+    return node
+
+
+def openapi_schema() -> dict[str, Any]:
+    spec = structural(FineTuneJobSpec.model_json_schema(by_alias=True, mode="validation"))
+    status = structural(FineTuneJobStatus.model_json_schema(by_alias=True, mode="serialization"))
+    # status.progress.* is written by the trainer; unknown status keys from newer trainers are kept, not pruned.
+    status.pop("required", None)
+    root: dict[str, Any] = {
+        "type": "object",
+        "description": "A supervised fine-tuning run of an open LLM.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    for path, rules in CEL_RULES.items():
+        _walk(root, path).setdefault("x-kubernetes-validations", []).extend(rules)
+    return root
+
+
+def custom_resource_definition() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": [SHORT_NAME],
+                "categories": ["all", "ml"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+                        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+                        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
+                        {"name": "Nodes", "type": "integer", "jsonPath": ".spec.distribution.nodes", "priority": 1},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `ftj crd` (make crds) from finetune_operator.api; do not edit by hand.\n"
+    return header + yaml.safe_dump(custom_resource_definition(), sort_keys=False, width=120)

@@ -1,0 +1,463 @@
+"""The trainer's input contract: pydantic models for everything a training run needs.
+
+This module is the single source of truth for the data, template, method, training and DeepSpeed settings. The
+operator's FineTuneJob spec reuses these models, and the CRD schema is generated from them. It must import without
+torch: the operator image does not carry the training stack.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "finetune.dev"
+API_VERSION = "v1alpha1"
+
+# Bounds keep the CRD's CEL cost estimates finite; they are far above any real use.
+MAX_URI = 2048
+MAX_NAME = 253
+MAX_LIST = 64
+
+SCHEMES = ("s3", "pvc", "hf", "file")
+_S3_RE = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
+_PVC_RE = re.compile(r"^pvc://[a-z0-9]([a-z0-9\-]{0,251}[a-z0-9])?(/.*)?$")
+_HF_RE = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?(@[A-Za-z0-9_.\-/]+)?/?$")
+_FILE_RE = re.compile(r"^file://.+$")
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9][a-z0-9\-]*(/.*)?|hf://.+|file://.+)$"
+
+
+def check_uri(value: str) -> str:
+    """Accept s3://bucket/key, pvc://claim/path, hf://org/name and file://path; name the bad value otherwise."""
+    scheme, sep, _ = value.partition("://")
+    if not sep:
+        raise ValueError(f"must start with one of {', '.join(s + '://' for s in SCHEMES)}, got {value!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unsupported scheme {scheme + '://'!r} in {value!r}; use one of {', '.join(SCHEMES)}")
+    checks = {"s3": _S3_RE, "pvc": _PVC_RE, "hf": _HF_RE, "file": _FILE_RE}
+    if not checks[scheme].match(value):
+        hints = {
+            "s3": "s3://<bucket>/<key> with a valid bucket name",
+            "pvc": "pvc://<claim>/<path> with a DNS-1123 claim name",
+            "hf": "hf://<org>/<name>[@revision]",
+            "file": "file://<path>",
+        }
+        raise ValueError(f"malformed {scheme} URI {value!r}: expected {hints[scheme]}")
+    return value
+
+
+# The CRD gets the pattern; pydantic runs check_uri instead, whose messages name the problem.
+Uri = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_URI, json_schema_extra={"pattern": URI_PATTERN}),
+    AfterValidator(check_uri),
+]
+
+
+class Model(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML/JSON: camelCase keys, unset optional fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    @classmethod
+    def cross_field_errors(cls, data: dict[str, Any]) -> list[str]:
+        """Rules between fields, checked on the raw input so they are reported along with field errors."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _report_all(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        problems = cls.cross_field_errors(_Raw(data)) if isinstance(data, dict) else []
+        try:
+            result = handler(data)
+        except ValidationError as exc:
+            if not problems:
+                raise
+            details: list[Any] = [
+                {"type": e["type"], "loc": e["loc"], "input": e["input"], "ctx": e.get("ctx", {})} for e in exc.errors()
+            ]
+            details += [{"type": "value_error", "loc": (), "input": data, "ctx": {"error": p}} for p in problems]
+            raise ValidationError.from_exception_data(cls.__name__, details) from None
+        if problems:
+            raise ValueError("; ".join(problems))
+        return result
+
+
+class _Raw(dict[str, Any]):
+    """Raw input that answers to a field's python name or its camelCase alias."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+
+    def has(self, name: str) -> bool:
+        return self.get(name) is not None or self.get(to_camel(name)) is not None
+
+    def value(self, name: str, default: Any = None) -> Any:
+        for key in (name, to_camel(name)):
+            if self.get(key) is not None:
+                return self[key]
+        return default
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+class DatasetColumns(Model):
+    """Column mapping, the same keys as LLaMA-Factory's dataset_info.json `columns`."""
+
+    prompt: str | None = Field(
+        None, max_length=MAX_NAME, description="alpaca: instruction column (default instruction)."
+    )
+    query: str | None = Field(None, max_length=MAX_NAME, description="alpaca: input column (default input).")
+    response: str | None = Field(None, max_length=MAX_NAME, description="alpaca: output column (default output).")
+    history: str | None = Field(
+        None, max_length=MAX_NAME, description="alpaca: [[query, response], ...] history column."
+    )
+    messages: str | None = Field(
+        None, max_length=MAX_NAME, description="sharegpt: the conversation column (default conversations)."
+    )
+    system: str | None = Field(None, max_length=MAX_NAME, description="System prompt column.")
+    tools: str | None = Field(None, max_length=MAX_NAME, description="sharegpt: tool description column.")
+
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+SHAREGPT_COLUMNS = {"messages": "conversations"}
+
+
+class DatasetTags(BaseModel):
+    """Role/content tags of sharegpt messages; keys as in LLaMA-Factory's dataset_info.json `tags`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role_tag: str = Field("from", max_length=MAX_NAME, description="Key holding a message's role.")
+    content_tag: str = Field("value", max_length=MAX_NAME, description="Key holding a message's text.")
+    user_tag: str = Field("human", max_length=MAX_NAME, description="Role value of user turns.")
+    assistant_tag: str = Field("gpt", max_length=MAX_NAME, description="Role value of assistant turns.")
+    observation_tag: str = Field("observation", max_length=MAX_NAME, description="Role value of tool results.")
+    function_tag: str = Field("function_call", max_length=MAX_NAME, description="Role value of tool calls.")
+    system_tag: str = Field("system", max_length=MAX_NAME, description="Role value of a system message.")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class DatasetSpec(Model):
+    """One dataset: a file or a prefix (every file under it), in alpaca or sharegpt format."""
+
+    uri: Uri = Field(description="s3://, pvc://, hf:// or file:// URI of a file or a prefix (every file under it).")
+    format: Literal["alpaca", "sharegpt", "auto"] = Field(
+        "auto", description="Record layout; auto decides from the columns present."
+    )
+    file_type: Literal["json", "jsonl", "parquet", "csv"] | None = Field(
+        None, description="File type; by default taken from each file's extension."
+    )
+    columns: DatasetColumns | None = Field(None, description="Column mapping as in dataset_info.json.")
+    tags: DatasetTags | None = Field(None, description="sharegpt role/content tags as in dataset_info.json.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples of this dataset.")
+
+    @classmethod
+    def cross_field_errors(cls, data: Any) -> list[str]:
+        if data.has("tags") and data.value("format") == "alpaca":
+            return ["tags apply to sharegpt datasets only; remove tags or set format: sharegpt"]
+        return []
+
+
+TEMPLATES = ("auto", "default", "alpaca", "chatml", "qwen", "llama3")
+
+
+# --- method -----------------------------------------------------------------------------------------------------
+
+
+def _split_targets(value: Any) -> Any:
+    # LLaMA-Factory writes `lora_target: q_proj,v_proj` or `all`; accept that spelling too.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class LoraSpec(Model):
+    """LoRA adapter settings (lora, qlora, dora)."""
+
+    rank: int = Field(8, ge=1, le=4096, description="Adapter rank r.")
+    alpha: float = Field(16, gt=0, description="Scaling alpha (the update is scaled by alpha/rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target: Annotated[list[str], BeforeValidator(_split_targets)] = Field(
+        default_factory=lambda: ["all"],
+        min_length=1,
+        max_length=MAX_LIST,
+        description="Module names to adapt, or [all] for every linear layer but the output head.",
+    )
+    modules_to_save: list[str] | None = Field(
+        None, max_length=MAX_LIST, description="Extra modules trained fully and saved with the adapter."
+    )
+
+
+class QuantizationSpec(Model):
+    """bitsandbytes quantization of the frozen base (qlora only)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (nf4/fp4) or 8 (LLM.int8).")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (4-bit).")
+
+
+class FreezeSpec(Model):
+    """Partial fine-tuning: train only the last layers and/or named modules."""
+
+    trainable_layers: int = Field(2, ge=1, description="Train the last N transformer layers.")
+    extra_modules: list[str] | None = Field(
+        None, max_length=MAX_LIST, description="Further module names to train (e.g. embed_tokens)."
+    )
+
+
+METHODS = ("full", "freeze", "lora", "qlora", "dora")
+
+
+class MethodSpec(Model):
+    """The fine-tuning method and its settings."""
+
+    type: Literal["full", "freeze", "lora", "qlora", "dora"] = Field("lora", description="Fine-tuning method.")
+    lora: LoraSpec | None = Field(None, description="Adapter settings; lora, qlora and dora only.")
+    quantization: QuantizationSpec | None = Field(None, description="Base quantization; qlora only.")
+    freeze: FreezeSpec | None = Field(None, description="Which parts train; freeze only.")
+
+    @classmethod
+    def cross_field_errors(cls, data: Any) -> list[str]:
+        kind = data.value("type", "lora")
+        errors = []
+        if data.has("lora") and kind not in ("lora", "qlora", "dora"):
+            errors.append(f"lora settings apply to lora, qlora and dora only, not to type {kind!r}")
+        if data.has("quantization") and kind != "qlora":
+            errors.append(f"quantization applies to qlora only, not to type {kind!r}")
+        if data.has("freeze") and kind != "freeze":
+            errors.append(f"freeze settings apply to type freeze only, not to type {kind!r}")
+        return errors
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.type in ("lora", "qlora", "dora")
+
+    def lora_or_default(self) -> LoraSpec:
+        return self.lora or LoraSpec()
+
+    def quantization_or_default(self) -> QuantizationSpec:
+        return self.quantization or QuantizationSpec()
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+class TrainingSpec(Model):
+    """Optimisation and batching, with LLaMA-Factory's defaults where it has them."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (num_train_epochs).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = Field("cosine", description="Learning-rate schedule (lr_scheduler_type).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; exclusive with warmupRatio.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a fraction of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    per_device_batch_size: int = Field(1, ge=1, le=4096, description="Micro-batch per process.")
+    per_device_eval_batch_size: int = Field(1, ge=1, le=4096, description="Eval micro-batch per process.")
+    gradient_accumulation_steps: int = Field(8, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    cutoff_len: int = Field(2048, ge=8, le=1048576, description="Maximum tokens per sample (after packing: per row).")
+    packing: bool = Field(True, description="Pack samples into rows of cutoffLen tokens, without cross-attention.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    mask_history: bool = Field(False, description="Compute loss on the last assistant turn only.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Mixed-precision mode.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    seed: int = Field(42, ge=0, description="Seed for data order, initialisation and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Report progress every N steps.")
+    save_steps: int = Field(500, ge=1, description="Checkpoint every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: saveSteps).")
+
+    @classmethod
+    def cross_field_errors(cls, data: Any) -> list[str]:
+        if data.has("warmup_steps") and data.has("warmup_ratio"):
+            return ["set warmupSteps or warmupRatio, not both"]
+        return []
+
+
+class ConfigMapKeyRef(Model):
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="ConfigMap name in the job's namespace.")
+    key: str = Field("ds_config.json", min_length=1, max_length=MAX_NAME, description="Key holding the JSON.")
+
+
+class DeepSpeedSpec(Model):
+    """DeepSpeed ZeRO; the operator renders the JSON with Hugging Face "auto" values."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage.")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="Offload optimizer state (and with all, parameters in stage 3) to CPU."
+    )
+    config_map_ref: ConfigMapKeyRef | None = Field(
+        None, description="Use this DeepSpeed JSON instead of the rendered one."
+    )
+
+    @classmethod
+    def cross_field_errors(cls, data: Any) -> list[str]:
+        stage = data.value("zero_stage", 2)
+        if data.value("offload") == "all" and stage != 3:
+            return [f"offload: all (parameters) needs zeroStage 3, got zeroStage {stage!r}"]
+        return []
+
+
+class ModelSource(Model):
+    """The base model."""
+
+    uri: Uri = Field(description="s3://, pvc://, hf:// or file:// URI of a Hugging Face model directory.")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code.")
+
+
+# --- storage and output -----------------------------------------------------------------------------------------
+
+
+class SecretRef(Model):
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="Secret in the job's namespace.")
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=MAX_NAME, description="Key of the access key id.")
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", max_length=MAX_NAME, description="Key of the secret access key."
+    )
+
+
+class StorageSpec(Model):
+    """S3-compatible storage (AWS, MinIO, Ceph RGW). Keys come only from the Secret, as env vars."""
+
+    endpoint: str | None = Field(
+        None,
+        max_length=MAX_URI,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="Endpoint URL, e.g. http://minio.minio:9000; empty for AWS.",
+    )
+    region: str = Field("us-east-1", max_length=64, description="Region name.")
+    addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="Bucket addressing style.")
+    secret_ref: SecretRef | None = Field(None, description="Secret with the access keys.")
+
+
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$"
+
+
+class Resources(Model):
+    """Container resources, as in a Pod spec."""
+
+    requests: dict[str, int | str] | None = Field(None, description="Resource requests.")
+    limits: dict[str, int | str] | None = Field(None, description="Resource limits (e.g. nvidia.com/gpu).")
+
+
+class MergeSpec(Model):
+    """Merging a LoRA/DoRA adapter into the base after training."""
+
+    enabled: bool | None = Field(None, description="Merge after training; default on for lora, qlora and dora.")
+    uri: Uri | None = Field(None, description="Where the merged model goes; default <output>/merged/.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Data type of the merged weights.")
+    max_shard_size: str = Field("5GB", pattern=QUANTITY_PATTERN, max_length=32, description="Largest shard file.")
+    resources: Resources | None = Field(None, description="Merge Job resources (CPU by default).")
+
+
+class CheckpointSpec(Model):
+    keep: int = Field(3, ge=1, le=1000, description="Keep this many newest complete checkpoints.")
+
+
+class OutputSpec(Model):
+    """Where checkpoints, the adapter/model, the loss plot and the merged model are written."""
+
+    uri: Uri = Field(description="Output prefix; checkpoints go to <uri>/checkpoints/step-<N>/.")
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint retention.")
+    merge: MergeSpec = Field(default_factory=MergeSpec, description="Adapter merge after training.")
+    plot_loss: bool = Field(True, description="Write loss.png with train and eval loss.")
+
+
+# --- the whole run ----------------------------------------------------------------------------------------------
+
+
+class RunSpec(Model):
+    """The fields that define a training run; shared by TrainerConfig and the FineTuneJob spec."""
+
+    model: ModelSource = Field(description="Base model.")
+    datasets: list[DatasetSpec] = Field(min_length=1, max_length=MAX_LIST, description="Training datasets, mixed.")
+    eval_datasets: list[DatasetSpec] | None = Field(
+        None, max_length=MAX_LIST, description="Evaluation datasets; exclusive with valSize."
+    )
+    val_size: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the training data.")
+    template: Literal["auto", "default", "alpaca", "chatml", "qwen", "llama3"] = Field(
+        "auto", description="Chat template; auto uses the tokenizer's own."
+    )
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    deepspeed: DeepSpeedSpec | None = Field(None, description="DeepSpeed ZeRO; DDP when absent.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3-compatible storage settings.")
+    output: OutputSpec = Field(description="Output location.")
+
+    @classmethod
+    def cross_field_errors(cls, data: Any) -> list[str]:
+        if data.value("eval_datasets") and data.has("val_size"):
+            return ["set evalDatasets or valSize, not both"]
+        return []
+
+    def merge_enabled(self) -> bool:
+        enabled = self.output.merge.enabled
+        return self.method.uses_adapter if enabled is None else enabled and self.method.uses_adapter
+
+
+class TrainerConfig(RunSpec):
+    """What the operator hands each replica (as JSON in a ConfigMap) and what `ftj run` passes locally."""
+
+    job_name: str = Field("local", max_length=MAX_NAME, description="FineTuneJob name, for logs and status.")
+    namespace: str | None = Field(None, max_length=MAX_NAME, description="FineTuneJob namespace (in a cluster).")
+    deepspeed_config_path: str | None = Field(None, description="Path of the rendered DeepSpeed JSON.")
+    cache_dir: str = Field("/scratch/cache", description="Node-local cache for downloads and tokenized data.")
+
+
+class Progress(Model):
+    """Live training progress; the trainer's rank 0 writes it to FineTuneJob.status.progress."""
+
+    step: int = Field(0, ge=0)
+    total_steps: int | None = Field(None, ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    updated_at: str | None = Field(None, description="RFC 3339 time of this report.")
+    summary: str | None = Field(None, max_length=64, description="step/totalSteps, for kubectl get.")
+
+
+def format_validation_error(exc: Any, prefix: str = "", document: Any = None) -> list[str]:
+    """Turn a pydantic ValidationError into one line per error: `field.path: message (got value)`."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        path = ".".join(p for p in (prefix, path) if p)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        got = err.get("input")
+        show = err["type"] != "missing" and not isinstance(got, dict)
+        show = show and not (isinstance(got, str) and repr(got) in message)
+        lines.append(f"{path or '<root>'}: {message}" + (f" (got {got!r})" if show else ""))
+    return lines
