@@ -44,3 +44,7 @@ crds: venv ## Regenerate crds/ from the API models
 .PHONY: quickstart
 quickstart: venv ## The README's main job: a local LoRA fine-tune of a tiny model (lands with `ftj run`)
 	@echo "quickstart: the local fine-tune arrives with 'ftj run' (local mode); not available yet" >&2; exit 1
+
+.PHONY: golden
+golden: venv ## Regenerate the rendered-manifest golden files (review the diff)
+	FTJ_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit/test_render.py -k golden

@@ -13,6 +13,7 @@ import yaml
 
 from finetune_operator.api import KIND, validate_document
 from finetune_operator.convert import ConvertOptions, convert
+from finetune_operator.yamlio import dump_all
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -97,6 +98,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def render_file(path: Path, namespace: str, backend: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Render every FineTuneJob in a file into its child objects; errors as `validate` reports them."""
+    from finetune_operator.render import JobRef, children
+    from finetune_operator.settings import Settings
+
+    valid, errors = validate_file(path)
+    if errors:
+        return [], errors
+    settings = Settings.from_env()
+    objects: list[dict[str, Any]] = []
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not (isinstance(doc, dict) and doc.get("kind") == KIND):
+            continue
+        job, _ = validate_document(doc)
+        assert job is not None and job.metadata.name is not None
+        spec = job.spec
+        if backend:
+            spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"backend": backend})})
+        ref = JobRef(job.metadata.name, job.metadata.namespace or namespace, spec)
+        objects += children(ref, settings)
+    return objects, []
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    out: list[str] = []
+    for name in args.files:
+        objects, errors = render_file(Path(name), args.namespace, args.backend)
+        for line in errors:
+            print(line, file=sys.stderr)
+        if errors:
+            return 1
+        out.append(dump_all(objects))
+    sys.stdout.write("---\n".join(out))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     source = Path(args.config)
     try:
@@ -158,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate FineTuneJob YAML files; every error, with field and line")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="print every Kubernetes object the operator creates for FineTuneJobs")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("-n", "--namespace", default="default", help="namespace when the file names none")
+    p.add_argument("--backend", choices=["pytorchjob", "job"], help="override spec.distribution.backend")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("convert", help="convert a LLaMA-Factory training YAML into a FineTuneJob")
     p.add_argument("config", help="LLaMA-Factory YAML (stage: sft)")

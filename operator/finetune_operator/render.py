@@ -1,0 +1,424 @@
+"""Render a FineTuneJob into the Kubernetes objects that run it: pure functions, spec in, dicts out, no I/O.
+
+Children, in creation order: the trainer ConfigMap (TrainerConfig JSON and DeepSpeed JSON), a ServiceAccount with a
+Role that reaches only this job's status, and the workload: a Kubeflow PyTorchJob, or an Indexed Job plus a headless
+Service for clusters without the training operator. Owner references are added when the handler adopts them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
+from finetune_operator.settings import Settings
+from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
+from finetune_trainer.deepspeed import deepspeed_config
+
+CONTAINER = "pytorch"  # the Kubeflow training operator requires this container name
+CONFIG_DIR = "/etc/finetune"
+TRAINER_CONFIG = f"{CONFIG_DIR}/trainer.json"
+DEEPSPEED_FILE = "ds_config.json"
+CUSTOM_DEEPSPEED_DIR = f"{CONFIG_DIR}/deepspeed"
+SCRATCH = "/scratch"
+GPU = "nvidia.com/gpu"
+JOB_LABEL = "finetune.dev/job"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+RUN_AS = 1000
+# The trainer exits with this code for errors no restart can fix (bad data, bad config); see finetune_trainer.errors.
+PERMANENT_EXIT_CODE = 3
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The FineTuneJob being rendered: its identity and its validated spec."""
+
+    name: str
+    namespace: str
+    spec: FineTuneJobSpec
+
+    @property
+    def trainer_sa(self) -> str:
+        return f"{self.name}-trainer"
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.name}-config"
+
+
+def labels(job: JobRef, component: str = "trainer") -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "finetune-operator",
+        "app.kubernetes.io/managed-by": "finetune-operator",
+        JOB_LABEL: job.name,
+    }
+
+
+def _meta(job: JobRef, name: str, component: str = "trainer", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "namespace": job.namespace, "labels": labels(job, component), **extra}
+
+
+def effective_spec(spec: FineTuneJobSpec, settings: Settings) -> FineTuneJobSpec:
+    """The spec with the operator's storage defaults filled in where the job leaves them empty."""
+    storage = spec.storage
+    update: dict[str, Any] = {}
+    if storage.endpoint is None and settings.default_s3_endpoint:
+        update["endpoint"] = settings.default_s3_endpoint
+    if "region" not in storage.model_fields_set and settings.default_s3_region:
+        update["region"] = settings.default_s3_region
+    if storage.secret_ref is None and settings.default_s3_secret:
+        update["secret_ref"] = SecretRef(name=settings.default_s3_secret)
+    return spec.model_copy(update={"storage": storage.model_copy(update=update)}) if update else spec
+
+
+def trainer_config(job: JobRef) -> TrainerConfig:
+    """The TrainerConfig every replica reads: the run-defining part of the spec plus where things are mounted."""
+    run = job.spec.model_dump(include=set(RunSpec.model_fields), by_alias=False, exclude_none=True)
+    ds = job.spec.deepspeed
+    ds_path = None
+    if ds is not None:
+        ds_path = (
+            f"{CUSTOM_DEEPSPEED_DIR}/{ds.config_map_ref.key}" if ds.config_map_ref else f"{CONFIG_DIR}/{DEEPSPEED_FILE}"
+        )
+    return TrainerConfig.model_validate(
+        {
+            **run,
+            "job_name": job.name,
+            "namespace": job.namespace,
+            "deepspeed_config_path": ds_path,
+            "cache_dir": f"{SCRATCH}/cache",
+        }
+    )
+
+
+def config_map(job: JobRef) -> dict[str, Any]:
+    data = {"trainer.json": json.dumps(trainer_config(job).to_wire(), indent=2, sort_keys=True) + "\n"}
+    ds = job.spec.deepspeed
+    if ds is not None and ds.config_map_ref is None:
+        data[DEEPSPEED_FILE] = json.dumps(deepspeed_config(ds), indent=2, sort_keys=True) + "\n"
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(job, job.config_map), "data": data}
+
+
+def config_hash(cm: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cm["data"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rbac(job: JobRef) -> list[dict[str, Any]]:
+    """A ServiceAccount whose Role lets rank 0 read and patch this FineTuneJob's status, and nothing else."""
+    sa = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(job, job.trainer_sa),
+        "automountServiceAccountToken": False,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(job, job.trainer_sa),
+        "rules": [
+            {
+                "apiGroups": [API_VERSION_FULL.split("/")[0]],
+                "resources": ["finetunejobs/status"],
+                "resourceNames": [job.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(job, job.trainer_sa),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": job.trainer_sa},
+        "subjects": [{"kind": "ServiceAccount", "name": job.trainer_sa, "namespace": job.namespace}],
+    }
+    return [sa, role, binding]
+
+
+def resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """Container resources: one GPU per process unless the spec says otherwise (0 means none)."""
+    requests = dict(spec.resources.requests or {}) if spec.resources else {}
+    limits = dict(spec.resources.limits or {}) if spec.resources else {}
+    gpus = limits.get(GPU, requests.get(GPU, spec.distribution.procs_per_node))
+    limits.pop(GPU, None)
+    requests.pop(GPU, None)
+    if str(gpus) not in ("0", ""):
+        limits[GPU] = gpus  # extended resources: the request defaults to the limit
+    # Quantities go out as strings, the form the API server returns them in.
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = {k: str(v) for k, v in requests.items()}
+    if limits:
+        out["limits"] = {k: str(v) for k, v in limits.items()}
+    return out
+
+
+def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    ref = spec.storage.secret_ref
+    if ref is None:
+        return []
+    return [
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_id_key}}},
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_access_key_key}},
+        },
+    ]
+
+
+def torchrun_args(node_rank: str, master_addr: str, master_port: str, nnodes: str, nproc: str) -> list[str]:
+    """torchrun's arguments; values may be $(VAR) references that the kubelet expands from the container env."""
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={master_addr}",
+        f"--master_port={master_port}",
+        "-m",
+        "finetune_trainer",
+        "train",
+        "--config",
+        TRAINER_CONFIG,
+    ]
+
+
+def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = job.spec
+    scratch = spec.scratch
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if scratch and scratch.shm_size:
+        shm["sizeLimit"] = scratch.shm_size
+    if scratch and scratch.claim_name:
+        scratch_volume: dict[str, Any] = {"persistentVolumeClaim": {"claimName": scratch.claim_name}}
+    else:
+        scratch_volume = {"emptyDir": {"sizeLimit": scratch.size_limit} if scratch and scratch.size_limit else {}}
+    volumes = [
+        {"name": "config", "configMap": {"name": job.config_map}},
+        {"name": "dshm", "emptyDir": shm},
+        {"name": "scratch", **scratch_volume},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": SCRATCH},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    ds = spec.deepspeed
+    if ds is not None and ds.config_map_ref is not None:
+        volumes.append({"name": "deepspeed", "configMap": {"name": ds.config_map_ref.name}})
+        mounts.append({"name": "deepspeed", "mountPath": CUSTOM_DEEPSPEED_DIR, "readOnly": True})
+    for uri in {spec.model.uri, *(d.uri for d in spec.datasets), *(d.uri for d in spec.eval_datasets or [])}:
+        if uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            name = f"pvc-{claim}"[:63]
+            if all(v["name"] != name for v in volumes):
+                volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+                mounts.append({"name": name, "mountPath": f"/mnt/pvc/{claim}", "readOnly": True})
+    return volumes, mounts
+
+
+def pod_template(
+    job: JobRef, settings: Settings, args: list[str], env: list[dict[str, Any]], annotations: dict[str, str]
+) -> dict[str, Any]:
+    """The replica Pod: restricted security, GPUs, scratch and shm, S3 keys from the Secret, user env."""
+    spec = job.spec
+    volumes, mounts = _volumes(job)
+    base_env = [
+        {"name": "FTJ_CONFIG", "value": TRAINER_CONFIG},
+        {"name": "FTJ_JOB_NAME", "value": job.name},
+        {"name": "FTJ_NAMESPACE", "value": job.namespace},
+        {"name": "FTJ_BACKEND", "value": spec.distribution.backend},
+        {"name": "HOME", "value": f"{SCRATCH}/home"},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
+        "command": ["torchrun"],
+        "args": args,
+        "env": base_env + env + _storage_env(spec) + [e.to_wire() for e in spec.env or []],
+        "ports": [{"name": "pytorchjob-port", "containerPort": spec.distribution.master_port, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    res = resources(spec)
+    if res:
+        container["resources"] = res
+    pod: dict[str, Any] = {
+        "serviceAccountName": job.trainer_sa,
+        "automountServiceAccountToken": True,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    sched = spec.scheduling
+    if sched is not None:
+        if sched.node_selector:
+            pod["nodeSelector"] = dict(sched.node_selector)
+        if sched.tolerations:
+            pod["tolerations"] = [t.to_wire() for t in sched.tolerations]
+        if sched.affinity:
+            pod["affinity"] = sched.affinity
+        if sched.priority_class_name:
+            pod["priorityClassName"] = sched.priority_class_name
+        if sched.scheduler_name:
+            pod["schedulerName"] = sched.scheduler_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    return {"metadata": {"labels": labels(job), "annotations": annotations}, "spec": pod}
+
+
+def _queued(job: JobRef) -> bool:
+    return bool(job.spec.scheduling and job.spec.scheduling.queue_name)
+
+
+def _child_labels(job: JobRef) -> dict[str, str]:
+    out = labels(job)
+    if job.spec.scheduling and job.spec.scheduling.queue_name:
+        out[QUEUE_LABEL] = job.spec.scheduling.queue_name
+    return out
+
+
+def pytorchjob(job: JobRef, settings: Settings, annotations: dict[str, str]) -> dict[str, Any]:
+    """Kubeflow PyTorchJob: Master x1 + Worker x(nodes-1); the controller injects PET_* and MASTER_* env."""
+    spec = job.spec
+    dist = spec.distribution
+    args = torchrun_args(
+        "$(PET_NODE_RANK)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", "$(PET_NNODES)", "$(PET_NPROC_PER_NODE)"
+    )
+    template = pod_template(job, settings, args, [], annotations)
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    if dist.nodes > 1:
+        worker = copy.deepcopy(template)
+        replicas["Worker"] = {"replicas": dist.nodes - 1, "restartPolicy": "OnFailure", "template": worker}
+    policy = spec.run_policy
+    run_policy: dict[str, Any] = {
+        "cleanPodPolicy": policy.clean_pod_policy,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend or _queued(job),
+    }
+    if policy.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    sched = spec.scheduling
+    if sched is not None and sched.gang_scheduling:
+        gang: dict[str, Any] = {"minAvailable": dist.nodes}
+        if sched.queue_name:
+            gang["queue"] = sched.queue_name
+        if sched.priority_class_name:
+            gang["priorityClass"] = sched.priority_class_name
+        run_policy["schedulingPolicy"] = gang
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": job.name, "namespace": job.namespace, "labels": _child_labels(job)},
+        "spec": {"runPolicy": run_policy, "nprocPerNode": str(dist.procs_per_node), "pytorchReplicaSpecs": replicas},
+    }
+
+
+def headless_service(job: JobRef) -> dict[str, Any]:
+    """Stable DNS names <name>-<index>.<name> for the Indexed Job's pods, ready or not (rendezvous comes first)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, job.name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: job.name, "app.kubernetes.io/component": "trainer"},
+            "ports": [{"name": "rendezvous", "port": job.spec.distribution.master_port, "protocol": "TCP"}],
+        },
+    }
+
+
+def indexed_job(job: JobRef, settings: Settings, annotations: dict[str, str]) -> dict[str, Any]:
+    """Built-in backend: an Indexed Job, node rank = completion index, master = <name>-0.<service>."""
+    spec = job.spec
+    dist = spec.distribution
+    env = [
+        {"name": "PET_NNODES", "value": str(dist.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(dist.procs_per_node)},
+        {"name": "PET_MASTER_ADDR", "value": f"{job.name}-0.{job.name}"},
+        {"name": "PET_MASTER_PORT", "value": str(dist.master_port)},
+    ]
+    args = torchrun_args(
+        "$(JOB_COMPLETION_INDEX)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", "$(PET_NNODES)", "$(PET_NPROC_PER_NODE)"
+    )
+    template = pod_template(job, settings, args, env, annotations)
+    template["spec"]["subdomain"] = job.name
+    template["spec"]["restartPolicy"] = "Never"  # podFailurePolicy needs it; the Job controller replaces pods
+    policy = spec.run_policy
+    body: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": dist.nodes,
+        "parallelism": dist.nodes,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend or _queued(job),
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [PERMANENT_EXIT_CODE]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": template,
+    }
+    if policy.active_deadline_seconds:
+        body["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job.name, "namespace": job.namespace, "labels": _child_labels(job)},
+        "spec": body,
+    }
+
+
+def workload(job: JobRef, settings: Settings, annotations: dict[str, str]) -> dict[str, Any]:
+    """The object that carries the replicas (PyTorchJob or Job), whose status the operator follows."""
+    if job.spec.distribution.backend == "pytorchjob":
+        return pytorchjob(job, settings, annotations)
+    return indexed_job(job, settings, annotations)
+
+
+def children(job: JobRef, settings: Settings) -> list[dict[str, Any]]:
+    """Every child object, in the order they must be created."""
+    job = JobRef(job.name, job.namespace, effective_spec(job.spec, settings))
+    cm = config_map(job)
+    # The hash shows which configuration a running pod was started with.
+    work = workload(job, settings, {"finetune.dev/config-hash": config_hash(cm)})
+    out = [cm, *rbac(job)]
+    if work["kind"] == "Job":
+        out.append(headless_service(job))
+    out.append(work)
+    return out
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION_FULL,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

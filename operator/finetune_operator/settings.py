@@ -1,0 +1,83 @@
+"""Operator settings, read once from environment variables (each documented with its default below)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"environment variable {name} must be true or false, got {raw!r}")
+    return raw in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the operator takes from its environment; render functions receive it explicitly."""
+
+    # FTJ_TRAINER_IMAGE: image for training replicas and merge Jobs when a FineTuneJob names none.
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    # FTJ_IMAGE_PULL_POLICY: pull policy when a FineTuneJob names none (IfNotPresent).
+    image_pull_policy: str = "IfNotPresent"
+    # FTJ_WATCH_NAMESPACES: comma-separated namespaces to watch; empty means the whole cluster.
+    watch_namespaces: tuple[str, ...] = ()
+    # FTJ_RESYNC_SECONDS: how often every FineTuneJob's status is recomputed even without events (30).
+    resync_seconds: int = 30
+    # FTJ_API_RECHECK_SECONDS: how often a job waiting for the PyTorchJob API re-checks it (60).
+    api_recheck_seconds: int = 60
+    # FTJ_DEFAULT_S3_ENDPOINT / FTJ_DEFAULT_S3_SECRET / FTJ_DEFAULT_S3_REGION: storage defaults for jobs without them.
+    default_s3_endpoint: str | None = None
+    default_s3_secret: str | None = None
+    default_s3_region: str | None = None
+    # FTJ_HEALTH_PORT: port of the /healthz liveness endpoint (8080).
+    health_port: int = 8080
+    # FTJ_METRICS_PORT: port of the Prometheus /metrics endpoint (9090; 0 disables it).
+    metrics_port: int = 9090
+    # FTJ_LEADER_ELECTION: only the replica holding the Lease acts (true).
+    leader_election: bool = True
+    # FTJ_LEASE_NAME / FTJ_LEASE_NAMESPACE: the coordination.k8s.io Lease used for leader election.
+    lease_name: str = "finetune-operator-leader"
+    lease_namespace: str = "default"
+    # FTJ_LEASE_SECONDS: a leader that has not renewed for this long is replaced (15).
+    lease_seconds: int = 15
+    # FTJ_MAX_CHECKPOINTS_IN_STATUS: how many checkpoint records status keeps (10).
+    max_checkpoints_in_status: int = 10
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        namespaces = tuple(n.strip() for n in os.environ.get("FTJ_WATCH_NAMESPACES", "").split(",") if n.strip())
+        pod_namespace = os.environ.get("POD_NAMESPACE", "").strip()
+        return cls(
+            trainer_image=os.environ.get("FTJ_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
+            image_pull_policy=os.environ.get("FTJ_IMAGE_PULL_POLICY", "").strip() or "IfNotPresent",
+            watch_namespaces=namespaces,
+            resync_seconds=_int("FTJ_RESYNC_SECONDS", 30),
+            api_recheck_seconds=_int("FTJ_API_RECHECK_SECONDS", 60),
+            default_s3_endpoint=os.environ.get("FTJ_DEFAULT_S3_ENDPOINT") or None,
+            default_s3_secret=os.environ.get("FTJ_DEFAULT_S3_SECRET") or None,
+            default_s3_region=os.environ.get("FTJ_DEFAULT_S3_REGION") or None,
+            health_port=_int("FTJ_HEALTH_PORT", 8080),
+            metrics_port=_int("FTJ_METRICS_PORT", 9090),
+            leader_election=_bool("FTJ_LEADER_ELECTION", True),
+            lease_name=os.environ.get("FTJ_LEASE_NAME", "").strip() or "finetune-operator-leader",
+            lease_namespace=os.environ.get("FTJ_LEASE_NAMESPACE", "").strip() or pod_namespace or "default",
+            lease_seconds=_int("FTJ_LEASE_SECONDS", 15),
+            max_checkpoints_in_status=_int("FTJ_MAX_CHECKPOINTS_IN_STATUS", 10),
+        )

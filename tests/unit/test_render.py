@@ -1,0 +1,259 @@
+"""Rendering: golden files for every example on both backends, plus the rules each child must follow."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator.api import FineTuneJobSpec, validate_document
+from finetune_operator.cli import render_file
+from finetune_operator.render import GPU, JobRef, children, resources
+from finetune_operator.settings import Settings
+from finetune_operator.yamlio import dump_all
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+EXAMPLES = sorted(
+    p
+    for p in (ROOT / "examples").rglob("*.yaml")
+    if any(isinstance(d, dict) and d.get("kind") == "FineTuneJob" for d in yaml.safe_load_all(p.read_text()))
+)
+BACKENDS = ("pytorchjob", "job")
+CASES = [(p, b) for p in EXAMPLES for b in BACKENDS]
+
+
+def _render(path: Path, backend: str) -> list[dict[str, Any]]:
+    objects, errors = render_file(path, "ml-team", backend)
+    assert errors == []
+    return objects
+
+
+def _job(spec_patch: dict[str, Any] | None = None) -> JobRef:
+    doc = yaml.safe_load((ROOT / "examples" / "lora-7b.yaml").read_text())
+    doc["spec"].update(spec_patch or {})
+    job, errors = validate_document(doc)
+    assert job is not None, errors
+    return JobRef("demo", "ns1", job.spec)
+
+
+def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def _pod_templates(work: dict[str, Any]) -> list[dict[str, Any]]:
+    if work["kind"] == "PyTorchJob":
+        return [r["template"] for r in work["spec"]["pytorchReplicaSpecs"].values()]
+    return [work["spec"]["template"]]
+
+
+@pytest.mark.parametrize(("path", "backend"), CASES, ids=[f"{p.stem}-{b}" for p, b in CASES])
+def test_rendered_children_match_golden(path: Path, backend: str) -> None:
+    golden = GOLDEN / f"{path.stem}.{backend}.yaml"
+    text = dump_all(_render(path, backend))
+    if os.environ.get("FTJ_UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"{golden} missing: run `make golden`"
+    assert text == golden.read_text(), f"{golden} differs: review the change, then `make golden`"
+
+
+@pytest.mark.parametrize(("path", "backend"), CASES, ids=[f"{p.stem}-{b}" for p, b in CASES])
+def test_every_pod_meets_the_restricted_standard(path: Path, backend: str) -> None:
+    work = _render(path, backend)[-1]
+    for template in _pod_templates(work):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert all("hostPath" not in v for v in pod["volumes"])
+        assert pod["containers"][0]["name"] == "pytorch"
+
+
+@pytest.mark.parametrize(("path", "backend"), CASES, ids=[f"{p.stem}-{b}" for p, b in CASES])
+def test_credentials_never_reach_the_configmap(path: Path, backend: str) -> None:
+    objects = _by_kind(_render(path, backend))
+    storage = json.loads(objects["ConfigMap"]["data"]["trainer.json"])["storage"]
+    # Only where the keys are (a Secret's name and key names), never a key itself.
+    assert set(storage) <= {"endpoint", "region", "addressingStyle", "secretRef"}
+    assert set(storage.get("secretRef", {})) <= {"name", "accessKeyIdKey", "secretAccessKeyKey"}
+    env = _pod_templates(objects[next(k for k in ("PyTorchJob", "Job") if k in objects)])[0]["spec"]["containers"][0][
+        "env"
+    ]
+    secret_env = [e for e in env if e["name"].startswith("AWS_")]
+    assert all("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in secret_env)
+
+
+def test_pytorchjob_master_and_workers_with_torchrun_from_controller_env() -> None:
+    job = _job({"distribution": {"nodes": 3, "procsPerNode": 4}})
+    work = children(job, Settings())[-1]
+    replicas = work["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1
+    assert replicas["Worker"]["replicas"] == 2
+    assert work["spec"]["nprocPerNode"] == "4"
+    container = replicas["Worker"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun"]
+    assert container["args"][:5] == [
+        "--nnodes=$(PET_NNODES)",
+        "--nproc_per_node=$(PET_NPROC_PER_NODE)",
+        "--node_rank=$(PET_NODE_RANK)",
+        "--master_addr=$(PET_MASTER_ADDR)",
+        "--master_port=$(PET_MASTER_PORT)",
+    ]
+    assert container["resources"]["limits"][GPU] == "4"
+    assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 29500, "protocol": "TCP"}]
+
+
+def test_single_node_pytorchjob_has_no_workers() -> None:
+    work = children(_job(), Settings())[-1]
+    assert list(work["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+
+
+def test_job_backend_sets_rank_and_master_itself() -> None:
+    job = _job({"distribution": {"backend": "job", "nodes": 2, "procsPerNode": 8, "masterPort": 23456}})
+    objects = children(job, Settings())
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Service", "Job"]
+    svc, work = objects[-2], objects[-1]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    spec = work["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"] == "demo"
+    assert pod["restartPolicy"] == "Never"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PET_MASTER_ADDR"] == "demo-0.demo"
+    assert env["PET_MASTER_PORT"] == "23456"
+    assert env["PET_NNODES"] == "2"
+    assert "--node_rank=$(JOB_COMPLETION_INDEX)" in pod["containers"][0]["args"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0]["onExitCodes"]["values"] == [3]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_kueue_queue_label_and_created_suspended() -> None:
+    for backend in BACKENDS:
+        job = _job({"scheduling": {"queueName": "team-a"}, "distribution": {"backend": backend}})
+        work = children(job, Settings())[-1]
+        assert work["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        suspended = work["spec"]["runPolicy"]["suspend"] if backend == "pytorchjob" else work["spec"]["suspend"]
+        assert suspended is True
+
+
+def test_run_policy_and_gang_scheduling_reach_the_pytorchjob() -> None:
+    job = _job(
+        {
+            "runPolicy": {"backoffLimit": 7, "activeDeadlineSeconds": 3600, "cleanPodPolicy": "All"},
+            "scheduling": {"gangScheduling": True, "schedulerName": "volcano", "priorityClassName": "high"},
+            "distribution": {"nodes": 4},
+        }
+    )
+    work = children(job, Settings())[-1]
+    policy = work["spec"]["runPolicy"]
+    assert policy["backoffLimit"] == 7
+    assert policy["activeDeadlineSeconds"] == 3600
+    assert policy["cleanPodPolicy"] == "All"
+    assert policy["schedulingPolicy"] == {"minAvailable": 4, "priorityClass": "high"}
+    pod = work["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["schedulerName"] == "volcano"
+    assert pod["priorityClassName"] == "high"
+
+
+def test_trainer_role_reaches_only_its_own_status() -> None:
+    objects = _by_kind(children(_job(), Settings()))
+    assert objects["Role"]["rules"] == [
+        {
+            "apiGroups": ["finetune.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["demo"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert objects["RoleBinding"]["subjects"][0]["name"] == "demo-trainer"
+    pod = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "demo-trainer"
+
+
+def test_gpu_count_follows_procs_unless_resources_say_otherwise() -> None:
+    def spec(patch: dict[str, Any]) -> FineTuneJobSpec:
+        return _job(patch).spec
+
+    assert resources(spec({"distribution": {"procsPerNode": 2}})) == {"limits": {GPU: "2"}}
+    explicit = spec({"resources": {"limits": {GPU: 1, "memory": "64Gi"}}, "distribution": {"procsPerNode": 2}})
+    assert resources(explicit) == {"limits": {"memory": "64Gi", GPU: "1"}}
+    assert resources(spec({"resources": {"limits": {GPU: 0}}})) == {}
+
+
+def test_volumes_shm_scratch_and_readonly_config() -> None:
+    job = _job({"scratch": {"sizeLimit": "100Gi", "shmSize": "8Gi"}, "model": {"uri": "pvc://models/qwen"}})
+    pod = children(job, Settings())[-1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert volumes["pvc-models"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["config"] == {"name": "config", "mountPath": "/etc/finetune", "readOnly": True}
+    assert mounts["pvc-models"]["mountPath"] == "/mnt/pvc/models"
+
+
+def test_user_env_passes_through_and_trainer_config_is_mounted() -> None:
+    job = _job({"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]})
+    objects = _by_kind(children(job, Settings()))
+    env = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "NCCL_DEBUG", "value": "INFO"} in env
+    config = json.loads(objects["ConfigMap"]["data"]["trainer.json"])
+    assert config["jobName"] == "demo"
+    assert config["namespace"] == "ns1"
+    assert config["model"]["uri"] == "s3://models/Qwen2-7B-Instruct/"
+    assert "distribution" not in config  # cluster-only fields stay out of the trainer's contract
+
+
+def test_deepspeed_json_rendered_or_taken_from_the_users_configmap() -> None:
+    rendered = _by_kind(children(_job({"deepspeed": {"zeroStage": 3, "offload": "all"}}), Settings()))
+    ds = json.loads(rendered["ConfigMap"]["data"]["ds_config.json"])
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"
+    custom = _by_kind(children(_job({"deepspeed": {"configMapRef": {"name": "my-ds"}}}), Settings()))
+    assert "ds_config.json" not in custom["ConfigMap"]["data"]
+    config = json.loads(custom["ConfigMap"]["data"]["trainer.json"])
+    assert config["deepspeedConfigPath"] == "/etc/finetune/deepspeed/ds_config.json"
+
+
+def test_operator_storage_defaults_fill_only_what_the_job_leaves_empty() -> None:
+    settings = Settings(default_s3_endpoint="http://minio:9000", default_s3_secret="s3-default")
+    plain = _job({"storage": {}})
+    config = json.loads(_by_kind(children(plain, settings))["ConfigMap"]["data"]["trainer.json"])
+    assert config["storage"]["endpoint"] == "http://minio:9000"
+    assert config["storage"]["secretRef"]["name"] == "s3-default"
+    own = _by_kind(children(_job(), settings))
+    assert json.loads(own["ConfigMap"]["data"]["trainer.json"])["storage"]["secretRef"]["name"] == "s3-credentials"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_rendered_pytorchjob_loads_into_the_kubeflow_sdk(path: Path) -> None:
+    from kubeflow.training import models
+    from kubeflow.training.api_client import ApiClient
+
+    work = _render(path, "pytorchjob")[-1]
+
+    class _Response:
+        data = json.dumps(work)
+
+    job = ApiClient().deserialize(_Response(), models.KubeflowOrgV1PyTorchJob)
+    assert job.spec.pytorch_replica_specs["Master"].template.spec.containers[0].name == "pytorch"
+    assert job.spec.run_policy.backoff_limit == work["spec"]["runPolicy"]["backoffLimit"]
+    # Nothing was dropped on the way through the SDK's models.
+    roundtrip = ApiClient().sanitize_for_serialization(job)
+    assert (
+        roundtrip["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+        == work["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    )
