@@ -1,0 +1,21 @@
+"""Errors the trainer reports to FineTuneJob status: each carries the status `reason` it maps to."""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """A failure a person can act on; `reason` goes into the FineTuneJob's Failed condition."""
+
+    reason = "TrainerError"
+
+
+class DataError(TrainerError):
+    """The training data cannot be used: unreadable file, missing column, nothing left after filtering."""
+
+    reason = "DataError"
+
+
+class ConfigError(TrainerError):
+    """The configuration cannot work, e.g. a chat template that the tokenizer's special tokens contradict."""
+
+    reason = "InvalidConfig"
