@@ -103,7 +103,7 @@ def render_file(path: Path, namespace: str, backend: str | None = None) -> tuple
     from finetune_operator.render import JobRef, children
     from finetune_operator.settings import Settings
 
-    valid, errors = validate_file(path)
+    _, errors = validate_file(path)
     if errors:
         return [], errors
     settings = Settings.from_env()
@@ -112,7 +112,9 @@ def render_file(path: Path, namespace: str, backend: str | None = None) -> tuple
         if not (isinstance(doc, dict) and doc.get("kind") == KIND):
             continue
         job, _ = validate_document(doc)
-        assert job is not None and job.metadata.name is not None
+        assert job is not None
+        if not job.metadata.name:
+            return [], [f"{path}: {KIND} metadata.name is required to render (generateName is resolved by the server)"]
         spec = job.spec
         if backend:
             spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"backend": backend})})
@@ -184,6 +186,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from finetune_operator import handlers
+
+    namespaces = handlers.SETTINGS.watch_namespaces
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True,  # one actor is guaranteed by the Lease (finetune_operator.leader), not by kopf peering
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{handlers.SETTINGS.health_port}/healthz",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftj", description="finetune-operator command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default="default", help="namespace when the file names none")
     p.add_argument("--backend", choices=["pytorchjob", "job"], help="override spec.distribution.backend")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("operator", help="run the operator (settings from FTJ_* environment variables)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("convert", help="convert a LLaMA-Factory training YAML into a FineTuneJob")
     p.add_argument("config", help="LLaMA-Factory YAML (stage: sft)")

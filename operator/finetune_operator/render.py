@@ -188,6 +188,8 @@ def torchrun_args(node_rank: str, master_addr: str, master_port: str, nnodes: st
 
 
 def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
     spec = job.spec
     scratch = spec.scratch
     shm: dict[str, Any] = {"medium": "Memory"}

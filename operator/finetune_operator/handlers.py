@@ -1,0 +1,115 @@
+"""kopf handler registrations, and nothing else: each handler hands over to `finetune_operator.reconcile`.
+
+Run with `ftj operator` (or `kopf run -m finetune_operator.handlers --standalone`). Settings come from environment
+variables (see `finetune_operator.settings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from finetune_operator import k8s, metrics, reconcile
+from finetune_operator.api import PLURAL
+from finetune_operator.leader import LeaderElector
+from finetune_operator.render import JOB_LABEL
+from finetune_operator.settings import Settings
+from finetune_trainer.config import API_GROUP, API_VERSION
+
+SETTINGS = Settings.from_env()
+FTJ = (API_GROUP, API_VERSION, PLURAL)
+CHILD = {JOB_LABEL: kopf.PRESENT}
+log = logging.getLogger(__name__)
+_elector: LeaderElector | None = None
+
+
+def _event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    # kopf only reads apiVersion, kind and metadata of the body to address the Event.
+    kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
+
+
+def _retrying(handler: str, step: Any, *args: Any) -> Any:
+    try:
+        return step(*args)
+    except reconcile.RetryLater as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    except k8s.TransientError as exc:
+        metrics.RECONCILE_ERRORS.labels(handler=handler).inc()
+        raise kopf.TemporaryError(str(exc), delay=5) from None
+    except Exception:
+        metrics.RECONCILE_ERRORS.labels(handler=handler).inc()
+        raise
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _elector
+    # Progress in annotations only: status.kopf would be pruned by the structural schema.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="finetune.dev")
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    metrics.serve(SETTINGS.metrics_port)
+    if SETTINGS.leader_election:
+        _elector = LeaderElector(
+            SETTINGS.lease_name, SETTINGS.lease_namespace, SETTINGS.lease_seconds, on_lost=lambda: os._exit(1)
+        )
+        _elector.wait_until_leader()
+        _elector.start_renewing()
+
+
+@kopf.on.cleanup()
+def cleanup(**_: Any) -> None:
+    if _elector is not None:
+        _elector.release()
+
+
+@kopf.on.create(*FTJ)
+@kopf.on.resume(*FTJ)
+def ensure(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+    _retrying("ensure", reconcile.ensure_children, dict(body), SETTINGS, _event)
+    _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
+
+
+@kopf.on.field(*FTJ, field="spec.runPolicy.suspend")
+def suspend_changed(name: str, namespace: str | None, new: Any, **_: Any) -> None:
+    _retrying("suspend", reconcile.set_suspended, namespace, name, bool(new), SETTINGS)
+    _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
+
+
+@kopf.timer(*FTJ, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def resync(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+    if reconcile.expire(dict(body)):
+        return
+    _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
+
+
+@kopf.on.delete(*FTJ, optional=True)
+def forget(name: str, namespace: str | None, **_: Any) -> None:
+    metrics.set_phase(namespace or "", name, None)
+
+
+def _parent_changed(namespace: str | None, labels: Mapping[str, str], handler: str) -> None:
+    parent = labels.get(JOB_LABEL)
+    if namespace and parent:
+        _retrying(handler, reconcile.sync_status, namespace, parent, SETTINGS, _event)
+
+
+@kopf.on.event("v1", "pods", labels=CHILD)
+def pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _parent_changed(namespace, labels, "pod-event")
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD)
+def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _parent_changed(namespace, labels, "job-event")
+
+
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD)
+def pytorchjob_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _parent_changed(namespace, labels, "pytorchjob-event")

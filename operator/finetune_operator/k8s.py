@@ -1,0 +1,176 @@
+"""The one module that talks to the Kubernetes API: idempotent creates, reads, patches, discovery, events.
+
+Everything else in the operator is pure. Calls are safe to repeat: a create that finds the object already there
+returns the existing object, and transient trouble surfaces as `TransientError` for the handlers to retry.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator.api import API_VERSION_FULL, KIND, PLURAL
+
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "Secret": "secrets",
+    "ServiceAccount": "serviceaccounts",
+    "Service": "services",
+    "Pod": "pods",
+    "Event": "events",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Job": "jobs",
+    "PyTorchJob": "pytorchjobs",
+    "Lease": "leases",
+    KIND: PLURAL,
+}
+
+
+class TransientError(Exception):
+    """The API server could not answer now (network, 5xx, 429, conflict); try again later."""
+
+
+_lock = threading.Lock()
+_client: client.ApiClient | None = None
+
+
+def api_client() -> client.ApiClient:
+    """One shared client: in-cluster credentials when running in a Pod, the kubeconfig otherwise."""
+    global _client
+    with _lock:
+        if _client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            _client = client.ApiClient()
+        return _client
+
+
+def reset_client() -> None:
+    global _client
+    with _lock:
+        _client = None
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    out = f"{base}/namespaces/{namespace}/{PLURALS[kind]}" if namespace else f"{base}/{PLURALS[kind]}"
+    if name:
+        out += f"/{name}"
+    if sub:
+        out += f"/{sub}"
+    return out
+
+
+def _call(
+    method: str,
+    url: str,
+    body: Any = None,
+    content_type: str = "application/json",
+    query: list[tuple[str, Any]] | None = None,
+) -> Any:
+    try:
+        return api_client().call_api(
+            url,
+            method,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
+        )
+    except ApiException as exc:
+        if exc.status in (409, 429) or (exc.status or 0) >= 500:
+            raise TransientError(f"{method} {url}: {exc.status} {exc.reason}") from exc
+        raise
+    except OSError as exc:  # connection refused/reset: the API server is restarting or unreachable
+        raise TransientError(f"{method} {url}: {exc}") from exc
+
+
+def get(api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = _call("GET", path(api_version, kind, namespace, name))
+        return result
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def create(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create an object; when it already exists, return the existing one. Returns (object, created)."""
+    meta = obj["metadata"]
+    url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
+    try:
+        return _call("POST", url, obj), True
+    except TransientError as exc:
+        if not (isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 409):
+            raise
+    existing = get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+    if existing is None:  # deleted between the conflict and the read: the next attempt creates it
+        raise TransientError(f"{obj['kind']} {meta['name']} vanished after a conflict")
+    return existing, False
+
+
+def merge_patch(
+    api_version: str, kind: str, namespace: str | None, name: str, patch: dict[str, Any], sub: str | None = None
+) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = _call(
+            "PATCH", path(api_version, kind, namespace, name, sub), patch, "application/merge-patch+json"
+        )
+        return result
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patch the FineTuneJob's status subresource (only the keys given)."""
+    return merge_patch(API_VERSION_FULL, KIND, namespace, name, {"status": status}, sub="status")
+
+
+def delete(api_version: str, kind: str, namespace: str | None, name: str) -> bool:
+    try:
+        _call("DELETE", path(api_version, kind, namespace, name), {"propagationPolicy": "Background"})
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def list_objects(api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+    result = _call("GET", path(api_version, kind, namespace), query=[("labelSelector", selector)])
+    items: list[dict[str, Any]] = result.get("items") or []
+    for item in items:  # list items carry no apiVersion/kind of their own
+        item.setdefault("apiVersion", api_version)
+        item.setdefault("kind", kind)
+    return items
+
+
+def served(api_version: str, plural: str) -> bool:
+    """Whether the API server serves a resource (discovery), e.g. served('kubeflow.org/v1', 'pytorchjobs')."""
+    try:
+        result = _call("GET", f"/apis/{api_version}")
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return any(r.get("name") == plural for r in result.get("resources") or [])
+
+
+def replace(obj: dict[str, Any]) -> dict[str, Any]:
+    """PUT with the object's resourceVersion: fails with TransientError when someone else wrote in between."""
+    meta = obj["metadata"]
+    result: dict[str, Any] = _call(
+        "PUT", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), obj
+    )
+    return result

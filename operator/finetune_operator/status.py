@@ -1,0 +1,177 @@
+"""Map the observed children (workload and Pods) to the FineTuneJob's phase, conditions and message: pure functions.
+
+The operator owns phase, conditions, message, times, children and observedGeneration in status; the trainer owns
+progress, checkpoints, resumedFromStep and the training artifacts. Patches built here touch only the operator's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+TERMINAL = ("Succeeded", "Failed")
+# Waiting reasons of a container that no amount of waiting fixes without a person.
+STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
+CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended")
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the children say, reduced to a phase with the reason and message a person can act on."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c.get("type", ""): c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def _true(conds: dict[str, dict[str, Any]], kind: str) -> bool:
+    return conds.get(kind, {}).get("status") == "True"
+
+
+def pod_problem(pods: list[dict[str, Any]]) -> Observation | None:
+    """The most telling trouble among the Pods: unschedulable, image pull, OOMKilled, a non-zero exit."""
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                reason = cond.get("reason") or "Unschedulable"
+                return Observation("Pending", reason, f"pod {name}: {cond.get('message') or reason}")
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                message = waiting.get("message") or waiting["reason"]
+                return Observation("Pending", waiting["reason"], f"pod {name}: {message}")
+            for state in ((cs.get("state") or {}).get("terminated"), (cs.get("lastState") or {}).get("terminated")):
+                if state and state.get("exitCode", 0) != 0:
+                    return _terminated(name, cs.get("name", "?"), state)
+    return None
+
+
+def _terminated(pod: str, container: str, state: dict[str, Any]) -> Observation:
+    code = state.get("exitCode")
+    reason = state.get("reason") or "Error"
+    detail = (state.get("message") or "").strip()
+    if reason == "OOMKilled":
+        return Observation(
+            "Failed",
+            "OOMKilled",
+            f"container {container} in pod {pod} ran out of memory (exit {code}); raise resources.limits.memory "
+            "or lower training.perDeviceBatchSize / cutoffLen",
+        )
+    # The trainer writes "<Reason>: <message>" as its termination message for errors no restart can fix.
+    head = detail.splitlines()[-1] if detail else ""
+    if ":" in head and head.split(":", 1)[0].isidentifier():
+        reason = head.split(":", 1)[0]
+    text = f"container {container} in pod {pod} exited with code {code}"
+    return Observation("Failed", reason, f"{text}: {head}" if head else text)
+
+
+def observe(
+    child: dict[str, Any] | None, pods: list[dict[str, Any]], replicas: int, suspend_requested: bool
+) -> Observation:
+    """Reduce the workload (PyTorchJob or Job) and its Pods to one phase."""
+    if child is None:
+        return Observation("Pending", "CreatingChildren", "creating the training workload")
+    conds = _conditions(child)
+    kind = child.get("kind")
+    if _true(conds, "Succeeded") or _true(conds, "Complete"):
+        return Observation("Succeeded", "TrainingSucceeded", f"training finished on {replicas} node(s)")
+    if _true(conds, "Failed"):
+        failed = conds["Failed"]
+        problem = pod_problem(pods)
+        if problem is not None and problem.phase == "Failed":
+            return problem
+        reason = failed.get("reason") or "Failed"
+        return Observation("Failed", reason, f"{kind} {child['metadata']['name']}: {failed.get('message') or reason}")
+    spec = child.get("spec") or {}
+    child_suspended = (spec.get("runPolicy") or {}).get("suspend") if kind == "PyTorchJob" else spec.get("suspend")
+    if suspend_requested or child_suspended or _true(conds, "Suspended"):
+        if not suspend_requested and (child.get("metadata", {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name"):
+            return Observation("Suspended", "Queued", "waiting for Kueue to admit the workload")
+        return Observation("Suspended", "Suspended", "suspended; resuming continues from the newest checkpoint")
+    live = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    problem = pod_problem(live)
+    if problem is not None and problem.phase == "Pending":
+        return problem
+    if not pods:
+        return Observation("Pending", "WaitingForPods", f"waiting for {replicas} pod(s) to be created")
+    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    restarting = problem.message if problem is not None else ""
+    if len(running) >= replicas:
+        message = f"{replicas} node(s) training" + (f"; last restart: {restarting}" if restarting else "")
+        return Observation("Running", "Training", message)
+    scheduled = [p for p in live if (p.get("spec") or {}).get("nodeName")]
+    if live and len(scheduled) == len(live):
+        return Observation("Initializing", "StartingContainers", f"{len(running)}/{replicas} pod(s) running")
+    return Observation("Pending", "Scheduling", f"{len(scheduled)}/{replicas} pod(s) scheduled")
+
+
+def conditions(
+    old: list[dict[str, Any]] | None, obs: Observation, generation: int | None, now: str
+) -> list[dict[str, Any]]:
+    """Kubernetes-style conditions for the phase; lastTransitionTime moves only when a status flips."""
+    previous = {c["type"]: c for c in old or []}
+    wanted = {
+        "Created": obs.reason not in ("CreatingChildren", "InvalidSpec", "PyTorchJobAPIMissing"),
+        "Running": obs.phase == "Running",
+        "Succeeded": obs.phase == "Succeeded",
+        "Failed": obs.phase == "Failed",
+        "Suspended": obs.phase == "Suspended",
+    }
+    out = []
+    for kind in CONDITION_TYPES:
+        status = "True" if wanted[kind] else "False"
+        prev = previous.get(kind) or {}
+        kept = prev.get("lastTransitionTime") if prev.get("status") == status else None
+        cond: dict[str, Any] = {
+            "type": kind,
+            "status": status,
+            # Every condition carries the current reason; the message only where it explains this condition.
+            "reason": obs.reason,
+            "message": obs.message if status == "True" or kind == "Created" else "",
+            "lastTransitionTime": kept or now,
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        out.append(cond)
+    return out
+
+
+def status_patch(
+    old_status: dict[str, Any] | None, obs: Observation, generation: int | None, now: str | None = None
+) -> dict[str, Any]:
+    """The operator's part of status for an observation; times are set once and kept."""
+    now = now or now_rfc3339()
+    old = old_status or {}
+    patch: dict[str, Any] = {
+        "phase": obs.phase,
+        "message": obs.message,
+        "conditions": conditions(old.get("conditions"), obs, generation, now),
+    }
+    if generation is not None:
+        patch["observedGeneration"] = generation
+    if obs.phase in ("Initializing", "Running", "Merging", *TERMINAL) and not old.get("startTime"):
+        patch["startTime"] = now
+    if obs.phase in TERMINAL and not old.get("completionTime"):
+        patch["completionTime"] = now
+    return patch
+
+
+def changed(old_status: dict[str, Any] | None, patch: dict[str, Any]) -> bool:
+    """Whether applying the patch would change anything (avoids write storms on every event)."""
+    old = old_status or {}
+    return any(old.get(k) != v for k, v in patch.items())
+
+
+def invalid_spec(errors: list[str]) -> Observation:
+    return Observation("Failed", "InvalidSpec", "; ".join(errors))

@@ -1,0 +1,160 @@
+"""Status mapping: what the workload and its Pods say becomes one phase with a reason a person can act on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from finetune_operator.reconcile import expire
+from finetune_operator.status import Observation, changed, conditions, observe, status_patch
+
+
+def pod(name: str, phase: str = "Running", node: str | None = "gpu-0", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {"nodeName": node} if node else {},
+        "status": {"phase": phase, **status},
+    }
+
+
+def child(kind: str = "PyTorchJob", conds: list[tuple[str, str]] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "metadata": {"name": "demo", "labels": spec.pop("labels", {})},
+        "spec": spec,
+        "status": {
+            "conditions": [{"type": t, "status": s, "reason": t + "Reason", "message": t} for t, s in conds or []]
+        },
+    }
+
+
+def terminated(reason: str, code: int, message: str = "") -> dict[str, Any]:
+    return {"name": "pytorch", "state": {"terminated": {"reason": reason, "exitCode": code, "message": message}}}
+
+
+@pytest.mark.parametrize(
+    ("workload", "pods", "phase", "reason"),
+    [
+        (None, [], "Pending", "CreatingChildren"),
+        (child(), [], "Pending", "WaitingForPods"),
+        (child(), [pod("m", "Pending", node=None)], "Pending", "Scheduling"),
+        (child(), [pod("m", "Pending")], "Initializing", "StartingContainers"),
+        (child(), [pod("m"), pod("w", "Pending")], "Initializing", "StartingContainers"),
+        (child(), [pod("m"), pod("w")], "Running", "Training"),
+        (child(conds=[("Succeeded", "True")]), [pod("m", "Succeeded")], "Succeeded", "TrainingSucceeded"),
+        (child("Job", conds=[("Complete", "True")]), [], "Succeeded", "TrainingSucceeded"),
+        (child("Job", conds=[("Failed", "True")]), [], "Failed", "FailedReason"),
+        (child("Job", suspend=True), [], "Suspended", "Suspended"),
+        (child(runPolicy={"suspend": True}), [], "Suspended", "Suspended"),
+        (child(runPolicy={"suspend": True}, labels={"kueue.x-k8s.io/queue-name": "q"}), [], "Suspended", "Queued"),
+    ],
+)
+def test_phase_from_workload_and_pods(
+    workload: dict[str, Any] | None, pods: list[dict[str, Any]], phase: str, reason: str
+) -> None:
+    obs = observe(workload, pods, replicas=2, suspend_requested=False)
+    assert (obs.phase, obs.reason) == (phase, reason)
+
+
+def test_unschedulable_carries_the_schedulers_message() -> None:
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    p = pod(
+        "m",
+        "Pending",
+        node=None,
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+    )
+    obs = observe(child(), [p], 1, False)
+    assert (obs.phase, obs.reason) == ("Pending", "Unschedulable")
+    assert message in obs.message
+
+
+def test_image_pull_backoff_is_reported() -> None:
+    waiting = {"name": "pytorch", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}}
+    obs = observe(child(), [pod("m", "Pending", containerStatuses=[waiting])], 1, False)
+    assert (obs.phase, obs.reason) == ("Pending", "ImagePullBackOff")
+    assert "pull access denied" in obs.message
+
+
+def test_oomkilled_failure_names_the_pod_and_the_fix() -> None:
+    failed = pod("demo-master-0", "Failed", containerStatuses=[terminated("OOMKilled", 137)])
+    obs = observe(child(conds=[("Failed", "True")]), [failed], 1, False)
+    assert (obs.phase, obs.reason) == ("Failed", "OOMKilled")
+    assert "demo-master-0" in obs.message
+    assert "resources.limits.memory" in obs.message
+
+
+def test_trainer_termination_message_gives_the_reason() -> None:
+    msg = "Traceback...\nDataError: /data/train.jsonl line 7: not valid JSON"
+    failed = pod("demo-0", "Failed", containerStatuses=[terminated("Error", 3, msg)])
+    obs = observe(child("Job", conds=[("Failed", "True")]), [failed], 1, False)
+    assert (obs.phase, obs.reason) == ("Failed", "DataError")
+    assert "exited with code 3" in obs.message
+    assert "line 7" in obs.message
+
+
+def test_a_restart_while_running_is_mentioned_but_not_fatal() -> None:
+    restarted = pod(
+        "m",
+        containerStatuses=[
+            {
+                "name": "pytorch",
+                "state": {"running": {}},
+                "lastState": {"terminated": {"reason": "Error", "exitCode": 1}},
+            }
+        ],
+    )
+    obs = observe(child(), [restarted], 1, False)
+    assert obs.phase == "Running"
+    assert "exited with code 1" in obs.message
+
+
+def test_requested_suspension_wins_over_running_pods() -> None:
+    assert observe(child(), [pod("m")], 1, suspend_requested=True).phase == "Suspended"
+
+
+def test_status_patch_sets_times_once_and_keeps_transition_times() -> None:
+    running = Observation("Running", "Training", "1 node(s) training")
+    first = status_patch({}, running, 3, now="2026-01-01T00:00:00Z")
+    assert first["startTime"] == "2026-01-01T00:00:00Z"
+    assert "completionTime" not in first
+    assert first["observedGeneration"] == 3
+    by_type = {c["type"]: c for c in first["conditions"]}
+    assert by_type["Running"]["status"] == "True"
+    assert by_type["Succeeded"]["status"] == "False"
+    later = status_patch({**first}, running, 3, now="2026-01-01T01:00:00Z")
+    assert "startTime" not in later
+    assert later["conditions"] == first["conditions"]  # nothing flipped, nothing moved
+    done = status_patch({**first}, Observation("Succeeded", "TrainingSucceeded", "ok"), 3, now="2026-01-01T02:00:00Z")
+    assert done["completionTime"] == "2026-01-01T02:00:00Z"
+    by_type = {c["type"]: c for c in done["conditions"]}
+    assert by_type["Running"]["lastTransitionTime"] == "2026-01-01T02:00:00Z"
+    assert by_type["Created"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_changed_detects_only_real_changes() -> None:
+    patch = {"phase": "Running", "message": "x"}
+    assert not changed({"phase": "Running", "message": "x", "progress": {"step": 3}}, patch)
+    assert changed({"phase": "Pending"}, patch)
+
+
+def test_invalid_spec_conditions_say_not_created() -> None:
+    conds = conditions(None, Observation("Failed", "InvalidSpec", "spec.x: bad"), 1, "t")
+    by_type = {c["type"]: c for c in conds}
+    assert by_type["Created"]["status"] == "False"
+    assert by_type["Failed"]["status"] == "True"
+    assert by_type["Failed"]["message"] == "spec.x: bad"
+
+
+def test_ttl_expiry_only_after_the_delay() -> None:
+    done = datetime(2026, 1, 1, tzinfo=UTC)
+    body = {
+        "metadata": {"name": "x", "namespace": "n"},
+        "spec": {"runPolicy": {"ttlSecondsAfterFinished": 60}},
+        "status": {"phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z"},
+    }
+    assert expire(body, now=done + timedelta(seconds=30)) is False
+    running = {**body, "status": {"phase": "Running"}}
+    assert expire(running, now=done + timedelta(days=1)) is False
