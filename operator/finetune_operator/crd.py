@@ -138,12 +138,11 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
                 node.pop("default")
         if "const" in node:
             node["enum"] = [node.pop("const")]
-        if "exclusiveMinimum" in node:
-            node["minimum"] = node.pop("exclusiveMinimum")
-            node["exclusiveMinimum"] = True
-        if "exclusiveMaximum" in node:
-            node["maximum"] = node.pop("exclusiveMaximum")
-            node["exclusiveMaximum"] = True
+        # draft 2020-12 writes exclusive bounds as numbers, OpenAPI v3.0 as a flag beside minimum/maximum.
+        for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            if flag in node and not isinstance(node[flag], bool):
+                node[bound] = node.pop(flag)
+                node[flag] = True
         if "enum" in node and "type" not in node:
             node["type"] = "integer" if all(isinstance(v, int) for v in node["enum"]) else "string"
         out: dict[str, Any] = {}

@@ -50,7 +50,9 @@ def test_schema_is_structural() -> None:
         assert typed, f"{path or '<root>'} has no type"
         assert not ({"anyOf", "oneOf", "allOf", "$ref", "const"} & node.keys()), f"{path}: not structural"
         assert not ("properties" in node and "additionalProperties" in node), f"{path}: both properties kinds"
-        assert node.get("exclusiveMinimum") in (None, True, False), f"{path}: draft-2020 exclusiveMinimum"
+        for bound in ("minimum", "maximum"):
+            assert not isinstance(node.get(bound), bool), f"{path}: {bound} must be a number"
+            assert node.get(f"exclusive{bound.title()}") in (None, True, False), f"{path}: draft-2020 bound"
 
 
 def test_names_columns_and_status_subresource() -> None:
