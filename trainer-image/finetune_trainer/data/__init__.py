@@ -1,0 +1,44 @@
+"""Training data for supervised fine-tuning: dataset files → tokenized, loss-masked, packed rows, cached per node.
+
+Entry point for the training recipe::
+
+    from finetune_trainer.data import build_datasets
+
+    bundle = build_datasets(config, tokenizer, resolve, local_rank=local_rank)
+    trainer = Trainer(model, train_dataset=bundle.train, eval_dataset=bundle.eval,
+                      data_collator=bundle.collator(model.config._attn_implementation), ...)
+
+`build_datasets(config: TrainerConfig, tokenizer, resolve: Callable[[str], Path] = local_resolve, *,
+local_rank: int = 0, is_local_main: bool | None = None, wait_timeout_s: float = 14400,
+fingerprint: Callable[[Path], str] = file_fingerprint) -> DataBundle`
+
+* `resolve(uri)` returns the local file or directory for a dataset URI (`local_resolve` handles file://; the S3
+  downloader plugs in here). A directory means every data file under it.
+* The local main rank tokenizes into `<config.cache_dir>/tokenized/<key>/` (key: file contents, tokenizer, template
+  and every setting that changes the result) or reuses a complete entry; the other ranks wait for it on the file
+  system, never in a collective.
+* `DataBundle`: `train`, `eval` (memory-mapped `datasets.Dataset`, columns input_ids/labels[/position_ids]),
+  `stats`/`eval_stats` (`DataStats`: records, samples, rows, tokens, label_tokens, truncated, dropped,
+  drop_reasons), `packed`, `pad_token_id`, `cache_path`, `cache_hit`, and `collator(attn_implementation)`.
+* Errors: `finetune_trainer.errors.ConfigError` for a template the tokenizer contradicts, `DataError` for data that
+  cannot be read or leaves no samples. Both carry the `reason` for FineTuneJob status.
+
+Loss masking, templates and packing are described in `templates`, `encode` and `collate`.
+"""
+
+from finetune_trainer.data.build import DataBundle, DataStats, build_datasets, local_resolve
+from finetune_trainer.data.cache import file_fingerprint
+from finetune_trainer.data.conversation import Conversation, Turn
+from finetune_trainer.data.templates import NAMED_TEMPLATES, get_template
+
+__all__ = [
+    "NAMED_TEMPLATES",
+    "Conversation",
+    "DataBundle",
+    "DataStats",
+    "Turn",
+    "build_datasets",
+    "file_fingerprint",
+    "get_template",
+    "local_resolve",
+]

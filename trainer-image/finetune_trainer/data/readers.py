@@ -1,0 +1,169 @@
+"""Reading dataset files (JSON array, JSON lines, Parquet, CSV) from local paths into plain row dicts.
+
+A dataset URI names a file or a prefix; the caller's `resolve` has already turned it into a local file or directory.
+Every problem that makes a file unreadable is a DataError naming the file (and the line, for JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer.errors import DataError
+
+EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+# Files that live next to data in LLaMA-Factory style folders but are not data.
+NOT_DATA = {"dataset_info.json"}
+NOT_DATA_SUFFIXES = {".md", ".txt", ".yaml", ".yml"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The rows of one file and how to name a row in messages (`line 7` for JSON lines, `row 7` otherwise)."""
+
+    path: Path
+    file_type: str
+    rows: list[dict[str, Any]]
+    columns: frozenset[str]
+    line_numbers: list[int] | None = None
+
+    def where(self, index: int) -> str:
+        if self.line_numbers is not None:
+            return f"{self.path} line {self.line_numbers[index]}"
+        return f"{self.path} row {index + 1}"
+
+
+def list_files(root: Path, file_type: str | None) -> list[Path]:
+    """The data files a resolved URI stands for: the file itself, or every data file under a directory, sorted.
+
+    Without `file_type` a directory contributes the files with a known extension; with it, every file that is not
+    hidden and not obviously documentation, so that extension-less object keys (part-0000) can be read too.
+    """
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"dataset path {root} does not exist")
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.name in NOT_DATA:
+            continue
+        suffix = path.suffix.lower()
+        if suffix in EXTENSIONS if file_type is None else suffix not in NOT_DATA_SUFFIXES:
+            found.append(path)
+    if not found:
+        wanted = f"files (fileType {file_type})" if file_type else f"{'/'.join(sorted(set(EXTENSIONS.values())))} files"
+        raise DataError(f"no {wanted} under dataset prefix {root}")
+    return found
+
+
+def file_type_of(path: Path, declared: str | None) -> str:
+    if declared is not None:
+        return declared
+    kind = EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"cannot tell the file type of {path} from its extension; "
+            f"use one of {', '.join(sorted(EXTENSIONS))} or set fileType"
+        )
+    return kind
+
+
+def read_file(path: Path, declared_type: str | None = None) -> SourceFile:
+    """Read one file completely; raise DataError naming the file (and line) when it cannot be parsed."""
+    kind = file_type_of(path, declared_type)
+    readers: dict[str, Callable[[Path], SourceFile]] = {
+        "json": _read_json,
+        "jsonl": _read_jsonl,
+        "parquet": _read_parquet,
+        "csv": _read_csv,
+    }
+    return readers[kind](path)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: byte {exc.start} cannot be decoded") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _columns(rows: list[dict[str, Any]]) -> frozenset[str]:
+    # JSON records need not all carry every key; a column exists when any record has it (as datasets infers it).
+    names: set[str] = set()
+    for row in rows:
+        names.update(row)
+    return frozenset(names)
+
+
+def _read_json(path: Path) -> SourceFile:
+    text = _text(path)
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        # `datasets` (and so LLaMA-Factory) reads JSON lines from .json files too.
+        return _parse_jsonl(path, text, "json")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: record {index + 1} of the JSON array is {type(row).__name__}, not an object")
+    return SourceFile(path, "json", data, _columns(data))
+
+
+def _read_jsonl(path: Path) -> SourceFile:
+    return _parse_jsonl(path, _text(path), "jsonl")
+
+
+def _parse_jsonl(path: Path, text: str, kind: str) -> SourceFile:
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = ""
+            if number == 1 and kind == "json":
+                hint = " (a .json file must hold a JSON array of records or one JSON object per line)"
+            raise DataError(f"{path}: malformed JSON on line {number} column {exc.colno}: {exc.msg}{hint}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object")
+        rows.append(row)
+        lines.append(number)
+    return SourceFile(path, kind, rows, _columns(rows), lines)
+
+
+def _read_parquet(path: Path) -> SourceFile:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    return SourceFile(path, "parquet", table.to_pylist(), frozenset(table.column_names))
+
+
+def _read_csv(path: Path) -> SourceFile:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    # Every column as text: a CSV cell holding "1" is a prompt, not a number; JSON-valued cells are parsed later.
+    try:
+        with pcsv.open_csv(path) as reader:
+            names = reader.schema.names
+        options = pcsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False)
+        table = pcsv.read_csv(path, convert_options=options)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable CSV file: {exc}") from None
+    return SourceFile(path, "csv", table.to_pylist(), frozenset(table.column_names))
