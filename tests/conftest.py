@@ -8,6 +8,7 @@ loudly (or fails it under ``FTJ_REQUIRE_REAL=1``, see ``support.requirements``).
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import secrets
 import shutil
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
     from support.s3 import MinioServer, S3Bucket
 
 REPO_ROOT = _TESTS_DIR.parent
-CRDS_DIR = REPO_ROOT / "crds"
+# FTJ_CRDS_DIR points the control plane at another directory of CRDs (default: the repository's crds/).
+CRDS_DIR = Path(os.environ.get("FTJ_CRDS_DIR") or REPO_ROOT / "crds")
 
 MARKERS = {
     "controlplane": "needs the real etcd + kube-apiserver built by tests/testbin/build.sh",
@@ -55,6 +57,7 @@ _FIXTURE_MARKERS = {
 
 T = TypeVar("T")
 _LOGS_KEY = pytest.StashKey[list[tuple[str, Path]]]()
+_TIMINGS_KEY = pytest.StashKey[list[dict[str, float]]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -79,6 +82,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for title, path in item.stash.get(_LOGS_KEY, []):
             report.sections.append((f"{title} ({path})", log_tail(path, 30_000) or "<empty>"))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Report how long each real server took to start, so slow starts show up in CI logs."""
+    timings = {name: seconds for source in config.stash.get(_TIMINGS_KEY, []) for name, seconds in source.items()}
+    if timings:
+        started = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+        terminalreporter.write_line(f"test servers started: {started}")
 
 
 def attach_log(request: pytest.FixtureRequest, title: str, path: Path) -> None:
@@ -108,8 +119,6 @@ def _support(module: str) -> Any:
 @pytest.fixture(scope="session")
 def testbin_workdir() -> Iterator[Path]:
     """Scratch directory for this session's servers (removed at the end unless FTJ_KEEP_WORKDIR is set)."""
-    import os
-
     path = Path(tempfile.mkdtemp(prefix="ftj-testbin-"))
     yield path
     if not os.environ.get("FTJ_KEEP_WORKDIR"):
@@ -117,10 +126,11 @@ def testbin_workdir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def control_plane(testbin_workdir: Path) -> Iterator[ControlPlane]:
+def control_plane(request: pytest.FixtureRequest, testbin_workdir: Path) -> Iterator[ControlPlane]:
     """etcd + kube-apiserver (cert auth, RBAC) with every CRD from the repository's crds/ installed."""
     controlplane = _support("controlplane")
     plane: ControlPlane = _ensure(lambda: controlplane.ControlPlane.start(testbin_workdir / "controlplane"))
+    request.config.stash.setdefault(_TIMINGS_KEY, []).append(plane.timings)  # filled in as components start
     try:
         crd_files = sorted([*CRDS_DIR.glob("*.yaml"), *CRDS_DIR.glob("*.yml")]) if CRDS_DIR.is_dir() else []
         plane.apply_crd_files(crd_files)
@@ -219,10 +229,11 @@ def run_operator(
 
 
 @pytest.fixture(scope="session")
-def minio(testbin_workdir: Path) -> Iterator[MinioServer]:
+def minio(request: pytest.FixtureRequest, testbin_workdir: Path) -> Iterator[MinioServer]:
     """A MinIO server with random root credentials, started once per session."""
     s3 = _support("s3")
     server: MinioServer = _ensure(lambda: s3.MinioServer.start(testbin_workdir / "minio"))
+    request.config.stash.setdefault(_TIMINGS_KEY, []).append({"minio": server.start_seconds})
     yield server
     server.stop()
 

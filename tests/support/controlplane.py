@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 import urllib.request
-from base64 import b64encode
+from base64 import b64decode, b64encode
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
 
 from . import kwok, pki, testbin
 from .processes import ManagedProcess, free_port, wait_until
@@ -34,6 +35,10 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
+WEBHOOK_SECRET = "training-operator-webhook-cert"
+# Fixed in the training operator (pkg/cert) and controller-runtime's default; shared by concurrent sessions,
+# which is harmless because no webhook is registered with the API server.
+WEBHOOK_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 START_TIMEOUT = float(os.environ.get("FTJ_CONTROLPLANE_START_TIMEOUT", "120"))
 
 
@@ -211,39 +216,51 @@ class ControlPlane:
 
     # -- CRDs ----------------------------------------------------------------------------------------------------
 
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A raw JSON API request as the admin (no client-side model validation: the API server judges the body)."""
+        with self.api_client() as api:
+            dynamic = DynamicClient(api, cache_file=str(self.workdir / "discovery-cache.json"))
+            result: dict[str, Any] = dynamic.request(method, path, body=body).to_dict()
+            return result
+
     def apply_crds(self, documents: Iterable[dict[str, Any]], *, timeout: float = 60) -> list[str]:
         """Create or replace each CustomResourceDefinition and wait until all are Established."""
+        path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
         names: list[str] = []
-        with self.api_client() as api:
-            ext = client.ApiextensionsV1Api(api)
-            for doc in documents:
-                if not doc or doc.get("kind") != "CustomResourceDefinition":
-                    continue
-                name = doc["metadata"]["name"]
-                try:
-                    ext.create_custom_resource_definition(doc)
-                except ApiException as exc:
-                    if exc.status != 409:
-                        raise
-                    current = ext.read_custom_resource_definition(name)
-                    doc = {**doc, "metadata": {**doc["metadata"], "resourceVersion": current.metadata.resource_version}}
-                    ext.replace_custom_resource_definition(name, doc)
-                names.append(name)
+        for doc in documents:
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            name = doc["metadata"]["name"]
+            try:
+                self.request("post", path, doc)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                current = self.request("get", f"{path}/{name}")
+                version = current["metadata"]["resourceVersion"]
+                self.request(
+                    "put", f"{path}/{name}", {**doc, "metadata": {**doc["metadata"], "resourceVersion": version}}
+                )
+            names.append(name)
 
-            def established(name: str) -> bool:
-                crd = ext.read_custom_resource_definition(name)
-                return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+        def established(name: str) -> bool:
+            conditions = self.request("get", f"{path}/{name}").get("status", {}).get("conditions", [])
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
-            for name in names:
-                wait_until(lambda n=name: established(n), timeout=timeout, what=f"CRD {name} Established")
+        for name in names:
+            wait_until(lambda n=name: established(n), timeout=timeout, what=f"CRD {name} Established")
         return names
 
     def apply_crd_files(self, paths: Iterable[Path]) -> list[str]:
-        """Apply every CRD document found in the given YAML files."""
-        documents: list[dict[str, Any]] = []
+        """Apply every CRD document found in the given YAML files; a rejected CRD names its file."""
+        names: list[str] = []
         for path in paths:
-            documents.extend(d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict))
-        return self.apply_crds(documents)
+            documents = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+            try:
+                names += self.apply_crds(documents)
+            except ApiException as exc:
+                raise RuntimeError(f"kube-apiserver rejected a CRD in {path}: HTTP {exc.status}: {exc.body}") from exc
+        return names
 
     # -- optional components -------------------------------------------------------------------------------------
 
@@ -361,7 +378,7 @@ class ControlPlane:
         with self._lock:
             if "training-operator" in self._processes:
                 return self._processes["training-operator"]
-            binary = testbin.binary("training-operator")
+            binary = testbin.binary("training-operator", "training-operator.v1")
             crd = testbin.training_operator_crd("pytorchjobs")
             started = time.monotonic()
             self.apply_crd_files([crd])
@@ -371,7 +388,7 @@ class ControlPlane:
                     (core.create_namespace, {"metadata": {"name": TRAINING_OPERATOR_NAMESPACE}}),
                     (
                         lambda b: core.create_namespaced_secret(TRAINING_OPERATOR_NAMESPACE, b),
-                        {"metadata": {"name": "training-operator-webhook-cert"}},
+                        {"metadata": {"name": WEBHOOK_SECRET}},
                     ),
                 ):
                     try:
@@ -380,7 +397,13 @@ class ControlPlane:
                         if exc.status != 409:
                             raise
             probe_port = free_port()
-            env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "MY_POD_NAMESPACE": TRAINING_OPERATOR_NAMESPACE}
+            env = {
+                **os.environ,
+                "KUBECONFIG": str(self.kubeconfig),
+                "MY_POD_NAMESPACE": TRAINING_OPERATOR_NAMESPACE,
+                # The webhook server reads certificates from $TMPDIR/k8s-webhook-server; the rotator checks /tmp.
+                "TMPDIR": "/tmp",
+            }
             proc = self._spawn(
                 "training-operator",
                 [
@@ -393,6 +416,7 @@ class ControlPlane:
                 ],
                 env=env,
             )
+            self._mount_webhook_certs(proc)
             wait_until(
                 lambda: _ok(f"http://127.0.0.1:{probe_port}/readyz"),
                 timeout=START_TIMEOUT,
@@ -401,3 +425,23 @@ class ControlPlane:
             )
             self.timings["training-operator"] = time.monotonic() - started
             return proc
+
+    def _mount_webhook_certs(self, proc: ManagedProcess) -> None:
+        """Do the kubelet's part for the operator's webhook Secret: copy it into the certificate directory.
+
+        The operator's certificate rotator fills the Secret, then waits (up to minutes) for the files to appear in
+        WEBHOOK_CERT_DIR, which in a cluster is the Secret mounted as a volume.
+        """
+        path = f"/api/v1/namespaces/{TRAINING_OPERATOR_NAMESPACE}/secrets/{WEBHOOK_SECRET}"
+
+        def filled() -> dict[str, str] | None:
+            data: dict[str, str] = self.request("get", path).get("data") or {}
+            return data if {"tls.crt", "tls.key"} <= data.keys() else None
+
+        data = wait_until(filled, timeout=START_TIMEOUT, what="training operator webhook certificates", watch=[proc])
+        WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        for name in ("tls.crt", "tls.key"):
+            tmp = WEBHOOK_CERT_DIR / f".{name}.{os.getpid()}"
+            tmp.write_bytes(b64decode(data[name]))
+            tmp.chmod(0o600)
+            os.replace(tmp, WEBHOOK_CERT_DIR / name)

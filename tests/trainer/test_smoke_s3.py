@@ -4,6 +4,7 @@ requests without valid credentials refused."""
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import boto3
@@ -78,4 +79,45 @@ def test_request_without_credentials_is_access_denied(s3: S3Bucket) -> None:
     with pytest.raises(ClientError) as excinfo:
         anonymous.get_object(Bucket=s3.bucket, Key="secret.txt")
 
+    assert excinfo.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_credentials_not_granted_an_object_get_access_denied(s3: S3Bucket) -> None:
+    owner = s3.client()
+    owner.put_object(Bucket=s3.bucket, Key="public/readme.txt", Body=b"hello")
+    owner.put_object(Bucket=s3.bucket, Key="secret.txt", Body=b"x")
+    # Valid temporary credentials whose session policy only grants reading public/ in this bucket.
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"arn:aws:s3:::{s3.bucket}/public/*"]}
+        ],
+    }
+    sts = boto3.session.Session().client(
+        "sts",
+        endpoint_url=s3.endpoint_url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        region_name=s3.region,
+    )
+    credentials = sts.assume_role(
+        RoleArn="arn:minio:iam:::role/ftj-test",
+        RoleSessionName="ftj-test",
+        Policy=json.dumps(policy),
+        DurationSeconds=900,
+    )["Credentials"]
+    limited = boto3.session.Session().client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        aws_access_key_id=credentials["AccessKeyId"],
+        aws_secret_access_key=credentials["SecretAccessKey"],
+        aws_session_token=credentials["SessionToken"],
+        region_name=s3.region,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+    assert limited.get_object(Bucket=s3.bucket, Key="public/readme.txt")["Body"].read() == b"hello"
+    with pytest.raises(ClientError) as excinfo:
+        limited.get_object(Bucket=s3.bucket, Key="secret.txt")
+    assert excinfo.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     assert excinfo.value.response["Error"]["Code"] == "AccessDenied"
