@@ -100,10 +100,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         _rule("!(has(self.warmupSteps) && has(self.warmupRatio))", "set warmupSteps or warmupRatio, not both"),
     ],
     "spec.deepspeed": [
-        _rule("self.offload != 'all' || self.zeroStage == 3", "offload: all needs zeroStage 3"),
+        _rule(
+            "!has(self.offload) || self.offload != 'all' || (has(self.zeroStage) && self.zeroStage == 3)",
+            "offload: all needs zeroStage 3",
+        ),
     ],
     "spec.distribution": [
-        _rule("self.nodes >= 1", "distribution.nodes must be at least 1", field_path=".nodes"),
+        _rule("!has(self.nodes) || self.nodes >= 1", "distribution.nodes must be at least 1", field_path=".nodes"),
     ],
 }
 
@@ -150,7 +153,8 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
             if key in _DROP:
                 continue
             if key == "properties":
-                out[key] = {name: resolve(sub) for name, sub in value.items()}
+                required = set(node.get("required", []))
+                out[key] = {name: resolve(_object_default(sub, name in required)) for name, sub in value.items()}
             elif key in ("items", "additionalProperties") and isinstance(value, dict):
                 out[key] = resolve(value)
             else:
@@ -170,6 +174,17 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
 
     result: dict[str, Any] = resolve({k: v for k, v in schema.items() if k != "$defs"})
     return result
+
+
+def _object_default(sub: dict[str, Any], required: bool) -> dict[str, Any]:
+    """An optional, non-nullable object field has a default_factory in the model: the server defaults it to {}.
+
+    pydantic leaves default_factory out of JSON schema; without a default the server would not create the object,
+    and the defaults of its own fields would never apply.
+    """
+    if "$ref" in sub and not required and "default" not in sub:
+        return {**sub, "default": {}}
+    return sub
 
 
 def _walk(schema: dict[str, Any], path: str) -> dict[str, Any]:
