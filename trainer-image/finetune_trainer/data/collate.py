@@ -4,7 +4,9 @@ How packed samples are kept apart (transformers 5.x, read from its masking_utils
 
 * sdpa / eager / flex: when `attention_mask` is None and `position_ids` restart inside a row, `create_causal_mask`
   finds the sample boundaries (`find_packed_sequence_indices`) and builds a block-diagonal causal mask itself.
-  Packed batches therefore carry `position_ids` and no `attention_mask`.
+  Packed batches therefore carry `position_ids` and no `attention_mask`. That detection is skipped when the forward
+  pass builds a KV cache (`use_cache`, which model configs default to True outside the HF Trainer), and the samples
+  would then silently attend to each other; packed batches carry `use_cache=False` to rule that out.
 * flash_attention_2/3: the varlen kernel is used when position_ids restart, but only for a batch of ONE row, so the
   `padding_free` layout concatenates the whole micro-batch into one row of shape [1, total tokens].
 * `block_mask_dtype` builds the 4D block-diagonal causal mask explicitly (additive: 0 where attention is allowed,
@@ -51,7 +53,8 @@ class SFTCollator:
 
     * unpacked rows: right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`;
     * packed rows: right-padded `input_ids`, `labels` and `position_ids` (the padding is one more "sample" with its
-      own positions and no labels), no `attention_mask`; with `block_mask_dtype` also the explicit 4D mask;
+      own positions and no labels), `use_cache=False`, no `attention_mask`; with `block_mask_dtype` the explicit 4D
+      mask instead;
     * `padding_free`: every row of the micro-batch concatenated into one row, with `position_ids` (for flash
       attention's varlen path); works for packed and unpacked rows.
     """
@@ -61,7 +64,7 @@ class SFTCollator:
     block_mask_dtype: torch.dtype | None = None
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ids = [_as_list(f["input_ids"]) for f in features]
         labels = [_as_list(f["labels"]) for f in features]
         if "position_ids" in features[0]:
@@ -71,10 +74,11 @@ class SFTCollator:
         packed = "position_ids" in features[0]
         if self.padding_free:
             flat_positions = torch.tensor([[p for row in positions for p in row]], dtype=torch.long)
-            batch = {
+            batch: dict[str, Any] = {
                 "input_ids": torch.tensor([[t for row in ids for t in row]], dtype=torch.long),
                 "labels": torch.tensor([[t for row in labels for t in row]], dtype=torch.long),
                 "position_ids": flat_positions,
+                "use_cache": False,
             }
             if self.block_mask_dtype is not None:
                 batch["attention_mask"] = block_causal_mask(flat_positions, self.block_mask_dtype)
@@ -100,6 +104,7 @@ class SFTCollator:
             position_ids[row, :used] = torch.tensor(row_positions, dtype=torch.long)
             position_ids[row, used:] = torch.arange(width - used)
         batch["position_ids"] = position_ids
+        batch["use_cache"] = False
         if self.block_mask_dtype is not None:
             batch["attention_mask"] = block_causal_mask(position_ids, self.block_mask_dtype)
         return batch

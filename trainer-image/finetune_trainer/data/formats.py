@@ -77,8 +77,6 @@ def detect_format(spec: DatasetSpec, source: SourceFile) -> tuple[Format, dict[s
             fmt = "sharegpt"
         elif alpaca["prompt"] in columns and alpaca["response"] in columns:
             fmt = "alpaca"
-        elif not source.rows:
-            raise DataError(f"{source.path}: the file holds no records")
         else:
             raise DataError(
                 f"{source.path}: cannot tell the dataset format from its columns ({', '.join(sorted(columns))}): "
@@ -87,7 +85,7 @@ def detect_format(spec: DatasetSpec, source: SourceFile) -> tuple[Format, dict[s
             )
     if fmt == "alpaca":
         mapping = _mapping(spec, ALPACA_DEFAULTS)
-        required = ("prompt", "response")
+        required: tuple[str, ...] = ("prompt", "response")
     else:
         mapping = _mapping(spec, SHAREGPT_DEFAULTS)
         required = ("messages",)
@@ -97,7 +95,7 @@ def detect_format(spec: DatasetSpec, source: SourceFile) -> tuple[Format, dict[s
         if spec.tags is None:
             tags = _guess_tags(source, mapping["messages"])
     for key in required:
-        if mapping[key] not in columns and source.rows:
+        if mapping[key] not in columns:
             raise DataError(
                 f"{source.path}: column {mapping[key]!r} ({key}) required by format {fmt} is missing; "
                 f"columns present: {', '.join(sorted(columns)) or 'none'}"
@@ -222,6 +220,8 @@ def convert(
 
     Bad rows go to `drops`; a file whose columns do not fit the format raises DataError.
     """
+    if not source.rows:  # an empty file among others is fine; a dataset with no records at all is not
+        return [], 0
     fmt, mapping, tags = detect_format(spec, source)
     rows = source.rows if limit is None else source.rows[:limit]
     out: list[Conversation] = []

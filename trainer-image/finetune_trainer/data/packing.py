@@ -60,7 +60,8 @@ def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     # Each output token's index is its slice's start plus its position within the slice.
     slice_of = np.repeat(np.arange(len(lengths)), lengths)
     first_out = np.cumsum(lengths) - lengths
-    return starts[slice_of] + (np.arange(total) - first_out[slice_of])
+    index: np.ndarray = starts[slice_of] + (np.arange(total) - first_out[slice_of])
+    return index
 
 
 def best_fit_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:

@@ -1,0 +1,150 @@
+"""Packing: rows of at most cutoff_len tokens holding whole samples, position_ids restarting per sample, and no
+attention across samples: a tiny Llama gives the same loss on packed and on padded unpacked batches of the same
+samples, with every attention implementation and batch layout the collator offers on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trainer.datafiles import MakeConfig, write_jsonl
+from trainer.tiny import tiny_llama
+
+from finetune_trainer.data import build_datasets
+from finetune_trainer.data.collate import SFTCollator, block_causal_mask
+from finetune_trainer.data.packing import Rows, best_fit_bins, pack
+
+CUTOFF = 96
+SENTENCE = "the quick brown fox jumps over the lazy dog and then the capital of France is Paris"
+WORDS = SENTENCE.split()
+
+
+def dataset(tmp_path: Path) -> Path:
+    rows = [
+        {
+            "instruction": " ".join(WORDS[i % 7 : i % 7 + 2 + (i * 3) % 9]),
+            "output": " ".join(WORDS[(i * 2) % 5 : (i * 2) % 5 + 1 + (i * 5) % 11]),
+        }
+        for i in range(10)
+    ]
+    return write_jsonl(tmp_path / "a.jsonl", rows)
+
+
+@pytest.fixture
+def packed_and_unpacked(tmp_path: Path, tokenizer: Any, make_config: MakeConfig) -> tuple[Any, Any]:
+    data = dataset(tmp_path)
+    training = {"cutoff_len": CUTOFF, "seed": 3}
+    packed = build_datasets(make_config(data, training={**training, "packing": True}), tokenizer)
+    unpacked = build_datasets(make_config(data, training={**training, "packing": False}), tokenizer)
+    return packed, unpacked
+
+
+def test_packed_rows_hold_whole_samples_with_restarting_positions(packed_and_unpacked: tuple[Any, Any]) -> None:
+    packed, unpacked = packed_and_unpacked
+    assert packed.stats.samples == unpacked.stats.samples == 10
+    assert packed.stats.rows < unpacked.stats.rows, "several samples must share a row"
+    pieces = []
+    for row in packed.train:
+        positions = np.asarray(row["position_ids"])
+        assert len(positions) <= CUTOFF
+        starts = np.flatnonzero(positions == 0)
+        assert starts[0] == 0
+        for begin, end in zip(starts, [*starts[1:], len(positions)], strict=True):
+            assert positions[begin:end].tolist() == list(range(end - begin))
+            pieces.append((row["input_ids"][begin:end], row["labels"][begin:end]))
+    expected = sorted(zip(unpacked.train["input_ids"], unpacked.train["labels"], strict=True))
+    assert sorted(pieces) == expected
+
+
+def loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "4d_mask"])
+def test_packed_and_unpacked_batches_give_the_same_loss(
+    packed_and_unpacked: tuple[Any, Any], tokenizer: Any, attention: str, layout: str
+) -> None:
+    packed, unpacked = packed_and_unpacked
+    model = tiny_llama(len(tokenizer), attn_implementation=attention)
+    pad = tokenizer.pad_token_id
+    reference = loss(model, SFTCollator(pad)(list(unpacked.train)))
+    collator = SFTCollator(
+        pad, padding_free=layout == "padding_free", block_mask_dtype=torch.float32 if layout == "4d_mask" else None
+    )
+    batch = collator(list(packed.train))
+    if layout == "4d_mask":
+        assert batch["attention_mask"].shape[1] == 1
+    else:
+        assert "attention_mask" not in batch, "transformers must find the samples from position_ids"
+    assert loss(model, batch) == pytest.approx(reference, abs=1e-5)
+
+
+def test_the_loss_comparison_notices_attention_across_samples(
+    packed_and_unpacked: tuple[Any, Any], tokenizer: Any
+) -> None:
+    # The same packed rows with positions that do not restart: samples see each other and the loss changes.
+    packed, unpacked = packed_and_unpacked
+    model = tiny_llama(len(tokenizer))
+    reference = loss(model, SFTCollator(tokenizer.pad_token_id)(list(unpacked.train)))
+    batch = SFTCollator(tokenizer.pad_token_id)(list(packed.train))
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    assert abs(loss(model, batch) - reference) > 1e-3
+
+
+def test_block_causal_mask_lets_tokens_see_only_earlier_tokens_of_their_sample() -> None:
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    allowed = block_causal_mask(positions, torch.float32)[0, 0] == 0
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, expected)
+
+
+def test_unpacked_batches_are_right_padded_with_an_attention_mask() -> None:
+    batch = SFTCollator(pad_token_id=7)(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=80), st.integers(50, 120))
+def test_best_fit_puts_every_sample_in_exactly_one_row_within_capacity(lengths: list[int], capacity: int) -> None:
+    sizes = np.asarray(lengths)
+    bins = best_fit_bins(sizes, capacity)
+    assert sorted(i for members in bins for i in members) == list(range(len(lengths)))
+    assert all(sizes[members].sum() <= capacity for members in bins)
+    # Best fit never leaves two rows that could have been one.
+    totals = sorted(int(sizes[members].sum()) for members in bins)
+    assert len(totals) < 2 or totals[0] + totals[1] > capacity
+
+
+def test_pack_keeps_each_samples_tokens_together() -> None:
+    samples = Rows.from_samples(
+        [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32), np.array([6, 7, 8, 9], np.int32)],
+        [np.array([-100, 2, 3], np.int32), np.array([-100, 5], np.int32), np.array([-100, 7, 8, 9], np.int32)],
+    )
+    rows = pack(samples, capacity=6)
+    assert len(rows) == 2
+    assert rows.lengths.tolist() == [6, 3]  # longest first: [6 7 8 9][4 5], then [1 2 3]
+    assert rows.input_ids.tolist() == [6, 7, 8, 9, 4, 5, 1, 2, 3]
+    assert rows.position_ids is not None
+    assert rows.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
