@@ -8,7 +8,8 @@ work directory that :meth:`ControlPlane.stop` removes.
 
 from __future__ import annotations
 
-import logging
+import functools
+import json
 import os
 import shutil
 import ssl
@@ -22,13 +23,11 @@ from typing import Any
 
 import yaml
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from . import kwok, pki, testbin
 from .processes import ManagedProcess, free_port, wait_until
-
-log = logging.getLogger(__name__)
 
 ADMIN_USER = "ftj-admin"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -203,7 +202,7 @@ class ControlPlane:
 
     def api_client(self) -> client.ApiClient:
         """A new kubernetes ApiClient authenticated as the cluster admin (leaves the global config alone)."""
-        api: client.ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))
+        api: client.ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))  # type: ignore[no-untyped-call]
         return api
 
     def token_client(self, token: str) -> client.ApiClient:
@@ -216,12 +215,45 @@ class ControlPlane:
 
     # -- CRDs ----------------------------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A raw JSON API request as the admin (no client-side model validation: the API server judges the body)."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A raw JSON API request as the admin, e.g. ``request("get", "/api/v1/nodes")``.
+
+        No client-side model validation: the API server alone judges the body. ``headers`` (such as an ``Accept``
+        asking for a Table) and query ``params`` are passed through; errors raise ``ApiException`` subclasses.
+        """
         with self.api_client() as api:
-            dynamic = DynamicClient(api, cache_file=str(self.workdir / "discovery-cache.json"))
-            result: dict[str, Any] = dynamic.request(method, path, body=body).to_dict()
+            dynamic = DynamicClient(api, cache_file=str(self.workdir / "discovery-cache.json"))  # type: ignore[no-untyped-call]
+            response = dynamic.request(
+                method,
+                path,
+                body=body,
+                header_params=dict(headers or {}),
+                query_params=list((params or {}).items()),
+                serialize=False,
+            )
+            result: dict[str, Any] = json.loads(response.data or b"{}")
             return result
+
+    def create(self, path: str, body: dict[str, Any]) -> bool:
+        """POST ``body`` to the collection at ``path``; an object that already exists counts as success.
+
+        Returns True when it was created now, False when it was already there.
+        """
+        try:
+            self.request("post", path, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return False
+        return True
 
     def apply_crds(self, documents: Iterable[dict[str, Any]], *, timeout: float = 60) -> list[str]:
         """Create or replace each CustomResourceDefinition and wait until all are Established."""
@@ -248,7 +280,7 @@ class ControlPlane:
             return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
         for name in names:
-            wait_until(lambda n=name: established(n), timeout=timeout, what=f"CRD {name} Established")
+            wait_until(functools.partial(established, name), timeout=timeout, what=f"CRD {name} Established")
         return names
 
     def apply_crd_files(self, paths: Iterable[Path]) -> list[str]:
@@ -348,24 +380,18 @@ class ControlPlane:
                 ],
             )
             names = [f"kwok-gpu-{i}" for i in range(nodes)]
-            with self.api_client() as api:
-                core = client.CoreV1Api(api)
+            for name in names:
+                self.create("/api/v1/nodes", kwok.fake_node(name, gpus=gpus_per_node))
+
+            def all_ready() -> bool:
                 for name in names:
-                    try:
-                        core.create_node(kwok.fake_node(name, gpus=gpus_per_node))
-                    except ApiException as exc:
-                        if exc.status != 409:
-                            raise
+                    node = self.request("get", f"/api/v1/nodes/{name}")
+                    conditions = node.get("status", {}).get("conditions", [])
+                    if not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                        return False
+                return True
 
-                def all_ready() -> bool:
-                    for name in names:
-                        node = core.read_node(name)
-                        conditions = node.status.conditions or []
-                        if not any(c.type == "Ready" and c.status == "True" for c in conditions):
-                            return False
-                    return True
-
-                wait_until(all_ready, timeout=START_TIMEOUT, what="kwok nodes Ready", watch=[proc])
+            wait_until(all_ready, timeout=START_TIMEOUT, what="kwok nodes Ready", watch=[proc])
             self.timings["kwok"] = time.monotonic() - started
             return proc
 
@@ -382,20 +408,10 @@ class ControlPlane:
             crd = testbin.training_operator_crd("pytorchjobs")
             started = time.monotonic()
             self.apply_crd_files([crd])
-            with self.api_client() as api:
-                core = client.CoreV1Api(api)
-                for create, body in (
-                    (core.create_namespace, {"metadata": {"name": TRAINING_OPERATOR_NAMESPACE}}),
-                    (
-                        lambda b: core.create_namespaced_secret(TRAINING_OPERATOR_NAMESPACE, b),
-                        {"metadata": {"name": WEBHOOK_SECRET}},
-                    ),
-                ):
-                    try:
-                        create(body)
-                    except ApiException as exc:
-                        if exc.status != 409:
-                            raise
+            self.create("/api/v1/namespaces", {"metadata": {"name": TRAINING_OPERATOR_NAMESPACE}})
+            self.create(
+                f"/api/v1/namespaces/{TRAINING_OPERATOR_NAMESPACE}/secrets", {"metadata": {"name": WEBHOOK_SECRET}}
+            )
             probe_port = free_port()
             env = {
                 **os.environ,

@@ -103,22 +103,33 @@ build_minio() {
     GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
 }
 
-total_start=$SECONDS
-for c in "${components[@]}"; do
-    v="$(component_version "$c")"
-    dir="$cache/$c-$v"
-    if [ "$force" -eq 0 ] && [ -f "$dir/.complete" ]; then
-        echo "testbin: $c $v present in $dir"
-        continue
-    fi
-    echo "testbin: building $c $v into $dir"
-    rm -rf "$dir"
-    mkdir -p "$dir"
-    start=$SECONDS
-    "build_$c" "$dir"
-    elapsed=$((SECONDS - start))
-    printf 'component=%s\nversion=%s\ngo=%s\nbuild_seconds=%s\n' "$c" "$v" "$(go env GOVERSION)" "$elapsed" \
-        >"$dir/.complete"
-    echo "testbin: built $c $v in ${elapsed}s"
-done
-echo "testbin: done in $((SECONDS - total_start))s; binaries under $cache"
+# The loop sits in a function so bash parses all of it before running any of it (editing this file while a
+# build runs then cannot change what that build does).
+main() {
+    total_start=$SECONDS
+    for c in "${components[@]}"; do
+        v="$(component_version "$c")"
+        dir="$cache/$c-$v"
+        if [ "$force" -eq 0 ] && [ -f "$dir/.complete" ]; then
+            echo "testbin: $c $v present in $dir"
+            if [ "$c" = training-operator ] && \
+                [ ! -d "$(go env GOMODCACHE)/github.com/kubeflow/training-operator@$v/manifests/base/crds" ]; then
+                # The tests read its CRDs from the module cache, which may have been cleaned since the build.
+                go mod download "github.com/kubeflow/training-operator@$v"
+            fi
+            continue
+        fi
+        echo "testbin: building $c $v into $dir"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        start=$SECONDS
+        "build_$c" "$dir"
+        elapsed=$((SECONDS - start))
+        printf 'component=%s\nversion=%s\ngo=%s\nbuild_seconds=%s\n' "$c" "$v" "$(go env GOVERSION)" "$elapsed" \
+            >"$dir/.complete"
+        echo "testbin: built $c $v in ${elapsed}s"
+    done
+    echo "testbin: done in $((SECONDS - total_start))s; binaries under $cache"
+}
+
+main; exit
