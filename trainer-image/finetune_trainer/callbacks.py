@@ -1,0 +1,153 @@
+"""Hooks into the Hugging Face Trainer loop: checkpoint upload, preemption, and progress reporting.
+
+The Trainer already saves complete local checkpoints (model or adapter, optimizer, scheduler, every rank's RNG
+state, trainer_state.json with the step the data loader skips to on resume, DeepSpeed shards); these callbacks add
+what it lacks: uploading them in the background, agreeing across ranks on a save when one of them got SIGTERM, and
+reporting progress to the FineTuneJob.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from finetune_trainer.checkpoints import LOCAL_PREFIX, CheckpointUploader
+from finetune_trainer.distenv import Ranks
+from finetune_trainer.progress import ProgressReporter
+
+log = logging.getLogger(__name__)
+
+
+def _last_loss(state: TrainerState) -> float | None:
+    for entry in reversed(state.log_history):
+        if "loss" in entry:
+            return float(entry["loss"])
+    return None
+
+
+class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+    """After every save: wait for all ranks' files, then hand the directory to this node's uploader.
+
+    Also forces a save at the last step, so that a failure while exporting the final outputs resumes there instead
+    of repeating training.
+    """
+
+    def __init__(self, uploader: CheckpointUploader | None, ranks: Ranks) -> None:
+        self.uploader = uploader
+        self.ranks = ranks
+        self.saved_steps: list[int] = []
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = True
+        if self.uploader is not None:
+            self.uploader.check()  # a failed background upload stops training here, with its message
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.ranks.distributed and dist.is_available() and dist.is_initialized():
+            # Every rank wrote its own files (RNG state, DeepSpeed shards); the node's uploader lists the directory
+            # only once all of them are done. All ranks call on_save at the same step, so this cannot deadlock.
+            dist.barrier()
+        self.saved_steps.append(state.global_step)
+        if self.uploader is not None:
+            local = Path(str(args.output_dir)) / f"{LOCAL_PREFIX}{state.global_step}"
+            self.uploader.submit(local, state.global_step, loss=_last_loss(state))
+
+
+class PreemptionCallback(TrainerCallback):  # type: ignore[misc]
+    """SIGTERM (a Pod being evicted or preempted) saves a checkpoint at the end of the current step, then stops.
+
+    The Trainer's own JIT checkpointing decides per process when the signal arrives; with several ranks they could
+    save at different steps and DeepSpeed's collective save would hang. Here the flag is combined across ranks with
+    one all-reduce per optimizer step, so every rank stops and saves at the same step.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self.requested = threading.Event()
+        self.preempted = False
+        self.preempted_at: int | None = None
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def uninstall(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested.is_set():
+            log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        self.requested.set()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        flag = self.requested.is_set()
+        if self.ranks.distributed and dist.is_available() and dist.is_initialized():
+            device = args.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        if flag and not self.preempted:
+            self.preempted = True
+            self.preempted_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    """Global rank 0: turn the Trainer's logs into Progress reports (tokens/s over the interval, ETA)."""
+
+    def __init__(self, reporter: ProgressReporter) -> None:
+        self.reporter = reporter
+        self._t0 = 0.0
+        self._step0 = 0
+        self._last_time = 0.0
+        self._last_tokens = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._t0 = self._last_time = time.monotonic()
+        self._step0 = state.global_step
+        self._last_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.reporter.report(step=state.global_step, total_steps=state.max_steps, epoch=state.epoch or 0.0)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        logs = logs or {}
+        if "loss" not in logs and "eval_loss" not in logs:
+            return  # the end-of-training summary; the last step was already reported
+        now = time.monotonic()
+        fields: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch}
+        if "loss" in logs:
+            fields["loss"] = float(logs["loss"])
+            if logs.get("learning_rate") is not None:
+                fields["learning_rate"] = float(logs["learning_rate"])
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            if now > self._last_time and tokens > self._last_tokens:
+                fields["tokens_per_second"] = round((tokens - self._last_tokens) / (now - self._last_time), 1)
+            self._last_time, self._last_tokens = now, tokens
+        if "eval_loss" in logs:
+            fields["eval_loss"] = float(logs["eval_loss"])
+        done = state.global_step - self._step0
+        if done > 0 and state.max_steps > 0:
+            fields["eta_seconds"] = round((now - self._t0) / done * (state.max_steps - state.global_step), 1)
+        self.reporter.report(**fields)

@@ -1,0 +1,124 @@
+"""Command line of the trainer image: `python -m finetune_trainer train --config config.json`.
+
+`train` runs the recipe on this rank (standalone, or as one process of torchrun; see finetune_trainer.launch for
+the container entry point). The config path defaults to $FTJ_CONFIG. Exit codes: 0 done, 143 preempted after a
+checkpoint was saved, 1 failed (the reason goes to the FineTuneJob status and to the container's termination
+message), 2 invalid configuration. `merge` is reserved for the adapter merge Job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from finetune_trainer.config import TrainerConfig, format_validation_error
+from finetune_trainer.distenv import Ranks
+from finetune_trainer.errors import ConfigError
+
+log = logging.getLogger("finetune_trainer")
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def load_config(path: str) -> TrainerConfig:
+    """Read and validate a TrainerConfig JSON file; every problem is listed in the error."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"the config file {path} is not valid JSON: {exc}") from exc
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(lines)) from exc
+
+
+def setup_logging(ranks: Ranks, level: str) -> None:
+    prefix = f"[rank {ranks.rank}/{ranks.world_size}] " if ranks.distributed else ""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if not ranks.is_main:
+        # One copy of the library chatter is enough.
+        for name in ("transformers", "peft", "accelerate", "datasets", "DeepSpeed"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def failure_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "OutOfMemory"
+    return "TrainerError"
+
+
+def write_termination_message(reason: str, message: str) -> None:
+    """Kubernetes shows this file as the container's termination message; the first failing rank wins."""
+    path = Path(os.environ.get("FTJ_TERMINATION_LOG", TERMINATION_LOG))
+    try:
+        if path.exists() and path.stat().st_size > 0:
+            return
+        path.write_text(json.dumps({"reason": reason, "message": message[:3500]}))
+    except OSError:
+        pass
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finetune_trainer.progress import ProgressReporter, StatusClient
+
+    ranks = Ranks.from_env()
+    setup_logging(ranks, args.log_level)
+    reporter = None
+    try:
+        config = load_config(args.config)
+        if ranks.is_main:
+            reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
+        from finetune_trainer.recipe import run
+
+        result = run(config, ranks=ranks, reporter=reporter)
+        log.info("run %s at step %d", result.status, result.step)
+        return result.exit_code
+    except Exception as exc:
+        reason = failure_reason(exc)
+        message = str(exc) or type(exc).__name__
+        known = hasattr(exc, "reason")
+        log.error("%s: %s", reason, message, exc_info=not known)
+        write_termination_message(reason, message)
+        if reporter is not None:
+            reporter.failure(reason, message)
+        return 2 if isinstance(exc, ConfigError) else 1
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    print("finetune_trainer merge: not part of this build yet", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune a model as described by a TrainerConfig JSON")
+    train.add_argument("--config", default=os.environ.get("FTJ_CONFIG"), required="FTJ_CONFIG" not in os.environ)
+    train.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
+    train.set_defaults(func=cmd_train)
+    merge = sub.add_parser("merge", help="merge a trained adapter into its base model (reserved)")
+    merge.set_defaults(func=cmd_merge)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,372 @@
+"""The training recipe: setup -> train -> save_checkpoint (from the loop) -> finish -> cleanup.
+
+Every rank of a torchrun job runs this. Side effects sit behind small interfaces (Storage, NodeCache,
+ProgressReporter), so the same code trains from file:// paths in tests and `ftj run` and from S3 in a cluster.
+The optimisation loop, DDP/DeepSpeed wiring, mixed precision, gradient checkpointing, schedulers, evaluation and
+the local checkpoint format are the Hugging Face Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer.cache import NodeCache
+from finetune_trainer.checkpoints import (
+    LOCAL_PREFIX,
+    MANIFEST,
+    CheckpointRef,
+    CheckpointUploader,
+    apply_retention,
+    describe_files,
+    latest_complete,
+    list_checkpoints,
+)
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.deepspeed import deepspeed_config
+from finetune_trainer.distenv import Ranks
+from finetune_trainer.progress import ProgressReporter, StatusClient
+from finetune_trainer.storage import Storage, join_uri, open_storage
+
+log = logging.getLogger(__name__)
+
+LOSS_PLOT = "loss.png"
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the Pod was asked to stop; the next one resumes from the saved checkpoint
+
+
+@dataclass
+class RunResult:
+    """How the run ended: finished (outputs uploaded), preempted (checkpoint saved), or already done earlier."""
+
+    status: str  # "finished" | "preempted" | "already-complete"
+    step: int
+    resumed_from: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PREEMPTED if self.status == "preempted" else 0
+
+
+class FineTuneRecipe:
+    """One training run of `config` on this rank."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        ranks: Ranks | None = None,
+        output_storage: Storage | None = None,
+        reporter: ProgressReporter | None = None,
+    ) -> None:
+        self.config = config
+        self.ranks = ranks or Ranks.from_env()
+        self.output_uri = config.output.uri if config.output.uri.endswith("/") else config.output.uri + "/"
+        self.storage = output_storage or open_storage(self.output_uri, config.storage)
+        self.cache = NodeCache(Path(config.cache_dir) / "downloads", self._storage_for, self.ranks)
+        self.work_dir = Path(config.cache_dir) / "work" / config.job_name
+        self.final_dir = self.work_dir / "final"
+        if reporter is None and self.ranks.is_main:
+            reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
+        self.reporter = reporter
+        self.resume: CheckpointRef | None = None
+        self.resume_dir: Path | None = None
+        self.trainer: Any = None
+        self.uploader: CheckpointUploader | None = None
+        self.preemption: Any = None
+        self.checkpoint_callback: Any = None
+        self.summary: Any = None
+        self.data: Any = None
+
+    def _storage_for(self, uri: str) -> Storage:
+        return open_storage(uri, self.config.storage)
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def already_complete(self) -> bool:
+        """The final outputs of this run are in storage (a restarted Pod after success must not train again)."""
+        return self.storage.read_bytes(join_uri(self.output_uri, MANIFEST)) is not None
+
+    def setup(self) -> None:
+        """Resolve the checkpoint to resume from, fetch the model, build args, model, data and the Trainer."""
+        import torch
+        from transformers import AutoTokenizer, PrinterCallback, Trainer
+
+        from finetune_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback
+        from finetune_trainer.data import build_datasets
+        from finetune_trainer.methods import apply_method, load_model
+
+        started = time.monotonic()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Before any model is loaded: with ZeRO-3 the arguments must exist first so that loading is partitioned.
+        args = self.training_arguments()
+        self.resume = self._agree_on_resume()
+        if self.ranks.is_local_main:
+            # Local checkpoint directories of an earlier container are never resumed from (storage is the truth)
+            # and must not be mixed into this run's uploads.
+            for old in self.work_dir.glob(LOCAL_PREFIX + "*"):
+                shutil.rmtree(old, ignore_errors=True)
+        model_dir = self.cache.fetch(self.config.model.uri)
+        if self.resume is not None:
+            self.resume_dir = self.cache.fetch(self.resume.uri)
+            log.info("resuming from %s (step %d)", self.resume.uri, self.resume.step)
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=self.config.model.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = load_model(self.config, model_dir, self.ranks)
+        model, self.summary = apply_method(model, self.config)
+        log.info("%s", self.summary.line())
+
+        self.data = build_datasets(
+            self.config,
+            tokenizer,
+            self.cache.fetch,
+            local_rank=self.ranks.local_rank,
+            is_local_main=self.ranks.is_local_main,
+        )
+        attn = getattr(model.config, "_attn_implementation", None)
+        collator = self.data.collator(attn)
+
+        if self.ranks.is_local_main:
+            self.uploader = CheckpointUploader(
+                self.storage,
+                self.output_uri,
+                self.ranks,
+                keep=self.config.output.checkpoints.keep,
+                job_name=self.config.job_name,
+                on_complete=self._checkpoint_complete if self.ranks.is_main else None,
+            )
+        self.preemption = PreemptionCallback(self.ranks)
+        self.checkpoint_callback = CheckpointCallback(self.uploader, self.ranks)
+        callbacks: list[Any] = [self.checkpoint_callback, self.preemption]
+        if self.reporter is not None:
+            callbacks.append(ProgressCallback(self.reporter))
+        self.trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=self.data.train,
+            eval_dataset=self.data.eval,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        self.trainer.remove_callback(PrinterCallback)  # our JSON lines replace its printed dicts
+        if self.reporter is not None and self.resume is not None:
+            self.reporter.seed_checkpoints(self._existing_checkpoint_records())
+            self.reporter.resumed(self.resume.step)
+        log.info(
+            "setup done in %.1fs: %d train rows, %s eval rows, device %s, torch %s",
+            time.monotonic() - started,
+            len(self.data.train),
+            len(self.data.eval) if self.data.eval is not None else "no",
+            args.device,
+            torch.__version__,
+        )
+
+    def training_arguments(self) -> Any:
+        import torch
+        from transformers import TrainingArguments
+
+        cfg, training = self.config, self.config.training
+        warmup: float = 0
+        if training.warmup_steps is not None:
+            warmup = training.warmup_steps
+        elif training.warmup_ratio is not None:
+            warmup = training.warmup_ratio  # transformers 5 reads a value below 1 as a fraction of all steps
+        has_eval = bool(cfg.eval_datasets) or cfg.val_size is not None
+        cuda = torch.cuda.is_available()
+        kwargs: dict[str, Any] = {
+            "output_dir": str(self.work_dir),
+            "num_train_epochs": training.epochs,
+            "max_steps": training.max_steps or -1,
+            "learning_rate": training.learning_rate,
+            "lr_scheduler_type": training.lr_scheduler,
+            "warmup_steps": warmup,
+            "weight_decay": training.weight_decay,
+            "max_grad_norm": training.max_grad_norm,
+            "per_device_train_batch_size": training.per_device_batch_size,
+            "per_device_eval_batch_size": training.per_device_eval_batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "bf16": training.precision == "bf16",
+            "fp16": training.precision == "fp16",
+            "activation_checkpointing": training.gradient_checkpointing,
+            "activation_checkpointing_kwargs": {"use_reentrant": False} if training.gradient_checkpointing else None,
+            "seed": training.seed,
+            "data_seed": training.seed,
+            "logging_steps": training.logging_steps,
+            "save_strategy": "steps",
+            "save_steps": training.save_steps,
+            "save_total_limit": None,  # retention happens in storage, after uploads (checkpoints.py)
+            "eval_strategy": "steps" if has_eval else "no",
+            "eval_steps": training.eval_steps or training.save_steps,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "include_num_input_tokens_seen": "non_padding",
+            "remove_unused_columns": False,  # position_ids of packed rows are not in forward()'s signature names
+            "use_cpu": not cuda,
+            "ddp_backend": "gloo" if self.ranks.distributed and not cuda else None,
+            # Ranks of different nodes can reach their first collective far apart (one node downloads longer).
+            "ddp_timeout": int(os.environ.get("FTJ_DDP_TIMEOUT", "7200")),
+            "log_level": "warning",  # our own log lines and JSON progress say what matters
+        }
+        if cfg.deepspeed is not None:
+            kwargs["deepspeed"] = self._deepspeed_config_path()
+        return TrainingArguments(**kwargs)
+
+    def _deepspeed_config_path(self) -> str:
+        path = self.config.deepspeed_config_path
+        if path and Path(path).is_file():
+            return path
+        assert self.config.deepspeed is not None
+        # No rendered file mounted (local runs): render the same JSON the operator would.
+        rendered = self.work_dir / f"deepspeed.rank{self.ranks.rank}.json"
+        rendered.write_text(json.dumps(deepspeed_config(self.config.deepspeed), indent=1))
+        return str(rendered)
+
+    def _agree_on_resume(self) -> CheckpointRef | None:
+        """Global rank 0 picks the newest complete checkpoint; every rank takes the same one (a checkpoint may
+        complete while the ranks look, so they must not each look for themselves)."""
+        choice = latest_complete(self.storage, self.output_uri) if self.ranks.is_main else None
+        if self.ranks.distributed:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                box = [choice]
+                dist.broadcast_object_list(box, src=0)
+                choice = box[0]
+        return choice
+
+    def _existing_checkpoint_records(self) -> list[dict[str, Any]]:
+        from finetune_trainer.checkpoints import step_uri
+
+        records = []
+        for step in list_checkpoints(self.storage, self.output_uri).complete:
+            uri = step_uri(self.output_uri, step)
+            raw = self.storage.read_bytes(join_uri(uri, MANIFEST))
+            manifest = json.loads(raw) if raw else {}
+            record: dict[str, Any] = {"step": step, "uri": uri, "time": manifest.get("time")}
+            if manifest.get("loss") is not None:
+                record["loss"] = manifest["loss"]
+            records.append({k: v for k, v in record.items() if v is not None})
+        return records
+
+    def _checkpoint_complete(self, step: int, uri: str, loss: float | None) -> None:
+        if self.reporter is not None:
+            existing = set(list_checkpoints(self.storage, self.output_uri).complete)
+            deleted = [s for s in self.reporter.checkpoints if s not in existing]
+            self.reporter.checkpoint(step, uri, loss, deleted=deleted)
+
+    # -- train -------------------------------------------------------------------------------------------------
+
+    def train(self) -> RunResult:
+        """Run (or continue) training; on SIGTERM, stop after saving a checkpoint."""
+        assert self.trainer is not None, "setup() first"
+        self.preemption.install()
+        try:
+            self.trainer.train(resume_from_checkpoint=str(self.resume_dir) if self.resume_dir else None)
+        finally:
+            # Uploads finish even if training failed: what was saved stays resumable.
+            if self.uploader is not None:
+                self.uploader.drain()
+        resumed = self.resume.step if self.resume else None
+        step = int(self.trainer.state.global_step)
+        if self.preemption.preempted:
+            log.warning("preempted: checkpoint step %d is uploaded; the next Pod resumes from it", step)
+            return RunResult("preempted", step, resumed)
+        return RunResult("finished", step, resumed)
+
+    def save_checkpoint(self) -> None:
+        """Save a checkpoint now (every rank) and queue its upload; the loop does this itself every saveSteps."""
+        trainer = self.trainer
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+
+    # -- final outputs -----------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Export the adapter or model, tokenizer, trainer_state.json and the loss plot to <output>/ (manifest
+        last)."""
+        from finetune_trainer.plot import plot_loss
+
+        trainer = self.trainer
+        if self.final_dir.exists() and self.ranks.is_local_main:
+            shutil.rmtree(self.final_dir)
+        self._barrier()
+        trainer.save_model(str(self.final_dir))  # every rank: under ZeRO-3 the weights are gathered collectively
+        if not self.ranks.is_main:
+            return  # only rank 0 uploads; the others must not sit in a collective while it does
+        trainer.state.save_to_json(str(self.final_dir / "trainer_state.json"))
+        plot = None
+        if self.config.output.plot_loss:
+            plot = plot_loss(trainer.state.log_history, self.final_dir / LOSS_PLOT, title=self.config.job_name)
+        files = describe_files(self.final_dir)
+        for entry in files:
+            self.storage.upload_file(self.final_dir / entry["path"], join_uri(self.output_uri, entry["path"]))
+        manifest = {
+            "format": 1,
+            "job": self.config.job_name,
+            "method": self.config.method.type,
+            "step": int(trainer.state.global_step),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+        }
+        self.storage.write_bytes(join_uri(self.output_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+        log.info("final outputs uploaded to %s (%d files)", self.output_uri, len(files))
+        apply_retention(self.storage, self.output_uri, self.config.output.checkpoints.keep)
+        self.report_artifacts(plot is not None)
+
+    def report_artifacts(self, with_plot: bool = True) -> None:
+        if self.reporter is None:
+            return
+        kind = "adapter" if self.config.method.uses_adapter else "model"
+        plot = join_uri(self.output_uri, LOSS_PLOT) if with_plot else None
+        self.reporter.artifacts(**{kind: self.output_uri}, loss_plot=plot or "")
+
+    def _barrier(self) -> None:
+        if not self.ranks.distributed:
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    # -- cleanup -----------------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        if self.preemption is not None:
+            self.preemption.uninstall()
+        if self.uploader is not None:
+            self.uploader.close()
+        if self.reporter is not None:
+            self.reporter.close()
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception as exc:  # shutting down; nothing useful to do with it
+            log.debug("destroy_process_group: %s", exc)
+
+
+def run(config: TrainerConfig, **kwargs: Any) -> RunResult:
+    """The whole recipe for this rank."""
+    recipe = FineTuneRecipe(config, **kwargs)
+    try:
+        if recipe.already_complete():
+            log.info("the outputs of %s are already complete: nothing to do", recipe.output_uri)
+            if recipe.ranks.is_main:
+                recipe.report_artifacts()
+            return RunResult("already-complete", 0)
+        recipe.setup()
+        result = recipe.train()
+        if result.status == "finished":
+            recipe.finish()
+        return result
+    finally:
+        recipe.cleanup()

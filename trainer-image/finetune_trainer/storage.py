@@ -1,0 +1,394 @@
+"""Where models, data, checkpoints and outputs live: one small interface over S3 and local paths.
+
+URIs:
+    s3://bucket/key          S3-compatible storage (endpoint, region and addressing style from StorageSpec;
+                             keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
+    pvc://claim/path         a PersistentVolumeClaim that the workload mounts at /mnt/pvc/<claim>
+                             (FTJ_PVC_ROOT overrides /mnt/pvc)
+    file:///abs/path         a local path
+A URI ending in "/" (or naming no single object) is a prefix: listing and downloading take every object under it.
+Every error names the URI it is about.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from finetune_trainer.config import StorageSpec
+from finetune_trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+PVC_ROOT_ENV = "FTJ_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+class StorageError(TrainerError):
+    """Reading or writing a storage URI failed; the message names the URI."""
+
+    reason = "StorageError"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object under a listed URI: its path relative to that URI ("" when the URI is the object itself)."""
+
+    key: str
+    size: int
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Uri:
+    scheme: str
+    root: str  # bucket, claim or "" for file://
+    path: str  # key inside the bucket/claim, or the absolute path for file://
+
+    @classmethod
+    def parse(cls, uri: str) -> Uri:
+        scheme, sep, rest = uri.partition("://")
+        if not sep or scheme not in ("s3", "pvc", "file", "hf"):
+            raise StorageError(f"unsupported storage URI {uri!r}: expected s3://, pvc://, file:// or hf://")
+        if scheme == "file":
+            if not rest.startswith("/"):
+                raise StorageError(f"file URI must hold an absolute path (file:///...), got {uri!r}")
+            return cls(scheme, "", rest)
+        root, _, path = rest.partition("/")
+        if not root:
+            raise StorageError(f"storage URI {uri!r} has no bucket/claim/repository name")
+        return cls(scheme, root, path)
+
+    def __str__(self) -> str:
+        if self.scheme == "file":
+            return f"file://{self.path}"
+        return f"{self.scheme}://{self.root}/{self.path}"
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """base + "/" + parts, with exactly one slash between; a trailing slash on the last part is kept."""
+    out = base
+    for part in parts:
+        if not part:
+            continue
+        out = out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+def as_prefix(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
+
+
+# The storage classes have a method named `list`; annotations inside them use this alias for the builtin.
+ObjectList = list[ObjectInfo]
+NameList = list[str]
+
+
+class Storage(ABC):
+    """What the trainer needs from a storage backend. Paths inside a prefix always use "/"."""
+
+    @abstractmethod
+    def list(self, uri: str) -> ObjectList:
+        """Objects under `uri` (recursively) or the single object `uri` names; [] when there is nothing."""
+
+    @abstractmethod
+    def read_bytes(self, uri: str) -> bytes | None:
+        """A small object's content, or None when it does not exist."""
+
+    @abstractmethod
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a small object in one piece (readers see the old or the new content, never a part)."""
+
+    @abstractmethod
+    def upload_file(self, path: Path, uri: str) -> None:
+        """Copy one local file to `uri`."""
+
+    @abstractmethod
+    def delete_prefix(self, uri: str) -> int:
+        """Delete every object under the prefix `uri`; return how many were deleted."""
+
+    @abstractmethod
+    def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
+        """Copy the object or every object under the prefix `uri` into the directory `dest` (keys become relative
+        paths; a single object keeps its base name). Files already complete in `dest` are kept. Returns what was
+        listed."""
+
+    def local_path(self, uri: str) -> Path | None:
+        """The file-system path of `uri` when this storage is a local one (no copy needed), else None."""
+        return None
+
+    def exists(self, uri: str) -> bool:
+        return bool(self.list(uri))
+
+    def upload_dir(self, src: Path, uri: str, files: Iterable[str] | None = None) -> NameList:
+        """Upload every file under `src` (or just `files`, relative paths) to the prefix `uri`; return the keys."""
+        names = sorted(files) if files is not None else _files_under(src)
+        for name in names:
+            self.upload_file(src / name, join_uri(uri, name))
+        return names
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+# --- local (file:// and pvc://) ---------------------------------------------------------------------------------
+
+
+def pvc_root() -> Path:
+    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+
+
+class LocalStorage(Storage):
+    """file:// paths and pvc://<claim>/<path> (mounted at /mnt/pvc/<claim>)."""
+
+    def path(self, uri: str) -> Path:
+        parsed = Uri.parse(uri)
+        if parsed.scheme == "file":
+            return Path(parsed.path)
+        if parsed.scheme == "pvc":
+            return pvc_root() / parsed.root / parsed.path
+        raise StorageError(f"{uri!r} is not a local URI (file:// or pvc://)")
+
+    def local_path(self, uri: str) -> Path | None:
+        return self.path(uri)
+
+    def list(self, uri: str) -> ObjectList:
+        path = self.path(uri)
+        if path.is_file() and not uri.endswith("/"):
+            return [ObjectInfo("", path.stat().st_size)]
+        if not path.is_dir():
+            return []
+        return [ObjectInfo(name, (path / name).stat().st_size) for name in _files_under(path)]
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        path = self.path(uri)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        path = self.path(uri)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        dest = self.path(uri)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # Copy next to the target, then rename: a reader never sees half a file.
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise StorageError(f"cannot upload {path} to {uri}: {exc}") from exc
+
+    def delete_prefix(self, uri: str) -> int:
+        path = self.path(uri)
+        if not path.exists():
+            return 0
+        count = len(_files_under(path)) if path.is_dir() else 1
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError as exc:
+            raise StorageError(f"cannot delete {uri}: {exc}") from exc
+        return count
+
+    def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
+        src = self.path(uri)
+        listed = objects if objects is not None else self.list(uri)
+        if not listed:
+            raise StorageError(f"nothing found at {uri}")
+        for obj in listed:
+            source = src / obj.key if obj.key else src
+            target = dest / (obj.key or src.name)
+            if target.is_file() and target.stat().st_size == obj.size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return listed
+
+
+# --- S3 ---------------------------------------------------------------------------------------------------------
+
+
+def s3_client(spec: StorageSpec, *, max_connections: int = 32) -> Any:
+    """A boto3 S3 client for `spec`: endpoint, region and addressing style from the spec, keys from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; without them boto3's default chain, e.g. IRSA web identity)."""
+    import boto3
+    from botocore.config import Config
+
+    key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    session = boto3.session.Session(
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=secret or None,
+        aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+        region_name=spec.region,
+    )
+    config = Config(
+        s3={"addressing_style": spec.addressing_style},
+        retries={"max_attempts": 8, "mode": "adaptive"},
+        max_pool_connections=max_connections,
+        connect_timeout=20,
+        read_timeout=120,
+        tcp_keepalive=True,
+    )
+    return session.client("s3", endpoint_url=spec.endpoint or None, config=config)
+
+
+def _client_error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+class S3Storage(Storage):
+    """S3-compatible storage through boto3; prefix downloads go through the concurrent, resumable downloader."""
+
+    def __init__(self, spec: StorageSpec, *, workers: int = 16, chunk_size: int = 16 * 1024 * 1024) -> None:
+        self.spec = spec
+        self.workers = workers
+        self.chunk_size = chunk_size
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = s3_client(self.spec, max_connections=max(10, self.workers + 4))
+            return self._client
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        parsed = Uri.parse(uri)
+        if parsed.scheme != "s3":
+            raise StorageError(f"{uri!r} is not an s3:// URI")
+        return parsed.root, parsed.path
+
+    def _fail(self, action: str, uri: str, exc: Exception) -> StorageError:
+        code = _client_error_code(exc)
+        hint = {
+            "NoSuchBucket": "the bucket does not exist",
+            "AccessDenied": "access denied: check the storage secret's keys and the bucket policy",
+            "InvalidAccessKeyId": "the access key id is not known to the endpoint",
+            "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+        }.get(code, str(exc))
+        endpoint = self.spec.endpoint or "AWS"
+        return StorageError(f"cannot {action} {uri} (endpoint {endpoint}): {hint}")
+
+    def list(self, uri: str) -> ObjectList:
+        bucket, key = self._split(uri)
+        try:
+            if key and not key.endswith("/"):
+                # A single object, or a prefix written without its slash.
+                try:
+                    head = self.client.head_object(Bucket=bucket, Key=key)
+                    return [ObjectInfo("", int(head["ContentLength"]), str(head.get("ETag", "")).strip('"') or None)]
+                except Exception as exc:
+                    if _client_error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                        raise
+                key += "/"
+            out = []
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(key) :]
+                    if rel and not rel.endswith("/"):  # "directory" placeholder objects carry no data
+                        out.append(ObjectInfo(rel, int(obj["Size"]), str(obj.get("ETag", "")).strip('"') or None))
+            return sorted(out, key=lambda o: o.key)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._fail("list", uri, exc) from exc
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        bucket, key = self._split(uri)
+        try:
+            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return body
+        except Exception as exc:
+            if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail("read", uri, exc) from exc
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = self._split(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as exc:
+            raise self._fail("write", uri, exc) from exc
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = self._split(uri)
+        # boto3's transfer manager already does concurrent multipart uploads; 64 MiB parts keep the part count of
+        # multi-GB checkpoint shards low, and downloads later fetch part by part.
+        config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
+        try:
+            self.client.upload_file(str(path), bucket, key, Config=config)
+        except Exception as exc:
+            raise self._fail("upload to", uri, exc) from exc
+
+    def delete_prefix(self, uri: str) -> int:
+        bucket, key = self._split(as_prefix(uri))
+        count = 0
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+                    count += len(keys)
+        except Exception as exc:
+            raise self._fail("delete", uri, exc) from exc
+        return count
+
+    def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
+        from finetune_trainer.transfer import RangedDownloader, Transfer
+
+        bucket, key = self._split(uri)
+        listed = objects if objects is not None else self.list(uri)
+        if not listed:
+            raise StorageError(f"nothing found at {uri}")
+        prefix = as_prefix(key) if key else ""
+        transfers = []
+        for obj in listed:
+            # key "" means `uri` names one object: it keeps its base name under dest.
+            object_key = prefix + obj.key if obj.key else key
+            target = dest / (obj.key or PurePosixPath(key).name)
+            transfers.append(Transfer(bucket, object_key, target, obj.size, obj.etag))
+        RangedDownloader(self.client, workers=self.workers, chunk_size=self.chunk_size).run(transfers, label=uri)
+        return listed
+
+
+# --- selection --------------------------------------------------------------------------------------------------
+
+
+def open_storage(uri: str, spec: StorageSpec | None = None) -> Storage:
+    """The storage backend that serves `uri`."""
+    scheme = Uri.parse(uri).scheme
+    if scheme == "s3":
+        return S3Storage(spec or StorageSpec())
+    if scheme in ("file", "pvc"):
+        return LocalStorage()
+    raise StorageError(f"{uri!r}: hf:// sources are read-only and are fetched through the node cache")

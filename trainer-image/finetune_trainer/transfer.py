@@ -1,0 +1,342 @@
+"""Concurrent, resumable, verified S3 downloads: many files and many byte ranges of each at once.
+
+boto3's `download_file` fetches one file at a time (ranges of that file in parallel); a model is a dozen shards
+plus small files, so here one worker pool takes chunks of every file. A multipart object is fetched part by part
+(GET ?partNumber=n): each part's MD5 is computed while it streams, and the multipart ETag (MD5 of the part MD5s,
+"-<count>") is checked without reading the file again. Single-part objects are fetched in fixed ranges and checked
+against their MD5 ETag. Every finished chunk is recorded next to the partial file, so a restarted Pod continues
+where the last one stopped; the file gets its final name only after it verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-(\d+))?$")
+_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_READ = MiB
+_ATTEMPTS = 5
+
+
+class TransferError(TrainerError):
+    """A download failed or did not verify; the message names the object."""
+
+    reason = "StorageError"
+
+
+@dataclass
+class Transfer:
+    """One object to fetch into `dest`."""
+
+    bucket: str
+    key: str
+    dest: Path
+    size: int
+    etag: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass
+class _Chunk:
+    index: int  # 0-based; part number index+1 in parts mode
+    start: int = 0  # byte range in ranges mode
+    end: int = 0
+
+
+@dataclass
+class _FileState:
+    transfer: Transfer
+    mode: str  # "parts" | "ranges"
+    chunks: list[_Chunk]
+    fd: int = -1
+    done: dict[int, str] = field(default_factory=dict)  # chunk index -> md5 hex
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    state_path: Path = Path()
+    part_path: Path = Path()
+    finished: bool = False
+
+    def header(self, chunk_size: int) -> dict[str, Any]:
+        return {"etag": self.transfer.etag, "size": self.transfer.size, "mode": self.mode, "chunk": chunk_size}
+
+
+class _Progress:
+    """Bytes done across all files, logged every few seconds while a large download runs."""
+
+    def __init__(self, label: str, total: int, already: int, every: float) -> None:
+        self.label, self.total, self.done, self.every = label, total, already, every
+        self.started = time.monotonic()
+        self.fetched = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="download-progress", daemon=True)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            self.fetched += n
+
+    def start(self) -> None:
+        if self.total >= 64 * MiB and self.every > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def line(self) -> str:
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        rate = self.fetched / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (
+            f"downloading {self.label}: {self.done / MiB:.0f}/{self.total / MiB:.0f} MiB ({pct:.0f}%), "
+            f"{rate / MiB:.0f} MiB/s, ETA {eta:.0f}s"
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            log.info(self.line())
+
+
+class RangedDownloader:
+    """Fetch many S3 objects with one pool of `workers` threads, in chunks of `chunk_size` (or the upload's parts)."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        workers: int = 16,
+        chunk_size: int = 16 * MiB,
+        progress_every: float = 10.0,
+        on_chunk: Callable[[Transfer, int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.workers = max(1, workers)
+        self.chunk_size = max(MiB, chunk_size)
+        self.progress_every = progress_every
+        self._on_chunk = on_chunk  # test hook: called after each chunk is recorded
+        self._failed = threading.Event()
+
+    def run(self, transfers: list[Transfer], label: str = "") -> None:
+        """Download every transfer; files already at their final path with the right size are kept."""
+        started = time.monotonic()
+        states = [s for s in (self._prepare(t) for t in transfers) if s is not None]
+        total = sum(t.size for t in transfers)
+        already = total - sum(s.transfer.size for s in states)
+        already += sum(self._chunk_bytes(s, i) for s in states for i in s.done)
+        progress = _Progress(label or (transfers[0].uri if transfers else ""), total, already, self.progress_every)
+        progress.start()
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="s3-get") as pool:
+                futures: list[Future[None]] = []
+                for state in states:
+                    pending = [c for c in state.chunks if c.index not in state.done]
+                    if not pending:
+                        self._finish(state)
+                        continue
+                    futures += [pool.submit(self._fetch, state, c, progress) for c in pending]
+                finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                errors = [f.exception() for f in finished if f.exception() is not None]
+                if errors:
+                    self._failed.set()
+                    for future in futures:
+                        future.cancel()
+                    raise errors[0]  # type: ignore[misc]
+        finally:
+            progress.stop()
+            for state in states:
+                if state.fd >= 0:
+                    os.close(state.fd)
+                    state.fd = -1
+        elapsed = time.monotonic() - started
+        if progress.fetched:
+            log.info(
+                "downloaded %s: %.1f MiB of %.1f MiB fetched in %.1fs (%.0f MiB/s), %d file(s)",
+                label,
+                progress.fetched / MiB,
+                total / MiB,
+                elapsed,
+                progress.fetched / MiB / max(elapsed, 1e-6),
+                len(transfers),
+            )
+
+    # -- planning ----------------------------------------------------------------------------------------------
+
+    def _prepare(self, transfer: Transfer) -> _FileState | None:
+        dest = transfer.dest
+        if dest.is_file() and dest.stat().st_size == transfer.size:
+            return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        etag = (transfer.etag or "").lower()
+        match = _MD5_ETAG.match(etag)
+        parts = int(match.group(2)) if match and match.group(2) else 0
+        if parts > 0:
+            mode, chunks = "parts", [_Chunk(i) for i in range(parts)]
+        else:
+            step, size = self.chunk_size, transfer.size
+            mode = "ranges"
+            chunks = [_Chunk(i, s, min(s + step, size) - 1) for i, s in enumerate(range(0, size, step))]
+        state = _FileState(transfer, mode, chunks)
+        state.part_path = dest.with_name(dest.name + ".part")
+        state.state_path = dest.with_name(dest.name + ".part.state")
+        header = state.header(self.chunk_size)
+        if state.part_path.is_file() and state.state_path.is_file():
+            state.done = self._read_state(state.state_path, header)
+        if not state.done:
+            with open(state.part_path, "wb") as handle:
+                handle.truncate(transfer.size)
+            state.state_path.write_text(json.dumps(header) + "\n")
+        else:
+            log.info("resuming %s: %d of %d chunk(s) already here", transfer.uri, len(state.done), len(chunks))
+        state.fd = os.open(state.part_path, os.O_RDWR)
+        return state
+
+    @staticmethod
+    def _read_state(path: Path, header: dict[str, Any]) -> dict[int, str]:
+        lines = path.read_text().splitlines()
+        try:
+            if not lines or json.loads(lines[0]) != header:
+                return {}  # another object version or another chunking: start over
+            done = {}
+            for line in lines[1:]:
+                record = json.loads(line)
+                done[int(record["i"])] = str(record["md5"])
+            return done
+        except (ValueError, KeyError, TypeError):
+            return {}  # a torn last line: start the file over rather than trust it
+
+    def _chunk_bytes(self, state: _FileState, index: int) -> int:
+        if state.mode == "ranges":
+            chunk = state.chunks[index]
+            return chunk.end - chunk.start + 1
+        return state.transfer.size // max(1, len(state.chunks))
+
+    # -- fetching ----------------------------------------------------------------------------------------------
+
+    def _fetch(self, state: _FileState, chunk: _Chunk, progress: _Progress) -> None:
+        transfer = state.transfer
+        for attempt in range(1, _ATTEMPTS + 1):
+            if self._failed.is_set():
+                return
+            written = 0
+            try:
+                digest = hashlib.md5(usedforsecurity=False)
+                args: dict[str, Any] = {"Bucket": transfer.bucket, "Key": transfer.key}
+                if transfer.etag:
+                    args["IfMatch"] = f'"{transfer.etag}"'
+                if state.mode == "parts":
+                    args["PartNumber"] = chunk.index + 1
+                else:
+                    args["Range"] = f"bytes={chunk.start}-{chunk.end}"
+                response = self.client.get_object(**args)
+                offset = chunk.start
+                if state.mode == "parts":
+                    match = _RANGE.match(str(response.get("ContentRange", "")))
+                    if match is None:
+                        raise TransferError(f"{transfer.uri}: part {chunk.index + 1} came without a Content-Range")
+                    offset = int(match.group(1))
+                body = response["Body"]
+                while True:
+                    data = body.read(_READ)
+                    if not data:
+                        break
+                    os.pwrite(state.fd, data, offset + written)
+                    digest.update(data)
+                    written += len(data)
+                    progress.add(len(data))
+                expected = int(response.get("ContentLength", written))
+                if written != expected:
+                    raise TransferError(f"{transfer.uri}: got {written} of {expected} bytes")
+                self._record(state, chunk.index, digest.hexdigest())
+                return
+            except Exception as exc:
+                progress.add(-written)
+                code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412"):
+                    raise TransferError(f"{transfer.uri} changed while it was being downloaded; retry the run") from exc
+                if code in ("AccessDenied", "NoSuchKey", "NoSuchBucket", "InvalidAccessKeyId") or attempt == _ATTEMPTS:
+                    raise TransferError(f"cannot download {transfer.uri}: {exc}") from exc
+                log.warning("download of %s chunk %d failed (%s); retrying", transfer.uri, chunk.index, exc)
+                time.sleep(min(10.0, 0.5 * 2**attempt))
+
+    def _record(self, state: _FileState, index: int, md5: str) -> None:
+        with state.lock:
+            state.done[index] = md5
+            with open(state.state_path, "a") as handle:
+                handle.write(json.dumps({"i": index, "md5": md5}) + "\n")
+            complete = len(state.done) == len(state.chunks)
+        if self._on_chunk is not None:
+            self._on_chunk(state.transfer, index)
+        if complete:
+            self._finish(state)
+
+    def _finish(self, state: _FileState) -> None:
+        with state.lock:
+            if state.finished:
+                return
+            state.finished = True
+        transfer = state.transfer
+        problem = self._verify(state)
+        if problem:
+            state.part_path.unlink(missing_ok=True)
+            state.state_path.unlink(missing_ok=True)
+            raise TransferError(f"{transfer.uri} did not verify: {problem}")
+        os.fsync(state.fd)
+        os.replace(state.part_path, transfer.dest)
+        state.state_path.unlink(missing_ok=True)
+
+    def _verify(self, state: _FileState) -> str | None:
+        transfer = state.transfer
+        size = os.fstat(state.fd).st_size
+        if size != transfer.size:
+            return f"size {size}, expected {transfer.size}"
+        etag = (transfer.etag or "").lower()
+        match = _MD5_ETAG.match(etag)
+        if not match:
+            return None  # not an MD5-based ETag (e.g. some encrypted objects): the size is all we can check
+        if state.mode == "parts":
+            joined = b"".join(bytes.fromhex(state.done[i]) for i in range(len(state.chunks)))
+            got = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(state.chunks)}"
+        elif len(state.chunks) <= 1:
+            got = state.done.get(0, hashlib.md5(b"", usedforsecurity=False).hexdigest())
+        else:
+            got = _file_md5(state.part_path)
+        if got == etag:
+            return None
+        if self._encrypted(transfer):
+            log.warning("%s: ETag is not an MD5 of the content (encrypted object); checked the size only", transfer.uri)
+            return None
+        return f"ETag {etag}, content gives {got}"
+
+    def _encrypted(self, transfer: Transfer) -> bool:
+        try:
+            head = self.client.head_object(Bucket=transfer.bucket, Key=transfer.key)
+        except Exception:
+            return False
+        return head.get("ServerSideEncryption") == "aws:kms" or bool(head.get("SSECustomerAlgorithm"))
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while block := handle.read(8 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
