@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -61,6 +63,19 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         )
         _elector.wait_until_leader()
         _elector.start_renewing()
+    # One loop for every job instead of a kopf timer per job: timers would put a finalizer on each FineTuneJob,
+    # and an uninstalled operator would then leave them undeletable.
+    threading.Thread(target=_resync_forever, name="resync", daemon=True).start()
+
+
+def _resync_forever() -> None:
+    while True:
+        time.sleep(SETTINGS.resync_seconds)
+        try:
+            reconcile.resync_all(SETTINGS, _event)
+        except Exception:
+            metrics.RECONCILE_ERRORS.labels(handler="resync").inc()
+            log.exception("resync failed; trying again in %ss", SETTINGS.resync_seconds)
 
 
 @kopf.on.cleanup()
@@ -79,13 +94,6 @@ def ensure(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
 @kopf.on.field(*FTJ, field="spec.runPolicy.suspend")
 def suspend_changed(name: str, namespace: str | None, new: Any, **_: Any) -> None:
     _retrying("suspend", reconcile.set_suspended, namespace, name, bool(new), SETTINGS)
-    _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
-
-
-@kopf.timer(*FTJ, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-def resync(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
-    if reconcile.expire(dict(body)):
-        return
     _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
 
 

@@ -147,8 +147,10 @@ def delete(api_version: str, kind: str, namespace: str | None, name: str) -> boo
         raise
 
 
-def list_objects(api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-    result = _call("GET", path(api_version, kind, namespace), query=[("labelSelector", selector)])
+def list_objects(api_version: str, kind: str, namespace: str | None, selector: str = "") -> list[dict[str, Any]]:
+    """List objects in a namespace (or the whole cluster with None), optionally by label selector."""
+    query = [("labelSelector", selector)] if selector else []
+    result = _call("GET", path(api_version, kind, namespace), query=query)
     items: list[dict[str, Any]] = result.get("items") or []
     for item in items:  # list items carry no apiVersion/kind of their own
         item.setdefault("apiVersion", api_version)

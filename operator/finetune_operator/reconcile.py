@@ -172,3 +172,20 @@ def expire(body: dict[str, Any], now: datetime | None = None) -> bool:
     meta = body["metadata"]
     log.info("deleting %s/%s: finished %s, ttlSecondsAfterFinished %s", meta["namespace"], meta["name"], done, ttl)
     return k8s.delete(API_VERSION_FULL, KIND, meta["namespace"], meta["name"])
+
+
+def resync_all(settings: Settings, events: EventSink) -> int:
+    """Bring every watched FineTuneJob up to date and expire finished ones; returns how many were looked at."""
+    seen = 0
+    for namespace in settings.watch_namespaces or (None,):
+        for body in k8s.list_objects(API_VERSION_FULL, KIND, namespace, ""):
+            meta = body["metadata"]
+            seen += 1
+            try:
+                if (body.get("status") or {}).get("phase") in TERMINAL:
+                    expire(body)
+                else:
+                    sync_status(meta["namespace"], meta["name"], settings, events)
+            except k8s.TransientError as exc:
+                log.warning("resync %s/%s: %s", meta["namespace"], meta["name"], exc)
+    return seen

@@ -99,7 +99,13 @@ def observe(
         if not suspend_requested and (child.get("metadata", {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name"):
             return Observation("Suspended", "Queued", "waiting for Kueue to admit the workload")
         return Observation("Suspended", "Suspended", "suspended; resuming continues from the newest checkpoint")
-    live = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    # Terminating pods (after a suspension, say) are on their way out and do not count as running.
+    live = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        and not p["metadata"].get("deletionTimestamp")
+    ]
     problem = pod_problem(live)
     if problem is not None and problem.phase == "Pending":
         return problem

@@ -111,6 +111,12 @@ def test_a_restart_while_running_is_mentioned_but_not_fatal() -> None:
     assert "exited with code 1" in obs.message
 
 
+def test_terminating_pods_do_not_count_as_running() -> None:
+    leaving = pod("m")
+    leaving["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert observe(child(), [leaving, pod("w")], 2, False).phase != "Running"
+
+
 def test_requested_suspension_wins_over_running_pods() -> None:
     assert observe(child(), [pod("m")], 1, suspend_requested=True).phase == "Suspended"
 

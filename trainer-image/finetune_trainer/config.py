@@ -457,7 +457,8 @@ def format_validation_error(exc: Any, prefix: str = "", document: Any = None) ->
         elif err["type"] == "missing":
             message = "required field is missing"
         got = err.get("input")
-        show = err["type"] != "missing" and not isinstance(got, dict)
+        # Scalars only: a whole list or mapping is noise, and may hold values (env) that must not reach status.
+        show = err["type"] != "missing" and not isinstance(got, dict | list)
         show = show and not (isinstance(got, str) and repr(got) in message)
         lines.append(f"{path or '<root>'}: {message}" + (f" (got {got!r})" if show else ""))
     return lines
