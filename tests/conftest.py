@@ -155,13 +155,19 @@ def _slug(name: str) -> str:
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest, control_plane: ControlPlane) -> Iterator[str]:
     """A fresh namespace (with its ``default`` ServiceAccount) for this test, deleted afterwards."""
+    from kubernetes.client import ApiException
+
     name = f"{_slug(request.node.name)}-{secrets.token_hex(3)}"
     control_plane.create("/api/v1/namespaces", {"metadata": {"name": name, "labels": {"ftj.test/namespace": "true"}}})
     # The controller manager creates it too (when running); Pods cannot be admitted before it exists.
     control_plane.create(f"/api/v1/namespaces/{name}/serviceaccounts", {"metadata": {"name": "default"}})
     yield name
     # Without a controller manager the namespace stays Terminating; harmless, the etcd data is thrown away.
-    control_plane.request("delete", f"/api/v1/namespaces/{name}")
+    try:
+        control_plane.request("delete", f"/api/v1/namespaces/{name}")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 @pytest.fixture(scope="session")

@@ -461,3 +461,43 @@ class ControlPlane:
             tmp.write_bytes(b64decode(data[name]))
             tmp.chmod(0o600)
             os.replace(tmp, WEBHOOK_CERT_DIR / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start a control plane, print its start-up times and kubeconfig; with --hold, keep it up until Ctrl-C.
+
+    Usage (from tests/): ``python -m support.controlplane [--workloads] [--training-operator] [--hold]``
+    """
+    import argparse
+    import signal
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m support.controlplane", description=main.__doc__)
+    parser.add_argument("--workloads", action="store_true", help="also start controller manager, scheduler, kwok")
+    parser.add_argument("--training-operator", action="store_true", help="also start the training operator")
+    parser.add_argument("--hold", action="store_true", help="keep running until interrupted")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    plane = ControlPlane.start(Path(tempfile.mkdtemp(prefix="ftj-controlplane-")))
+    try:
+        print(f"control plane ready in {time.monotonic() - started:.1f}s")
+        if args.workloads or args.training_operator:
+            plane.ensure_controller_manager()
+            plane.ensure_scheduler()
+            plane.ensure_kwok()
+        if args.training_operator:
+            plane.ensure_training_operator()
+        for name, seconds in plane.timings.items():
+            print(f"  {name}: {seconds:.2f}s")
+        print(f"KUBECONFIG={plane.kubeconfig}")
+        if args.hold:
+            print("holding; Ctrl-C to stop")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        plane.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

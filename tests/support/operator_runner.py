@@ -61,20 +61,27 @@ class OperatorRunner:
         merged_env["PYTHONPATH"] = os.pathsep.join(pythonpath_entries)
         self._process = ManagedProcess("kopf-operator", argv, log_path, env=merged_env, cwd=REPO_ROOT)
 
-    def start(self) -> OperatorRunner:
-        """Start the operator and wait until kopf reports itself alive."""
+    def start(self, *, wait: bool = True) -> OperatorRunner:
+        """Start the operator and wait until kopf reports itself alive (unless ``wait`` is false: a standby
+        replica waiting for leadership has not finished kopf's startup and serves no liveness endpoint yet)."""
         self._process.start()
+        if not wait:
+            return self
+        self.wait_alive()
+        return self
+
+    def wait_alive(self, timeout: float | None = None) -> None:
+        """Wait until kopf's liveness endpoint answers."""
         try:
             wait_until(
                 lambda: _healthy(self.liveness_url),
-                timeout=self._ready_timeout,
+                timeout=timeout or self._ready_timeout,
                 what=f"kopf operator liveness {self.liveness_url} (log {self.log_path})",
                 watch=[self._process],
             )
         except BaseException:
             self._process.stop()
             raise
-        return self
 
     def stop(self) -> None:
         self._process.stop(timeout=15)

@@ -1,5 +1,5 @@
 """Smoke tests proving the test S3 endpoint is a real S3 server: multipart upload, listing, ranged reads, and
-requests without valid credentials refused."""
+requests refused for wrong keys, missing credentials, and valid credentials without a grant (AccessDenied)."""
 
 from __future__ import annotations
 
