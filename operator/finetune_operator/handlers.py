@@ -26,6 +26,8 @@ SETTINGS = Settings.from_env()
 FTJ = (API_GROUP, API_VERSION, PLURAL)
 CHILD = {JOB_LABEL: kopf.PRESENT}
 log = logging.getLogger(__name__)
+# The client's DEBUG output is every request and response body: noise, and objects do not belong in logs.
+logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
 _elector: LeaderElector | None = None
 
 

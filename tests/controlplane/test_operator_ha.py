@@ -1,0 +1,150 @@
+"""Operator behaviour beyond one job: leader election between replicas, a cluster without Kubeflow, metrics,
+and server-side dry-run of every rendered object."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from test_operator_lifecycle import Cluster, ftj, operator_env
+
+from finetune_operator.cli import render_file
+from support.processes import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(
+    p
+    for p in (ROOT / "examples").rglob("*.yaml")
+    if any(isinstance(d, dict) and d.get("kind") == "FineTuneJob" for d in yaml.safe_load_all(p.read_text()))
+)
+
+
+@pytest.fixture
+def cluster(k8s_api: client.ApiClient, namespace: str) -> Cluster:
+    return Cluster(k8s_api, namespace)
+
+
+def _handled(log: str, name: str) -> bool:
+    """Whether the operator whose log this is created the job's children."""
+    return bool(re.search(rf"/{name}\] Handler 'ensure' succeeded", log))
+
+
+@pytest.mark.usefixtures("workloads")
+def test_two_replicas_never_both_act(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
+    env = operator_env(cluster.ns)
+    first = run_operator(namespaces=[cluster.ns], env=env).start()
+    second = run_operator(namespaces=[cluster.ns], env=env).start(wait=False)
+    lease = client.CoordinationV1Api(cluster.core.api_client)
+    holder = lease.read_namespaced_lease("finetune-operator-leader", cluster.ns).spec.holder_identity
+
+    cluster.apply(ftj("while-first-leads", "job", nodes=1))
+    cluster.wait_pods("while-first-leads", 1)
+    wait_until(lambda: _handled(first.log(10**8), "while-first-leads"), timeout=30, what="the leader to handle the job")
+    assert not _handled(second.log(10**8), "while-first-leads")
+    assert "Handler" not in second.log()  # the standby has not started handling anything at all
+
+    first.stop()  # a clean stop releases the Lease; the standby takes over
+    second.wait_alive(timeout=60)
+    new_holder = lease.read_namespaced_lease("finetune-operator-leader", cluster.ns).spec.holder_identity
+    assert new_holder != holder
+    cluster.apply(ftj("after-failover", "job", nodes=1))
+    cluster.wait_pods("after-failover", 1)
+    assert _handled(second.log(10**8), "after-failover")
+    assert len(cluster.batch.list_namespaced_job(cluster.ns).items) == 2
+
+
+def test_missing_kubeflow_api_gives_an_explanatory_condition(tmp_path: Path, control_plane: Any) -> None:
+    # A control plane of its own: the session's may have the PyTorchJob CRD installed by another test.
+    from support.controlplane import ControlPlane
+    from support.operator_runner import OperatorRunner
+
+    plane = ControlPlane.start(tmp_path / "plane")
+    try:
+        plane.apply_crd_files([ROOT / "crds" / "finetune.dev_finetunejobs.yaml"])
+        with plane.api_client() as api:
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": "team"}})
+            cluster = Cluster(api, "team")
+            with OperatorRunner(
+                plane.kubeconfig, tmp_path / "operator.log", namespaces=["team"], env=operator_env("team")
+            ):
+                cluster.apply(ftj("needs-kubeflow", "pytorchjob", nodes=2))
+
+                def condition() -> dict[str, Any] | None:
+                    status = cluster.get("needs-kubeflow").get("status") or {}
+                    conds = {c["type"]: c for c in status.get("conditions") or []}
+                    created = conds.get("Created")
+                    return created if created and created["reason"] == "PyTorchJobAPIMissing" else None
+
+                cond = wait_until(condition, timeout=60, what="the PyTorchJobAPIMissing condition")
+                assert cond["status"] == "False"
+                assert "install the Kubeflow training operator" in cond["message"]
+                assert "backend: job" in cond["message"]
+                assert cluster.get("needs-kubeflow")["status"]["phase"] == "Pending"
+                events = cluster.events("needs-kubeflow")
+                assert any(e.reason == "PyTorchJobAPIMissing" and e.type == "Warning" for e in events)
+    finally:
+        plane.stop()
+
+
+@pytest.mark.usefixtures("workloads")
+def test_metrics_count_jobs_by_phase(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
+    port = free_port()
+    env = {**operator_env(cluster.ns), "FTJ_METRICS_PORT": str(port)}
+    with run_operator(namespaces=[cluster.ns], env=env):
+        cluster.apply(ftj("measured", "job", nodes=1))
+        cluster.wait_pods("measured", 1)
+        cluster.wait_phase("measured", "Running")
+
+        def scrape() -> str | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            return text if 'finetune_jobs{phase="Running"} 1.0' in text else None
+
+        text = wait_until(scrape, timeout=30, what="metrics to show one Running job")
+        count = re.search(r"^finetune_children_created_seconds_count (\S+)$", text, re.M)
+        assert count is not None
+        assert float(count.group(1)) >= 1
+        assert "finetune_reconcile_errors_total" in text
+
+
+@pytest.mark.usefixtures("training_operator")
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_server_side_dry_run_accepts_every_rendered_object(
+    k8s_api: client.ApiClient, namespace: str, path: Path, backend: str
+) -> None:
+    objects, errors = render_file(path, namespace, backend)
+    assert errors == []
+    for obj in objects:
+        obj["metadata"]["namespace"] = namespace
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        plural = {
+            "ConfigMap": "configmaps",
+            "ServiceAccount": "serviceaccounts",
+            "Role": "roles",
+            "RoleBinding": "rolebindings",
+            "Service": "services",
+            "Job": "jobs",
+            "PyTorchJob": "pytorchjobs",
+        }[kind]
+        base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        try:
+            k8s_api.call_api(
+                f"{base}/namespaces/{namespace}/{plural}",
+                "POST",
+                query_params=[("dryRun", "All"), ("fieldValidation", "Strict")],
+                header_params={"Content-Type": "application/json", "Accept": "application/json"},
+                body=obj,
+                auth_settings=["BearerToken"],
+                response_type="object",
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            raise AssertionError(f"{kind} {obj['metadata']['name']} refused: {exc.body}") from exc
