@@ -89,6 +89,10 @@ class OperatorRunner:
     def running(self) -> bool:
         return self._process.running()
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def log(self, max_bytes: int = 200_000) -> str:
         """The operator's output so far (its tail when larger than ``max_bytes``)."""
         return log_tail(self.log_path, max_bytes)

@@ -1,0 +1,150 @@
+"""Benchmark: how fast the operator turns N FineTuneJobs into their children, against a bare client.
+
+Starts a real etcd + kube-apiserver (tests/support), runs the operator as a subprocess, creates N FineTuneJobs
+(Job backend, so no Kubeflow controller is needed), and prints:
+  - seconds from the first create until every child object exists,
+  - seconds a bare client takes to create the same child objects itself in the same run (no reconcile logic),
+  - the ratio of the two, and the operator process's peak RSS.
+
+Usage: python bench/bench_operator.py [N ...]   (default: 100 500). Not a test; it prints figures.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kubernetes import client  # noqa: E402
+
+from finetune_operator.api import FineTuneJobSpec  # noqa: E402
+from finetune_operator.render import JobRef, children  # noqa: E402
+from finetune_operator.settings import Settings  # noqa: E402
+from support.controlplane import ControlPlane  # noqa: E402
+from support.operator_runner import OperatorRunner  # noqa: E402
+
+SPEC: dict[str, Any] = {
+    "model": {"uri": "s3://models/base/"},
+    "datasets": [{"uri": "s3://data/train.json"}],
+    "output": {"uri": "s3://runs/bench/"},
+    "storage": {"secretRef": {"name": "s3"}},
+    "distribution": {"backend": "job", "nodes": 2},
+}
+KINDS_PER_JOB = 6  # ConfigMap, ServiceAccount, Role, RoleBinding, Service, Job
+
+
+def _create_all(api: client.ApiClient, namespace: str, n: int) -> None:
+    custom = client.CustomObjectsApi(api)
+    for i in range(n):
+        body = {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": f"job-{i:04d}"},
+            "spec": SPEC,
+        }
+        custom.create_namespaced_custom_object("finetune.dev", "v1alpha1", namespace, "finetunejobs", body)
+
+
+def _count_children(api: client.ApiClient, namespace: str) -> int:
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    sel = "finetune.dev/job"
+    return min(
+        len(batch.list_namespaced_job(namespace, label_selector=sel).items),
+        len(core.list_namespaced_service(namespace, label_selector=sel).items),
+        len(core.list_namespaced_config_map(namespace, label_selector=sel).items),
+    )
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bare_client(api: client.ApiClient, namespace: str, n: int) -> float:
+    """Create the children of N jobs directly, object by object, as the operator would."""
+    spec = FineTuneJobSpec.model_validate(SPEC)
+    objects = [o for i in range(n) for o in children(JobRef(f"job-{i:04d}", namespace, spec), Settings())]
+    start = time.perf_counter()
+    for obj in objects:
+        api.call_api(
+            f"/api/v1/namespaces/{namespace}/{_plural(obj)}"
+            if obj["apiVersion"] == "v1"
+            else f"/apis/{obj['apiVersion']}/namespaces/{namespace}/{_plural(obj)}",
+            "POST",
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            body=obj,
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
+        )
+    return time.perf_counter() - start
+
+
+def _plural(obj: dict[str, Any]) -> str:
+    return {
+        "ConfigMap": "configmaps",
+        "ServiceAccount": "serviceaccounts",
+        "Role": "roles",
+        "RoleBinding": "rolebindings",
+        "Service": "services",
+        "Job": "jobs",
+    }[obj["kind"]]
+
+
+def run(plane: ControlPlane, workdir: Path, n: int) -> dict[str, float]:
+    with plane.api_client() as api:
+        core = client.CoreV1Api(api)
+        ops_ns, bare_ns = f"bench-op-{n}", f"bench-bare-{n}"
+        for ns in (ops_ns, bare_ns):
+            core.create_namespace({"metadata": {"name": ns}})
+        env = {
+            "FTJ_WATCH_NAMESPACES": ops_ns,
+            "FTJ_LEASE_NAMESPACE": ops_ns,
+            "FTJ_RESYNC_SECONDS": "3600",
+            "FTJ_METRICS_PORT": "0",
+        }
+        runner = OperatorRunner(plane.kubeconfig, workdir / f"operator-{n}.log", namespaces=[ops_ns], env=env)
+        with runner:
+            pid = runner.pid
+            start = time.perf_counter()
+            creator = threading.Thread(target=_create_all, args=(api, ops_ns, n))
+            creator.start()
+            while _count_children(api, ops_ns) < n:
+                time.sleep(0.2)
+            operator_seconds = time.perf_counter() - start
+            creator.join()
+            rss = _peak_rss_mb(pid)
+        bare_seconds = bare_client(api, bare_ns, n)
+    return {"n": n, "operator_s": operator_seconds, "bare_s": bare_seconds, "rss_mb": rss}
+
+
+def main(argv: list[str]) -> None:
+    sizes = [int(a) for a in argv] or [100, 500]
+    with tempfile.TemporaryDirectory(prefix="ftj-bench-") as tmp:
+        plane = ControlPlane.start(Path(tmp) / "plane")
+        try:
+            plane.apply_crd_files([ROOT / "crds" / "finetune.dev_finetunejobs.yaml"])
+            print(
+                f"{'N':>5} {'objects':>8} {'operator s':>11} {'bare client s':>14} {'ratio':>6} {'operator peak RSS MB':>21}"
+            )
+            for n in sizes:
+                r = run(plane, Path(tmp), n)
+                print(
+                    f"{n:>5} {n * KINDS_PER_JOB:>8} {r['operator_s']:>11.1f} {r['bare_s']:>14.1f} "
+                    f"{r['operator_s'] / r['bare_s']:>6.2f} {r['rss_mb']:>21.0f}",
+                    flush=True,
+                )
+        finally:
+            plane.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
