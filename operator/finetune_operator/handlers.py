@@ -6,6 +6,7 @@ variables (see `finetune_operator.settings`).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -67,7 +68,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         _elector.start_renewing()
     # One loop for every job instead of a kopf timer per job: timers would put a finalizer on each FineTuneJob,
     # and an uninstalled operator would then leave them undeletable.
-    threading.Thread(target=_resync_forever, name="resync", daemon=True).start()
+    # The copied context carries kopf's settings and event queue, so that the loop can post Events too.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(_resync_forever,), name="resync", daemon=True).start()
 
 
 def _resync_forever() -> None:

@@ -13,9 +13,26 @@ from typing import Any
 
 from finetune_operator import k8s, metrics
 from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec, validate_spec
-from finetune_operator.render import JOB_LABEL, QUEUE_LABEL, JobRef, children, owner_reference, workload
+from finetune_operator.render import (
+    JOB_LABEL,
+    QUEUE_LABEL,
+    JobRef,
+    children,
+    merge_job,
+    merge_uri,
+    owner_reference,
+    workload,
+)
 from finetune_operator.settings import Settings
-from finetune_operator.status import TERMINAL, Observation, changed, invalid_spec, observe, status_patch
+from finetune_operator.status import (
+    TERMINAL,
+    Observation,
+    changed,
+    invalid_spec,
+    observe,
+    observe_merge,
+    status_patch,
+)
 
 log = logging.getLogger(__name__)
 KUBEFLOW_API = "kubeflow.org/v1"
@@ -132,8 +149,34 @@ def sync_status(namespace: str, name: str, settings: Settings, events: EventSink
     obs = observe(child, pods, spec.distribution.nodes, spec.run_policy.suspend)
     if child is None and status.get("phase") not in (None, "Pending"):
         obs = Observation("Pending", "ChildMissing", f"{child_ref['kind']} {name} is gone; recreating it")
+    if obs.phase == "Succeeded":
+        if not status.get("artifacts"):
+            k8s.patch_status(namespace, name, {"artifacts": training_artifacts(spec)})
+        if spec.merge_enabled():
+            obs = _follow_merge(body, job, settings)
+            if obs.phase == "Succeeded":
+                k8s.patch_status(namespace, name, {"artifacts": {"merged": merge_uri(spec)}})
     _record(body, obs, body["metadata"].get("generation"), events)
     return obs
+
+
+def training_artifacts(spec: FineTuneJobSpec) -> dict[str, Any]:
+    out = spec.output.uri.rstrip("/") + "/"
+    artifacts: dict[str, Any] = {"adapter" if spec.method.uses_adapter else "model": out}
+    if spec.output.plot_loss:
+        artifacts["lossPlot"] = out + "loss.png"
+    return artifacts
+
+
+def _follow_merge(body: dict[str, Any], job: JobRef, settings: Settings) -> Observation:
+    """Training is done: run (or follow) the merge Job. Its failure never touches the adapter."""
+    merge = k8s.get("batch/v1", "Job", job.namespace, f"{job.name}-merge")
+    if merge is None:
+        obj = merge_job(job, settings)
+        obj["metadata"]["ownerReferences"] = [owner_reference(job.name, body["metadata"].get("uid") or "")]
+        merge, _ = k8s.create(obj)
+    pods = k8s.list_objects("v1", "Pod", job.namespace, f"{JOB_LABEL}={job.name},app.kubernetes.io/component=merge")
+    return observe_merge(merge, pods, merge_uri(job.spec))
 
 
 def set_suspended(namespace: str, name: str, suspend: bool, settings: Settings) -> bool:

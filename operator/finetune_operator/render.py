@@ -249,6 +249,8 @@ def pod_template(
         "env": base_env + env + _storage_env(spec) + [e.to_wire() for e in spec.env or []],
         "ports": [{"name": "pytorchjob-port", "containerPort": spec.distribution.master_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
+        # The trainer writes "<Reason>: <message>" to the termination log; the log tail when it could not.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -413,6 +415,85 @@ def children(job: JobRef, settings: Settings) -> list[dict[str, Any]]:
         out.append(headless_service(job))
     out.append(work)
     return out
+
+
+DEFAULT_MERGE_RESOURCES = {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "64Gi"}}
+
+
+def merge_uri(spec: FineTuneJobSpec) -> str:
+    return spec.output.merge.uri or spec.output.uri.rstrip("/") + "/merged/"
+
+
+def merge_job(job: JobRef, settings: Settings) -> dict[str, Any]:
+    """The Job that merges the trained adapter into the full-precision base: same image and storage, on CPU."""
+    job = JobRef(job.name, job.namespace, effective_spec(job.spec, settings))
+    spec = job.spec
+    merge = spec.output.merge
+    volumes, mounts = _volumes(job)
+    volumes = [v for v in volumes if v["name"] != "dshm"]
+    mounts = [m for m in mounts if m["name"] != "dshm"]
+    res = merge.resources.to_wire() if merge.resources else DEFAULT_MERGE_RESOURCES
+    container: dict[str, Any] = {
+        "name": "merge",
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
+        "command": ["python", "-m", "finetune_trainer", "merge"],
+        "args": [
+            *("--config", TRAINER_CONFIG),
+            *("--base", spec.model.uri),
+            *("--adapter", spec.output.uri),
+            *("--output", merge_uri(spec)),
+            *("--dtype", merge.dtype),
+            *("--max-shard-size", merge.max_shard_size),
+        ],
+        "env": [
+            {"name": "HOME", "value": f"{SCRATCH}/home"},
+            {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *_storage_env(spec),
+        ],
+        "resources": {k: {n: str(q) for n, q in v.items()} for k, v in res.items()},
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the merge never talks to the API
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(job, f"{job.name}-merge", component="merge"),
+        "spec": {
+            "backoffLimit": 1,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "merge", "operator": "In", "values": [PERMANENT_EXIT_CODE]},
+                    }
+                ]
+            },
+            "template": {"metadata": {"labels": labels(job, "merge")}, "spec": pod},
+        },
+    }
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 TERMINAL = ("Succeeded", "Failed")
 # Waiting reasons of a container that no amount of waiting fixes without a person.
 STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
-CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Created", "Running", "Merging", "Succeeded", "Failed", "Suspended")
 
 
 def now_rfc3339() -> str:
@@ -122,6 +122,27 @@ def observe(
     return Observation("Pending", "Scheduling", f"{len(scheduled)}/{replicas} pod(s) scheduled")
 
 
+def observe_merge(merge: dict[str, Any] | None, pods: list[dict[str, Any]], target: str) -> Observation:
+    """The merge Job after training: Merging until it completes, then Succeeded or Failed with the reason."""
+    if merge is None:
+        return Observation("Merging", "MergeStarting", f"creating the merge Job for {target}")
+    conds = _conditions(merge)
+    if _true(conds, "Complete"):
+        return Observation("Succeeded", "Merged", f"merged model written to {target}")
+    if _true(conds, "Failed"):
+        problem = pod_problem(pods)
+        if problem is not None and problem.phase == "Failed":
+            reason = problem.reason if problem.reason not in ("Error", "Failed") else "MergeFailed"
+            return Observation("Failed", reason, f"merge failed, the adapter is kept: {problem.message}")
+        failed = conds["Failed"]
+        return Observation("Failed", "MergeFailed", f"merge failed, the adapter is kept: {failed.get('message', '')}")
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    problem = pod_problem(live)
+    if problem is not None and problem.phase == "Pending":
+        return problem
+    return Observation("Merging", "Merging", f"merging the adapter into the base model; writing {target}")
+
+
 def conditions(
     old: list[dict[str, Any]] | None, obs: Observation, generation: int | None, now: str
 ) -> list[dict[str, Any]]:
@@ -130,6 +151,7 @@ def conditions(
     wanted = {
         "Created": obs.reason not in ("CreatingChildren", "InvalidSpec", "PyTorchJobAPIMissing"),
         "Running": obs.phase == "Running",
+        "Merging": obs.phase == "Merging",
         "Succeeded": obs.phase == "Succeeded",
         "Failed": obs.phase == "Failed",
         "Suspended": obs.phase == "Suspended",

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
+from ftjtest import Cluster, ftj, operator_env
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from test_operator_lifecycle import Cluster, ftj, operator_env
 
 from finetune_operator.cli import render_file
 from support.processes import free_port, wait_until
@@ -24,11 +24,6 @@ EXAMPLES = sorted(
     for p in (ROOT / "examples").rglob("*.yaml")
     if any(isinstance(d, dict) and d.get("kind") == "FineTuneJob" for d in yaml.safe_load_all(p.read_text()))
 )
-
-
-@pytest.fixture
-def cluster(k8s_api: client.ApiClient, namespace: str) -> Cluster:
-    return Cluster(k8s_api, namespace)
 
 
 def _handled(log: str, name: str) -> bool:
@@ -56,7 +51,7 @@ def test_two_replicas_never_both_act(cluster: Cluster, run_operator: Callable[..
     assert new_holder != holder
     cluster.apply(ftj("after-failover", "job", nodes=1))
     cluster.wait_pods("after-failover", 1)
-    assert _handled(second.log(10**8), "after-failover")
+    wait_until(lambda: _handled(second.log(10**8), "after-failover"), timeout=30, what="the new leader to act")
     assert len(cluster.batch.list_namespaced_job(cluster.ns).items) == 2
 
 

@@ -6,108 +6,17 @@ phase, conditions and times; failures carry their reason; suspend/resume; restar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from ftjtest import GROUP, JOB_LABEL, PLURAL, VERSION, Cluster, ftj, operator_env
 from kubernetes import client
 
 from support.kwok import drive_pod
 from support.processes import wait_until
 
-GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
-JOB_LABEL = "finetune.dev/job"
-
 pytestmark = pytest.mark.usefixtures("workloads")
-
-
-def ftj(name: str, backend: str, nodes: int = 2, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "s3://models/base/"},
-            "datasets": [{"uri": "s3://data/train.json"}],
-            "output": {"uri": f"s3://runs/{name}/"},
-            "storage": {"endpoint": "http://minio:9000", "secretRef": {"name": "s3-credentials"}},
-            "distribution": {"backend": backend, "nodes": nodes, "procsPerNode": 1},
-            "image": "registry.invalid/finetune-trainer:test",
-        },
-    }
-    body["spec"].update(spec)
-    return body
-
-
-class Cluster:
-    """Typed clients for one test namespace, with the waits the lifecycle tests share."""
-
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        self.ns = namespace
-        self.core = client.CoreV1Api(api)
-        self.batch = client.BatchV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.rbac = client.RbacAuthorizationV1Api(api)
-
-    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
-        return result
-
-    def get(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
-        return result
-
-    def patch(self, name: str, patch: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, patch)
-
-    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-        def probe() -> dict[str, Any] | None:
-            body = self.get(name)
-            return body if (body.get("status") or {}).get("phase") == phase else None
-
-        try:
-            found: dict[str, Any] = wait_until(probe, timeout=timeout, what=f"FineTuneJob {name} phase {phase}")
-        except Exception as exc:
-            raise AssertionError(f"{exc}; status now: {self.get(name).get('status')}") from exc
-        return found
-
-    def pods(self, name: str, phase: str | None = None) -> list[client.V1Pod]:
-        pods = self.core.list_namespaced_pod(self.ns, label_selector=f"{JOB_LABEL}={name}").items
-        return [p for p in pods if (phase is None or p.status.phase == phase) and not p.metadata.deletion_timestamp]
-
-    def wait_pods(self, name: str, count: int, phase: str = "Running", timeout: float = 60) -> list[client.V1Pod]:
-        def probe() -> list[client.V1Pod] | None:
-            pods = self.pods(name, phase)
-            return pods if len(pods) == count else None
-
-        found: list[client.V1Pod] = wait_until(probe, timeout=timeout, what=f"{count} {phase} pods of {name}")
-        return found
-
-    def events(self, name: str) -> list[client.CoreV1Event]:
-        events = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
-        return [e for e in events if e.involved_object.kind == "FineTuneJob"]
-
-
-@pytest.fixture
-def cluster(k8s_api: client.ApiClient, namespace: str) -> Cluster:
-    return Cluster(k8s_api, namespace)
-
-
-@pytest.fixture
-def operator(run_operator: Callable[..., Any], namespace: str) -> Iterator[Any]:
-    with run_operator(namespaces=[namespace], env=operator_env(namespace)) as op:
-        yield op
-
-
-def operator_env(namespace: str) -> dict[str, str]:
-    return {
-        "FTJ_RESYNC_SECONDS": "2",
-        "FTJ_API_RECHECK_SECONDS": "2",
-        "FTJ_METRICS_PORT": "0",
-        "FTJ_LEASE_NAMESPACE": namespace,
-        "FTJ_WATCH_NAMESPACES": namespace,
-        "FTJ_LEASE_SECONDS": "6",
-    }
 
 
 def _owned_by(obj: Any, uid: str) -> bool:

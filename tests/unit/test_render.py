@@ -257,3 +257,23 @@ def test_rendered_pytorchjob_loads_into_the_kubeflow_sdk(path: Path) -> None:
         roundtrip["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
         == work["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     )
+
+
+def test_merge_job_runs_on_cpu_with_the_runs_storage() -> None:
+    from finetune_operator.render import merge_job
+
+    job = _job({"output": {"uri": "s3://runs/demo/", "merge": {"dtype": "fp16", "maxShardSize": "2GB"}}})
+    obj = merge_job(job, Settings(trainer_image="img:1"))
+    assert obj["metadata"]["name"] == "demo-merge"
+    assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "merge"
+    pod = obj["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[args.index("--base") + 1] == "s3://models/Qwen2-7B-Instruct/"
+    assert args[args.index("--adapter") + 1] == "s3://runs/demo/"
+    assert args[args.index("--output") + 1] == "s3://runs/demo/merged/"
+    assert (args[args.index("--dtype") + 1], args[args.index("--max-shard-size") + 1]) == ("fp16", "2GB")
+    assert GPU not in container["resources"].get("limits", {})
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {e["name"] for e in container["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}

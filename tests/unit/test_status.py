@@ -164,3 +164,18 @@ def test_ttl_expiry_only_after_the_delay() -> None:
     assert expire(body, now=done + timedelta(seconds=30)) is False
     running = {**body, "status": {"phase": "Running"}}
     assert expire(running, now=done + timedelta(days=1)) is False
+
+
+def test_merge_phases() -> None:
+    from finetune_operator.status import observe_merge
+
+    target = "s3://runs/x/merged/"
+    assert observe_merge(None, [], target).phase == "Merging"
+    assert observe_merge(child("Job"), [pod("m")], target).reason == "Merging"
+    done = observe_merge(child("Job", conds=[("Complete", "True")]), [], target)
+    assert (done.phase, done.reason) == ("Succeeded", "Merged")
+    assert target in done.message
+    failed_pod = pod("x-merge-abc", "Failed", containerStatuses=[terminated("Error", 3, "MergeError: shapes differ")])
+    failed = observe_merge(child("Job", conds=[("Failed", "True")]), [failed_pod], target)
+    assert (failed.phase, failed.reason) == ("Failed", "MergeError")
+    assert "adapter is kept" in failed.message
