@@ -132,3 +132,19 @@ def test_broken_conversations_are_dropped_and_counted(tmp_path: Path, tokenizer:
     assert "turn 1 is 'assistant'" in reasons
     assert "last turn is not an assistant" in reasons
     assert "unknown role 'robot'" in reasons
+
+
+def test_worker_processes_give_the_same_rows_as_one_process(
+    tmp_path: Path, tokenizer: Any, make_config: MakeConfig
+) -> None:
+    rows = [{"instruction": f"item {i}", "output": "word " * (i % 7)} for i in range(2500)]
+    rows[5] = {"conversations": "not alpaca"}  # dropped, and counted the same either way
+    data = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": r.get("instruction"), "output": r.get("output")} for r in rows]
+    )
+    serial = build_datasets(make_config(data, cache=tmp_path / "one", training={"packing": True}), tokenizer, workers=1)
+    pooled = build_datasets(make_config(data, cache=tmp_path / "two", training={"packing": True}), tokenizer, workers=2)
+    assert pooled.stats == serial.stats
+    assert serial.stats.dropped == 1
+    assert pooled.train["input_ids"] == serial.train["input_ids"]
+    assert pooled.train["labels"] == serial.train["labels"]

@@ -10,13 +10,14 @@ Entry point for the training recipe::
 
 `build_datasets(config: TrainerConfig, tokenizer, resolve: Callable[[str], Path] = local_resolve, *,
 local_rank: int = 0, is_local_main: bool | None = None, wait_timeout_s: float = 14400,
-fingerprint: Callable[[Path], str] = file_fingerprint) -> DataBundle`
+fingerprint: Callable[[Path], str] = file_fingerprint, workers: int | None = None) -> DataBundle`
 
 * `resolve(uri)` returns the local file or directory for a dataset URI (`local_resolve` handles file://; the S3
   downloader plugs in here). A directory means every data file under it.
 * The local main rank tokenizes into `<config.cache_dir>/tokenized/<key>/` (key: file contents, tokenizer, template
   and every setting that changes the result) or reuses a complete entry; the other ranks wait for it on the file
-  system, never in a collective.
+  system, never in a collective. Large datasets are rendered and tokenized by a pool of `workers` processes
+  (default: every CPU the container may use, up to 16, from 10k conversations on).
 * `DataBundle`: `train`, `eval` (memory-mapped `datasets.Dataset`, columns input_ids/labels[/position_ids]),
   `stats`/`eval_stats` (`DataStats`: records, samples, rows, tokens, label_tokens, truncated, dropped,
   drop_reasons), `packed`, `pad_token_id`, `cache_path`, `cache_hit`, and `collator(attn_implementation)`.

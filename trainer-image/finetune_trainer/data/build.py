@@ -13,16 +13,17 @@ from urllib.parse import unquote, urlparse
 from finetune_trainer.config import DatasetSpec, TrainerConfig
 from finetune_trainer.data.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
 from finetune_trainer.data.conversation import Conversation
-from finetune_trainer.data.encode import IGNORE, Masking, Sample, encode
+from finetune_trainer.data.encode import IGNORE, Masking
 from finetune_trainer.data.formats import Drops, convert
-from finetune_trainer.data.packing import Rows, pack, shuffle_rows
+from finetune_trainer.data.packing import Rows, pack
+from finetune_trainer.data.parallel import default_workers, encode_all
 from finetune_trainer.data.readers import list_files, read_file
-from finetune_trainer.data.templates import ChatTemplate, Rendered, RenderError, get_template
+from finetune_trainer.data.templates import ChatTemplate, get_template
 from finetune_trainer.errors import DataError, TrainerError
 
 log = logging.getLogger("finetune_trainer.data")
 
-ENCODE_BATCH = 1000
+REPORT_EVERY = 50_000
 DEFAULT_WAIT_S = 4 * 3600.0
 
 
@@ -129,56 +130,57 @@ def _read(datasets: Sequence[_Dataset], drops: Drops) -> tuple[list[Conversation
     return conversations, records
 
 
-def _tokenize(
-    conversations: Sequence[Conversation],
-    template: ChatTemplate,
-    tokenizer: Any,
-    masking: Masking,
-    drops: Drops,
-    label: str,
-) -> tuple[Rows, int]:
-    kept: list[Sample] = []
+@dataclass(frozen=True)
+class _Job:
+    """What every split is prepared with."""
+
+    config: TrainerConfig
+    tokenizer: Any
+    template: ChatTemplate
+    workers: int | None  # None: decided by the number of conversations
+
+    @property
+    def masking(self) -> Masking:
+        training = self.config.training
+        return Masking(training.cutoff_len, training.train_on_prompt, training.mask_history)
+
+
+def _tokenize(job: _Job, conversations: Sequence[Conversation], drops: Drops, label: str) -> tuple[Rows, int]:
+    count = len(conversations)
+    next_report = [REPORT_EVERY]
+
+    def progress(done: int) -> None:
+        if next_report[0] <= done < count:
+            log.info("%s: tokenized %d of %d samples", label, done, count)
+            next_report[0] += REPORT_EVERY
+
+    ids: list[Any] = []
+    labels: list[Any] = []
     truncated = 0
-    for begin in range(0, len(conversations), ENCODE_BATCH):
-        chunk = conversations[begin : begin + ENCODE_BATCH]
-        rendered: list[Rendered] = []
-        origins: list[str] = []
-        for conversation in chunk:
-            try:
-                rendered.append(template.render(conversation))
-                origins.append(conversation.origin)
-            except RenderError as exc:
-                drops.add(str(exc), conversation.origin)
-        for origin, result in zip(origins, encode(rendered, tokenizer, masking), strict=True):
-            if isinstance(result, str):
-                drops.add(result, origin)
-            else:
-                kept.append(result)
-                truncated += result.truncated
-        if begin and begin % (50 * ENCODE_BATCH) == 0:
-            log.info("%s: tokenized %d of %d samples", label, begin, len(conversations))
-    return Rows.from_samples([s.input_ids for s in kept], [s.labels for s in kept]), truncated
+    workers = default_workers(count) if job.workers is None else job.workers
+    chunks = encode_all(conversations, job.template, job.tokenizer, job.masking, workers=workers, progress=progress)
+    for chunk in chunks:
+        for reason, origin in chunk.dropped:
+            drops.add(reason, origin)
+        for sample in chunk.samples:
+            ids.append(sample.input_ids)
+            labels.append(sample.labels)
+            truncated += sample.truncated
+    return Rows.from_samples(ids, labels), truncated
 
 
 def _prepare_split(
-    conversations: list[Conversation],
-    records: int,
-    drops: Drops,
-    template: ChatTemplate,
-    tokenizer: Any,
-    config: TrainerConfig,
-    label: str,
+    job: _Job, conversations: list[Conversation], records: int, drops: Drops, label: str
 ) -> tuple[Rows, DataStats]:
-    training = config.training
-    masking = Masking(training.cutoff_len, training.train_on_prompt, training.mask_history)
-    samples, truncated = _tokenize(conversations, template, tokenizer, masking, drops, label)
+    training = job.config.training
+    samples, truncated = _tokenize(job, conversations, drops, label)
     if len(samples) == 0:
         raise DataError(
             f"no {label} samples left after tokenization ({drops.summary()}); first: "
             f"{drops.examples[0] if drops.examples else 'none'}"
         )
-    rows = pack(samples, training.cutoff_len) if training.packing else samples
-    rows = shuffle_rows(rows, training.seed)
+    # Unpacked samples keep the seeded order of the conversations; packed rows get their own seeded order.
+    rows = pack(samples, training.cutoff_len, seed=training.seed) if training.packing else samples
     stats = DataStats(
         records=records,
         samples=len(samples),
@@ -208,12 +210,9 @@ def _prepare_split(
 
 
 def _build(
-    config: TrainerConfig,
-    tokenizer: Any,
-    template: ChatTemplate,
-    train_sets: Sequence[_Dataset],
-    eval_sets: Sequence[_Dataset],
+    job: _Job, train_sets: Sequence[_Dataset], eval_sets: Sequence[_Dataset]
 ) -> tuple[dict[str, Rows], dict[str, Any]]:
+    config = job.config
     seed = config.training.seed
     drops = Drops()
     conversations, records = _read(train_sets, drops)
@@ -234,12 +233,10 @@ def _build(
         random.Random(seed).shuffle(eval_conversations)
     splits: dict[str, Rows] = {}
     stats: dict[str, Any] = {}
-    splits["train"], train_stats = _prepare_split(conversations, records, drops, template, tokenizer, config, "train")
+    splits["train"], train_stats = _prepare_split(job, conversations, records, drops, "train")
     stats["train"] = asdict(train_stats)
     if eval_conversations:
-        splits["eval"], eval_stats = _prepare_split(
-            eval_conversations, eval_records, eval_drops, template, tokenizer, config, "eval"
-        )
+        splits["eval"], eval_stats = _prepare_split(job, eval_conversations, eval_records, eval_drops, "eval")
         stats["eval"] = asdict(eval_stats)
     return splits, stats
 
@@ -253,6 +250,7 @@ def build_datasets(
     is_local_main: bool | None = None,
     wait_timeout_s: float = DEFAULT_WAIT_S,
     fingerprint: Callable[[Path], str] = file_fingerprint,
+    workers: int | None = None,
 ) -> DataBundle:
     """Tokenized train (and eval) data for `config`, built once per node and cached under config.cache_dir.
 
@@ -260,6 +258,7 @@ def build_datasets(
     it); `fingerprint` identifies a local file's contents for the cache key (default: its sha256; a downloader
     that knows ETags and sizes may pass a cheaper one). The local main rank (default: local_rank == 0) builds the
     cache or reuses a complete one; the others wait up to `wait_timeout_s` for it by polling the file system.
+    `workers` processes render and tokenize (default: one for small data, else the CPUs the container may use).
     Raises ConfigError (template/tokenizer mismatch) and DataError (unreadable or unusable data).
     """
     main = local_rank == 0 if is_local_main is None else is_local_main
@@ -286,7 +285,7 @@ def build_datasets(
     if main and not hit:
         cache.clear_error()
         try:
-            splits, stats = _build(config, tokenizer, template, train_sets, eval_sets)
+            splits, stats = _build(_Job(config, tokenizer, template, workers), train_sets, eval_sets)
         except TrainerError as exc:
             cache.record_error(exc)
             raise

@@ -2,7 +2,7 @@
 
 Labels are -100 except on the model turns' tokens (their end-of-turn token included). The whole text is tokenized
 at once, as at inference, and a token is a model token when any of its characters lies in a model-turn span (a fast
-tokenizer's offsets say which characters each token covers). So a token that straddles the boundary, like " I" after
+tokenizer's encoding maps characters to tokens). So a token that straddles the boundary, like " I" after
 "Assistant:" with a byte-level BPE whose space belongs to the word, is a target: the model must produce it.
 Tokenizers without offsets fall back to tokenizing the prompt and model pieces separately and concatenating them.
 """
@@ -44,31 +44,71 @@ def _label_spans(rendered: Rendered, masking: Masking) -> Sequence[tuple[int, in
     return rendered.spans
 
 
+class Encoder:
+    """Encodes batches of rendered conversations for one tokenizer and masking; built once per run."""
+
+    def __init__(self, tokenizer: Any, masking: Masking, *, offsets: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.masking = masking
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        use_offsets = backend is not None if offsets is None else offsets
+        if use_offsets and backend is not None and (backend.truncation or backend.padding):
+            # The Rust tokenizer is called directly (the transformers wrapper costs as much as the tokenization);
+            # a tokenizer.json that truncates or pads would do so silently, so use a copy that does neither.
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        self.backend = backend if use_offsets else None
+
+    def __call__(self, batch: Sequence[Rendered]) -> list[Sample | str]:
+        """Each entry a Sample or, for a sample with no label left, the reason it is dropped."""
+        pairs = (
+            self._by_characters(batch) if self.backend is not None else _by_pieces(batch, self.tokenizer, self.masking)
+        )
+        return [_finish(ids, labels, self.masking.cutoff_len) for ids, labels in pairs]
+
+    def _by_characters(self, batch: Sequence[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
+        assert self.backend is not None
+        encodings = self.backend.encode_batch([r.text for r in batch], add_special_tokens=False)
+        out = []
+        for rendered, encoding in zip(batch, encodings, strict=True):
+            ids = np.array(encoding.ids, dtype=np.int32)
+            labels = np.full(len(ids), IGNORE, dtype=np.int32)
+            for start, end in _label_spans(rendered, self.masking):
+                first, last = _token_range(encoding, start, end, len(rendered.text), len(ids))
+                labels[first:last] = ids[first:last]
+            out.append((ids, labels))
+        return out
+
+
+def _token_range(encoding: Any, start: int, end: int, text_length: int, count: int) -> tuple[int, int]:
+    """[first, last) of the tokens that cover any character of [start, end).
+
+    Characters a tokenizer maps to no token (some normalizers drop them) are skipped inward from both ends.
+    """
+    first = None
+    for char in range(start, end):
+        first = encoding.char_to_token(char)
+        if first is not None:
+            break
+    if first is None:
+        return 0, 0
+    if end >= text_length:
+        return first, count  # to the very end, also past a last character split over several byte tokens
+    for char in range(end - 1, start - 1, -1):
+        last = encoding.char_to_token(char)
+        if last is not None:
+            return first, last + 1
+    return first, first + 1
+
+
 def encode(
     batch: Sequence[Rendered], tokenizer: Any, masking: Masking, *, offsets: bool | None = None
 ) -> list[Sample | str]:
-    """Encode a batch; each entry is a Sample or, for a sample with no label left, the reason it is dropped.
-
-    `offsets` chooses the tokenization path (default: offsets when the tokenizer is a fast one).
-    """
-    use_offsets = getattr(tokenizer, "is_fast", False) if offsets is None else offsets
-    pairs = _with_offsets(batch, tokenizer, masking) if use_offsets else _by_pieces(batch, tokenizer, masking)
-    return [_finish(ids, labels, masking.cutoff_len) for ids, labels in pairs]
-
-
-def _with_offsets(batch: Sequence[Rendered], tokenizer: Any, masking: Masking) -> list[tuple[np.ndarray, np.ndarray]]:
-    encoded = tokenizer(
-        [r.text for r in batch], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
-    )
-    out = []
-    for rendered, ids_list, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        ids = np.asarray(ids_list, dtype=np.int32)
-        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        keep = np.zeros(len(ids), dtype=bool)
-        for start, end in _label_spans(rendered, masking):
-            keep |= (bounds[:, 0] < end) & (bounds[:, 1] > start)
-        out.append((ids, np.where(keep, ids, IGNORE).astype(np.int32)))
-    return out
+    """Encode one batch (see Encoder); `offsets` picks the path (default: character offsets for fast tokenizers)."""
+    return Encoder(tokenizer, masking, offsets=offsets)(batch)
 
 
 def _by_pieces(batch: Sequence[Rendered], tokenizer: Any, masking: Masking) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -41,26 +41,14 @@ class Rows:
             offsets,
         )
 
-    def take(self, order: Sequence[int] | np.ndarray) -> Rows:
-        """The rows at `order`, in that order."""
-        order = np.asarray(order, dtype=np.int64)
-        lengths = self.lengths[order]
-        offsets = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        index = _gather_index(self.offsets[order], lengths)
-        positions = self.position_ids[index] if self.position_ids is not None else None
-        return Rows(self.input_ids[index], self.labels[index], offsets, positions)
-
 
 def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat indices of the slices [start, start+length) one after another, without a Python loop per token."""
-    total = int(lengths.sum())
-    if total == 0:
+    """Flat indices of the slices [start, start+length), one after another."""
+    if not len(lengths):
         return np.zeros(0, dtype=np.int64)
-    # Each output token's index is its slice's start plus its position within the slice.
-    slice_of = np.repeat(np.arange(len(lengths)), lengths)
-    first_out = np.cumsum(lengths) - lengths
-    index: np.ndarray = starts[slice_of] + (np.arange(total) - first_out[slice_of])
+    index: np.ndarray = np.concatenate(
+        [np.arange(a, a + n) for a, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+    )
     return index
 
 
@@ -92,9 +80,14 @@ def best_fit_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(samples: Rows, capacity: int) -> Rows:
-    """Samples packed into rows of at most `capacity` tokens, position_ids restarting at 0 per sample."""
+def pack(samples: Rows, capacity: int, seed: int | None = None) -> Rows:
+    """Samples packed into rows of at most `capacity` tokens, position_ids restarting at 0 per sample.
+
+    Best fit orders rows roughly by fill; with a `seed` the rows come out in a seeded random order instead.
+    """
     bins = best_fit_bins(samples.lengths, capacity)
+    if seed is not None:
+        bins = [bins[i] for i in np.random.default_rng(seed).permutation(len(bins)).tolist()]
     order = np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(samples))
     lengths = samples.lengths[order]
     index = _gather_index(samples.offsets[order], lengths)
@@ -105,8 +98,3 @@ def pack(samples: Rows, capacity: int) -> Rows:
     offsets = np.zeros(len(bins) + 1, dtype=np.int64)
     np.cumsum(row_lengths, out=offsets[1:])
     return Rows(samples.input_ids[index], samples.labels[index], offsets, position_ids)
-
-
-def shuffle_rows(rows: Rows, seed: int) -> Rows:
-    """Rows in a seeded random order (packed rows keep their position_ids)."""
-    return rows.take(np.random.default_rng(seed).permutation(len(rows)))

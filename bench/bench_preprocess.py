@@ -1,0 +1,123 @@
+"""Preprocessing throughput on CPU: samples/s of build_datasets on a generated alpaca set (not a test).
+
+It writes N alpaca records (instruction, optional input, output; lengths drawn like a typical instruction set),
+trains a byte-level BPE tokenizer on them (8k vocabulary, chatml specials and chat template; not timed), and times
+a cold build_datasets (read, convert, shuffle, template, tokenize, mask, pack, write the Arrow cache) for each
+template/packing combination (best of --repeat runs, each into a fresh cache), then a warm call that loads the cache.
+For scale it also times the Rust tokenizer alone on the same rendered texts: the floor for any preprocessing.
+
+    ~/.cache/finetune-operator/venv/bin/python bench/bench_preprocess.py [--samples 20000] [--cutoff 1024] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from trainer.tiny import build_tokenizer  # noqa: E402
+
+from finetune_trainer.config import TrainerConfig  # noqa: E402
+from finetune_trainer.data import Conversation, Turn, build_datasets, get_template  # noqa: E402
+
+WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
+    "you were her she there one all we their can has more when would if will what so no out up about into than "
+    "model data train answer question explain write list compute value function result number city weather time "
+    "Paris Berlin Tokyo 0 1 2 3 4 5 6 7 8 9 , . ; : ? ! ( ) { } [ ] - + = * /"
+)
+VOCABULARY = WORDS.split()
+
+
+def generate(count: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+
+    def text(low: int, high: int) -> str:
+        return " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(low, high)))
+
+    return [
+        {
+            "instruction": text(5, 60),
+            "input": text(0, 80) if rng.random() < 0.4 else "",
+            "output": text(10, 250),
+        }
+        for _ in range(count)
+    ]
+
+
+def conversations(rows: list[dict[str, str]]) -> list[Conversation]:
+    return [
+        Conversation(
+            (Turn("user", "\n".join(p for p in (r["instruction"], r["input"]) if p)), Turn("assistant", r["output"]))
+        )
+        for r in rows
+    ]
+
+
+def _time(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--cutoff", type=int, default=1024)
+    parser.add_argument("--templates", default="auto,qwen", help="comma-separated templates to time")
+    parser.add_argument("--repeat", type=int, default=2, help="cold runs per combination; the fastest counts")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    rows = generate(args.samples, seed=0)
+    data = work / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    corpus = [f"{r['instruction']} {r['input']} {r['output']}" for r in rows[:2000]]
+    tokenizer = build_tokenizer(corpus, vocab_size=8000)
+    print(f"{args.samples} alpaca records, {data.stat().st_size / 1e6:.1f} MB JSON; tokenizer vocab {len(tokenizer)}")
+    print(f"CPU: {os.cpu_count()} cores visible; cutoff_len {args.cutoff}")
+
+    texts = [get_template("qwen", tokenizer).render(conversation).text for conversation in conversations(rows)]
+    floor = min(
+        _time(lambda: tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)) for _ in range(2)
+    )
+    print(f"tokenizer alone (Rust encode_batch, qwen-rendered texts): {len(texts) / floor:.0f} samples/s")
+    print(f"{'template':8} {'packing':7} {'cold s':>7} {'samples/s':>10} {'tokens/s':>10} {'rows':>6} {'warm s':>7}")
+    for template in args.templates.split(","):
+        for packing in (True, False):
+            cold = float("inf")
+            for attempt in range(args.repeat):
+                config = TrainerConfig.model_validate(
+                    {
+                        "model": {"uri": "file:///models/bench"},
+                        "datasets": [{"uri": data.as_uri()}],
+                        "output": {"uri": "file:///out"},
+                        "template": template,
+                        "cache_dir": str(work / f"cache-{template}-{packing}-{attempt}"),
+                        "training": {"cutoff_len": args.cutoff, "packing": packing},
+                    }
+                )
+                started = time.perf_counter()
+                bundle = build_datasets(config, tokenizer)
+                cold = min(cold, time.perf_counter() - started)
+            started = time.perf_counter()
+            build_datasets(config, tokenizer)
+            warm = time.perf_counter() - started
+            stats = bundle.stats
+            print(
+                f"{template:8} {packing!s:7} {cold:7.2f} {stats.samples / cold:10.0f} {stats.tokens / cold:10.0f} "
+                f"{stats.rows:6d} {warm:7.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
