@@ -38,8 +38,9 @@ format: venv ## Apply ruff formatting and safe fixes
 	$(VENV_BIN)/ruff format .
 
 .PHONY: crds
-crds: venv ## Regenerate crds/ from the API models
+crds: venv ## Regenerate crds/ (and docs/api.md) from the API models
 	$(VENV_BIN)/ftj crd -o crds/finetune.dev_finetunejobs.yaml
+	$(VENV_BIN)/ftj docs -o docs/api.md
 
 .PHONY: quickstart
 quickstart: venv ## The README's main job: a local LoRA fine-tune of a tiny model (lands with `ftj run`)

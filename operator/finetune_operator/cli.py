@@ -85,6 +85,17 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from finetune_operator.apidoc import api_markdown
+
+    text = api_markdown()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for name in args.files:
@@ -209,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("docs", help="print the API reference (docs/api.md) generated from the models")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("validate", help="validate FineTuneJob YAML files; every error, with field and line")
     p.add_argument("files", nargs="+", metavar="FILE")

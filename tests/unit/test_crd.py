@@ -103,3 +103,17 @@ def test_api_models_import_without_torch() -> None:
         "assert 'transformers' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_committed_api_reference_equals_generated() -> None:
+    from finetune_operator.apidoc import api_markdown
+
+    assert (ROOT / "docs" / "api.md").read_text() == api_markdown(), "docs/api.md is stale: run `make crds`"
+
+
+def test_api_reference_lists_every_spec_field() -> None:
+    from finetune_operator.apidoc import api_markdown
+
+    text = api_markdown()
+    for field in ("spec.method.lora.rank", "spec.training.cutoffLen", "spec.datasets[].tags.role_tag", "status.phase"):
+        assert f"| `{field}` |" in text
