@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from trainer.datafiles import MakeConfig, write_jsonl
-from trainer.tiny import build_tokenizer
+from trainer.tiny import CHATML_TEMPLATE, build_tokenizer
 
 from finetune_trainer.data import build_datasets
 from finetune_trainer.data.conversation import Conversation, Turn
@@ -277,3 +277,17 @@ def test_truncation_cuts_at_cutoff_len_and_drops_samples_left_without_labels(
     assert bundle.stats.samples == len(rows) - dropped
     assert max(len(r) for r in bundle.train["input_ids"]) == cutoff
     assert all(any(label != IGNORE for label in r) for r in bundle.train["labels"])
+
+
+def test_a_template_that_ends_the_conversation_differently_from_a_prefix_still_labels_every_turn(
+    tmp_path: Path, make_config: MakeConfig
+) -> None:
+    # An end-of-conversation footer: the rendering of a prefix is then not a prefix of the whole rendering.
+    footer = CHATML_TEMPLATE + "{%- if messages[-1].role == 'assistant' %}{{- '<|endoftext|>' }}{%- endif %}"
+    tokenizer = build_tokenizer(chat_template=footer)
+    row = only_row(sharegpt_config(tmp_path, make_config, "auto"), tokenizer)
+    pieces = chatml_multi_turn((True, True, True))
+    pieces[-2:] = [("Berlin.<|im_end|>\n<|endoftext|>", True)]
+    ids, labels = expected(tokenizer, pieces)
+    assert row["input_ids"] == ids
+    assert row["labels"] == labels

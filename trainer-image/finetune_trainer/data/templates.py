@@ -278,8 +278,9 @@ class AutoTemplate:
     `full` = render(messages[:k+1]); the turn's span starts where the two texts part (so the generation header is
     prompt) and ends where `full` ends. Trailing whitespace after the turn's last special token (chatml's "\\n"
     after <|im_end|>) is left to the prompt side; a turn that ends without any special token gets EOS appended.
-    Templates that render history differently from the last turn (the span text is not where the prefix render
-    put it) are handled by finding the span's text in the full rendering after the previous span.
+    Templates that render a conversation's end differently from a prefix's end (a footer after the last message)
+    are handled by finding the turn's text, up to its end-of-turn token, in the full rendering after the previous
+    span; a turn rendered differently in context (reasoning stripped from history, say) drops the sample.
     """
 
     name = "auto"
@@ -355,7 +356,9 @@ class AutoTemplate:
                 if final.startswith(full) and start >= cursor:
                     span = (start, len(full))
                 else:
-                    piece = full[start:]
+                    # Only the turn itself up to its end-of-turn token: what follows it in the prefix rendering
+                    # (an end-of-conversation footer, say) need not follow it in the whole conversation.
+                    piece = self._through_first_special(full[start:])
                     at = final.find(piece, cursor)
                     if not piece or at < 0:
                         raise RenderError(f"the chat template renders model turn {index + 1} differently in context")
@@ -367,6 +370,10 @@ class AutoTemplate:
         except Exception as exc:  # jinja's TemplateError and whatever the template's raise_exception raises
             raise RenderError(f"the chat template cannot render it: {exc}") from None
         return self._close_turns(final, found)
+
+    def _through_first_special(self, text: str) -> str:
+        ends = [at + len(token) for token in self.special if (at := text.find(token)) >= 0]
+        return text[: min(ends)] if ends else text
 
     def _close_turns(self, text: str, found: list[tuple[int, int]]) -> Rendered:
         """Trim each span to its end-of-turn token; append EOS where a turn has none."""
