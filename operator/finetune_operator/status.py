@@ -172,7 +172,8 @@ def conditions(
         if generation is not None:
             cond["observedGeneration"] = generation
         out.append(cond)
-    return out
+    # Conditions that others own (the trainer's TrainerFailed) are kept as they are.
+    return out + [c for c in old or [] if c.get("type") not in CONDITION_TYPES]
 
 
 def status_patch(

@@ -179,3 +179,9 @@ def test_merge_phases() -> None:
     failed = observe_merge(child("Job", conds=[("Failed", "True")]), [failed_pod], target)
     assert (failed.phase, failed.reason) == ("Failed", "MergeError")
     assert "adapter is kept" in failed.message
+
+
+def test_conditions_of_other_writers_are_kept() -> None:
+    theirs = {"type": "TrainerFailed", "status": "True", "reason": "DataError", "message": "line 7"}
+    conds = conditions([theirs], Observation("Failed", "DataError", "x"), 1, "t")
+    assert theirs in conds
