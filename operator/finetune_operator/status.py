@@ -6,6 +6,7 @@ progress, checkpoints, resumedFromStep and the training artifacts. Patches built
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -68,12 +69,26 @@ def _terminated(pod: str, container: str, state: dict[str, Any]) -> Observation:
             f"container {container} in pod {pod} ran out of memory (exit {code}); raise resources.limits.memory "
             "or lower training.perDeviceBatchSize / cutoffLen",
         )
-    # The trainer writes "<Reason>: <message>" as its termination message for errors no restart can fix.
+    text = f"container {container} in pod {pod} exited with code {code}"
+    reported = _trainer_report(detail)
+    if reported is not None:
+        return Observation("Failed", reported[0], f"{text}: {reported[0]}: {reported[1]}")
+    # Otherwise the message is the log tail (FallbackToLogsOnError); its last line usually names the error.
     head = detail.splitlines()[-1] if detail else ""
     if ":" in head and head.split(":", 1)[0].isidentifier():
         reason = head.split(":", 1)[0]
-    text = f"container {container} in pod {pod} exited with code {code}"
     return Observation("Failed", reason, f"{text}: {head}" if head else text)
+
+
+def _trainer_report(detail: str) -> tuple[str, str] | None:
+    """The trainer's termination message: JSON {"reason": ..., "message": ...} (finetune_trainer.cli)."""
+    try:
+        report = json.loads(detail)
+    except ValueError:
+        return None
+    if isinstance(report, dict) and isinstance(report.get("reason"), str) and report["reason"].isidentifier():
+        return report["reason"], str(report.get("message", ""))
+    return None
 
 
 def observe(

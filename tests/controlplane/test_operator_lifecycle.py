@@ -105,7 +105,7 @@ def test_failing_pod_gives_failed_with_its_reason(cluster: Cluster, operator: An
         "Failed",
         exit_code=3,
         reason="Error",
-        message="DataError: s3://data/train.json line 7: not valid JSON",
+        message='{"reason": "DataError", "message": "s3://data/train.json line 7: not valid JSON"}',
     )
     failed = cluster.wait_phase("bad-data", "Failed")
     failed_cond = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")

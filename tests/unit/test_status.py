@@ -95,6 +95,14 @@ def test_trainer_termination_message_gives_the_reason() -> None:
     assert "line 7" in obs.message
 
 
+def test_trainer_json_termination_message_gives_reason_and_message() -> None:
+    report = '{"reason": "InvalidConfig", "message": "spec.method.lora.target: unknown module q_projx"}'
+    failed = pod("demo-0", "Failed", containerStatuses=[terminated("Error", 3, report)])
+    obs = observe(child("Job", conds=[("Failed", "True")]), [failed], 1, False)
+    assert (obs.phase, obs.reason) == ("Failed", "InvalidConfig")
+    assert obs.message.endswith("InvalidConfig: spec.method.lora.target: unknown module q_projx")
+
+
 def test_a_restart_while_running_is_mentioned_but_not_fatal() -> None:
     restarted = pod(
         "m",
