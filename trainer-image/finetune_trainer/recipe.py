@@ -95,7 +95,7 @@ class FineTuneRecipe:
     def setup(self) -> None:
         """Resolve the checkpoint to resume from, fetch the model, build args, model, data and the Trainer."""
         import torch
-        from transformers import AutoTokenizer, PrinterCallback, Trainer
+        from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
 
         from finetune_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback
         from finetune_trainer.data import build_datasets
@@ -119,6 +119,8 @@ class FineTuneRecipe:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=self.config.model.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # The seed covers initialisation too: LoRA's A matrices are random, and a restarted run must match.
+        set_seed(self.config.training.seed)
         model = load_model(self.config, model_dir, self.ranks)
         model, self.summary = apply_method(model, self.config)
         log.info("%s", self.summary.line())

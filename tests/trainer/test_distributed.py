@@ -1,0 +1,171 @@
+"""Multi-process training through the container entry point (`python -m finetune_trainer.launch` -> torchrun):
+two nodes over gloo on loopback with the environment each workload backend renders, and DeepSpeed ZeRO-2 on CPU
+with a SIGTERM in the middle, every rank's shards uploaded and restored."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer.tinymodels import (
+    PYTHON,
+    config_dict,
+    free_port,
+    losses_by_step,
+    progress_lines,
+    spawn,
+    trainer_env,
+    wait_all,
+    write_dataset,
+    write_model,
+)
+
+from finetune_trainer.checkpoints import list_checkpoints
+from finetune_trainer.storage import LocalStorage
+
+LAUNCH = [PYTHON, "-m", "finetune_trainer.launch"]
+METHOD = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target": "all"}}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    return write_model(root / "model"), write_dataset(root / "train.jsonl", n=32)
+
+
+def _node_env(backend: str, node: int, port: int) -> dict[str, str]:
+    if backend == "pytorchjob":
+        # What the Kubeflow training operator v1 puts into replica `node` of a PyTorchJob (nprocPerNode: 1).
+        return {
+            "PET_NNODES": "2",
+            "PET_NODE_RANK": str(node),
+            "PET_NPROC_PER_NODE": "1",
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(node),
+        }
+    # Indexed Job: Kubernetes sets JOB_COMPLETION_INDEX; the operator sets the rest.
+    return {
+        "JOB_COMPLETION_INDEX": str(node),
+        "FTJ_NNODES": "2",
+        "FTJ_NPROC_PER_NODE": "1",
+        "FTJ_MASTER_ADDR": "127.0.0.1",
+        "FTJ_MASTER_PORT": str(port),
+    }
+
+
+def _write_node_configs(tmp_path: Path, sources: tuple[Path, Path], **fields: object) -> list[Path]:
+    model, data = sources
+    paths = []
+    for node in (0, 1):
+        # Same config in every replica; only the node-local scratch differs, as on two machines.
+        config = config_dict(
+            tmp_path,
+            model_uri=model.as_uri(),
+            data_uri=data.as_uri(),
+            output_uri=(tmp_path / "out").as_uri(),
+            cache_dir=tmp_path / f"node{node}-scratch",
+            **fields,  # type: ignore[arg-type]
+        )
+        paths.append(tmp_path / f"node{node}.json")
+        paths[-1].write_text(json.dumps(config))
+    return paths
+
+
+def _launch_nodes(
+    tmp_path: Path, configs: list[Path], backend: str, port: int, tag: str
+) -> tuple[list[Any], list[Path]]:
+    procs, logs = [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"{tag}-node{node}.log")
+        env = trainer_env(**_node_env(backend, node, port), FTJ_SHUTDOWN_TIMEOUT="120")
+        procs.append(spawn([*LAUNCH, "--config", str(configs[node])], env, logs[-1]))
+    return procs, logs
+
+
+def _tails(logs: list[Path]) -> str:
+    return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-4000:]}" for log in logs)
+
+
+def test_two_nodes_train_over_gloo_with_the_indexed_job_environment(tmp_path: Path, sources: tuple[Path, Path]) -> None:
+    configs = _write_node_configs(
+        tmp_path,
+        sources,
+        method=METHOD,
+        training={"maxSteps": 4, "saveSteps": 2, "perDeviceBatchSize": 2, "learningRate": 2e-2},
+    )
+    procs, logs = _launch_nodes(tmp_path, configs, "job", free_port(), "job")
+    codes = list(wait_all(procs, timeout=420))
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], f"exit codes {codes}{_tails(logs)}"
+    assert "--node-rank 1 --master-addr 127.0.0.1" in texts[1]
+    records = progress_lines(texts[0])
+    assert sorted(losses_by_step(records)) == [1, 2, 3, 4]
+    assert records[-1]["totalSteps"] == 4
+    assert not progress_lines(texts[1]), "only global rank 0 reports progress"
+
+    output = tmp_path / "out"
+    assert list_checkpoints(LocalStorage(), output.as_uri()).complete == [2, 4]
+    manifest = json.loads((output / "checkpoints" / "step-4" / "manifest.json").read_text())
+    assert manifest["nodes"] == 2
+    assert manifest["world_size"] == 2
+    names = {f["path"] for f in manifest["files"]}
+    # rng_state_1.pth exists only on node 1's scratch disk: its presence proves both nodes uploaded.
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= names
+    assert (output / "manifest.json").is_file()
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_deepspeed_zero2_on_two_nodes_saves_on_sigterm_to_one_node_and_resumes_every_ranks_shards(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    configs = _write_node_configs(
+        tmp_path,
+        sources,
+        method={"type": "full"},
+        training={"maxSteps": 40, "saveSteps": 100, "perDeviceBatchSize": 2, "learningRate": 2e-3},
+        deepspeed={"zeroStage": 2},
+    )
+    output = tmp_path / "out"
+    procs, logs = _launch_nodes(tmp_path, configs, "pytorchjob", free_port(), "first")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        steps = [r["step"] for r in progress_lines(logs[0].read_text(errors="replace"))]
+        if steps and max(steps) >= 3:
+            break
+        time.sleep(0.5)
+    assert all(p.poll() is None for p in procs), _tails(logs)
+    # Only node 1's Pod is evicted: the kubelet signals its main process, torchrun, which forwards it.
+    procs[1].send_signal(signal.SIGTERM)
+    codes = list(wait_all(procs, timeout=240))
+    assert 0 not in codes, f"a preempted run must not look successful: {codes}{_tails(logs)}"
+    assert "SIGTERM: saving a checkpoint" in logs[1].read_text(errors="replace")
+    listing = list_checkpoints(LocalStorage(), output.as_uri())
+    assert len(listing.complete) == 1, _tails(logs)
+    stopped = listing.complete[0]
+    assert 3 <= stopped < 40
+    manifest = json.loads((output / "checkpoints" / f"step-{stopped}" / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    shards = {n for n in names if "optim_states" in n}
+    assert len(shards) == 2, f"ZeRO-2 keeps one optimizer shard per rank, one on each node: {sorted(names)}"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= names
+
+    procs, logs = _launch_nodes(tmp_path, configs, "pytorchjob", free_port(), "second")
+    codes = list(wait_all(procs, timeout=420))
+    assert codes == [0, 0], _tails(logs)
+    text = logs[0].read_text(errors="replace")
+    resumed = [json.loads(line) for line in text.splitlines() if '"event":"resumed"' in line]
+    assert resumed
+    assert resumed[0]["resumedFromStep"] == stopped
+    losses = losses_by_step(progress_lines(text))
+    assert min(losses) == stopped + 1
+    assert max(losses) == 40
+    first_losses = losses_by_step(progress_lines((tmp_path / "first-node0.log").read_text(errors="replace")))
+    assert losses[40] < first_losses[1] - 0.3, "training continued from the restored state and kept learning"

@@ -1,0 +1,130 @@
+"""Checkpoints and resume: a run stopped by SIGTERM saves at the step it reached, a new run resumes from the newest
+complete checkpoint in storage and continues with exactly the losses of an uninterrupted run; incomplete checkpoints
+(no manifest) are skipped; retention keeps the newest `keep` complete ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
+from transformers import TrainerCallback
+
+from finetune_trainer.checkpoints import latest_complete, list_checkpoints
+from finetune_trainer.progress import ProgressReporter
+from finetune_trainer.recipe import EXIT_PREEMPTED, FineTuneRecipe, RunResult
+from finetune_trainer.storage import LocalStorage
+
+# Dropout > 0 makes the losses depend on the restored RNG state, so "equal" also proves RNG restore.
+METHOD = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target": ["q_proj", "v_proj", "o_proj"]}}
+TRAINING = {"maxSteps": 8, "saveSteps": 2, "learningRate": 2e-2, "lrScheduler": "cosine", "warmupSteps": 2}
+
+
+class SigtermAt(TrainerCallback):  # type: ignore[misc]
+    """Deliver a real SIGTERM to this process once training reaches `step`, as a Pod eviction would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run(config: Any, sigterm_at: int | None = None) -> tuple[RunResult, FineTuneRecipe, str]:
+    stream = io.StringIO()
+    recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=stream))
+    try:
+        recipe.setup()
+        if sigterm_at is not None:
+            recipe.trainer.add_callback(SigtermAt(sigterm_at))
+        result = recipe.train()
+        if result.status == "finished":
+            recipe.finish()
+    finally:
+        recipe.cleanup()
+    return result, recipe, stream.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    return write_model(root / "model"), write_dataset(root / "train.jsonl", n=40)
+
+
+def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_uninterrupted_run(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    model, data = sources
+    common = {"model_uri": model.as_uri(), "data_uri": data.as_uri(), "method": METHOD, "training": TRAINING}
+    reference, _, ref_log = _run(make_config(tmp_path / "a", **common))
+    assert reference.status == "finished"
+    expected = losses_by_step(progress_lines(ref_log))
+    assert sorted(expected) == list(range(1, 9))
+
+    interrupted_cfg = make_config(tmp_path / "b", **common)
+    stopped, _, _ = _run(interrupted_cfg, sigterm_at=3)
+    # The signal arrives during step 3's callbacks; all ranks agree on the following step boundary at the latest.
+    assert stopped.status == "preempted"
+    assert stopped.exit_code == EXIT_PREEMPTED
+    assert stopped.step in (3, 4)
+    storage = LocalStorage()
+    listing = list_checkpoints(storage, interrupted_cfg.output.uri)
+    assert listing.complete[-1] == stopped.step, "the preemption checkpoint was not uploaded before exit"
+    assert not (tmp_path / "b" / "out" / "manifest.json").exists(), "a preempted run must not write final outputs"
+
+    # A newer checkpoint whose upload never finished (no manifest) must be ignored.
+    torn = tmp_path / "b" / "out" / "checkpoints" / "step-7"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"half a file")
+
+    resumed, recipe, resume_log = _run(interrupted_cfg)
+    assert resumed.status == "finished"
+    assert resumed.resumed_from == stopped.step
+    assert recipe.resume is not None
+    assert recipe.resume.step == stopped.step
+    events = [json.loads(line) for line in resume_log.splitlines() if '"event":"resumed"' in line]
+    assert events
+    assert events[0]["resumedFromStep"] == stopped.step
+    got = losses_by_step(progress_lines(resume_log))
+    assert sorted(got) == list(range(stopped.step + 1, 9)), "resumed run repeated or skipped steps"
+    for step in got:
+        # Same data order, RNG, optimizer and scheduler state: on CPU the numbers match to float rounding.
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got[step], expected[step])
+
+    after = list_checkpoints(storage, interrupted_cfg.output.uri)
+    assert after.complete == [6, 8], "retention keeps the newest 2 complete checkpoints"
+    assert after.incomplete == [], "the torn checkpoint older than the newest complete one is cleaned up"
+    assert json.loads((tmp_path / "b" / "out" / "manifest.json").read_text())["step"] == 8
+
+
+def test_resume_takes_the_newest_checkpoint_whose_manifest_and_files_are_complete(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    storage = LocalStorage()
+
+    def checkpoint(step: int, files: dict[str, bytes], manifest: bool | dict[str, Any] = True) -> None:
+        folder = out / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        if manifest:
+            listed = manifest if isinstance(manifest, dict) else {n: len(d) for n, d in files.items()}
+            entries = [{"path": n, "size": s, "sha256": "-"} for n, s in listed.items()]
+            (folder / "manifest.json").write_text(json.dumps({"step": step, "files": entries, "loss": 1.5}))
+
+    assert latest_complete(storage, out.as_uri()) is None
+    checkpoint(10, {"model.safetensors": b"a" * 10, "optimizer.pt": b"b" * 5})
+    checkpoint(20, {"model.safetensors": b"a" * 10, "optimizer.pt": b"b" * 5})
+    checkpoint(30, {"model.safetensors": b"a" * 10}, manifest=False)  # upload interrupted
+    checkpoint(40, {"model.safetensors": b"a" * 10}, manifest={"model.safetensors": 10, "optimizer.pt": 5})
+    found = latest_complete(storage, out.as_uri() + "/")
+    # 40 lists a file that is missing, 30 has no manifest: 20 is the newest usable one.
+    assert found is not None
+    assert found.step == 20
+    assert found.loss == 1.5
+    assert found.uri.endswith("/checkpoints/step-20/")
