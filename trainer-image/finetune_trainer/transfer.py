@@ -265,8 +265,6 @@ class RangedDownloader:
                 expected = int(response.get("ContentLength", written))
                 if written != expected:
                     raise TransferError(f"{transfer.uri}: got {written} of {expected} bytes")
-                self._record(state, chunk.index, digest.hexdigest())
-                return
             except Exception as exc:
                 progress.add(-written)
                 code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
@@ -276,6 +274,10 @@ class RangedDownloader:
                     raise TransferError(f"cannot download {transfer.uri}: {exc}") from exc
                 log.warning("download of %s chunk %d failed (%s); retrying", transfer.uri, chunk.index, exc)
                 time.sleep(min(10.0, 0.5 * 2**attempt))
+                continue
+            # Outside the retry: recording (and verifying the finished file) is not a network problem to retry.
+            self._record(state, chunk.index, digest.hexdigest())
+            return
 
     def _record(self, state: _FileState, index: int, md5: str) -> None:
         with state.lock:

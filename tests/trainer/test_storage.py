@@ -1,0 +1,278 @@
+"""Storage against a real S3 server (MinIO): concurrent part/range downloads verified against ETags, resume of an
+interrupted download, corruption detected, one download per node with the other ranks waiting on the file system,
+errors that name the URI, and a whole training run reading from and writing to S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
+
+from finetune_trainer.cache import NodeCache
+from finetune_trainer.config import StorageSpec
+from finetune_trainer.distenv import Ranks
+from finetune_trainer.progress import ProgressReporter
+from finetune_trainer.recipe import run
+from finetune_trainer.storage import LocalStorage, S3Storage, StorageError
+from finetune_trainer.transfer import RangedDownloader, Transfer, TransferError
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def s3_env(s3: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The bucket's keys in the environment, the only place the trainer takes them from."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    return s3
+
+
+def _spec(s3: Any) -> StorageSpec:
+    return StorageSpec(endpoint=s3.endpoint_url, region=s3.region, addressing_style="path")
+
+
+class GetCounter:
+    """Records the GetObject calls a boto3 client makes (part numbers and ranges), via botocore's event hooks."""
+
+    def __init__(self, client: Any) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        client.meta.events.register("before-parameter-build.s3.GetObject", self._record)
+
+    def _record(self, params: dict[str, Any], **kwargs: Any) -> None:
+        with self._lock:
+            self.calls.append({k: params.get(k) for k in ("Key", "Range", "PartNumber")})
+
+    def keys(self) -> list[str]:
+        return [str(c["Key"]) for c in self.calls]
+
+
+def _blob(size: int, seed: int) -> bytes:
+    return hashlib.shake_256(f"blob-{seed}".encode()).digest(size)
+
+
+def _upload_model_like(s3: Any, prefix: str) -> dict[str, bytes]:
+    """Objects shaped like a model directory: a multipart shard, a big single-part shard, small files."""
+    client = s3.client()
+    files = {
+        "model-00001-of-00002.safetensors": _blob(13 * MiB + 123, 1),  # multipart, 5 MiB parts -> 3 parts
+        "model-00002-of-00002.safetensors": _blob(3 * MiB + 7, 2),  # one PUT, fetched in 1 MiB ranges
+        "config.json": b'{"model_type": "llama"}',
+        "tokenizer/tokenizer.json": _blob(2000, 3),
+        "empty.txt": b"",
+    }
+    multipart = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    single = TransferConfig(multipart_threshold=64 * MiB)
+    for name, data in files.items():
+        config = multipart if name.startswith("model-00001") else single
+        client.upload_fileobj(io.BytesIO(data), s3.bucket, f"{prefix}/{name}", Config=config)
+    return files
+
+
+def test_prefix_download_fetches_parts_and_ranges_concurrently_and_verifies_them(s3_env: Any, tmp_path: Path) -> None:
+    files = _upload_model_like(s3_env, "models/tiny")
+    storage = S3Storage(_spec(s3_env), workers=6, chunk_size=MiB)
+    listed = storage.list(s3_env.uri("models/tiny/"))
+    assert sorted(o.key for o in listed) == sorted(files)
+    assert next(o for o in listed if o.key.startswith("model-00001")).etag.endswith("-3")  # type: ignore[union-attr]
+    counter = GetCounter(storage.client)
+
+    storage.download(s3_env.uri("models/tiny/"), tmp_path / "dl", listed)
+
+    for name, data in files.items():
+        assert (tmp_path / "dl" / name).read_bytes() == data, name
+    assert not list((tmp_path / "dl").rglob("*.part*")), "partial files left behind"
+    big = [c for c in counter.calls if str(c["Key"]).endswith("model-00001-of-00002.safetensors")]
+    assert sorted(c["PartNumber"] for c in big) == [1, 2, 3], "a multipart object is fetched part by part"
+    ranged = [c["Range"] for c in counter.calls if str(c["Key"]).endswith("model-00002-of-00002.safetensors")]
+    assert len(ranged) == 4
+    assert "bytes=0-1048575" in ranged
+    assert f"bytes={3 * MiB}-{3 * MiB + 6}" in ranged
+
+    # Everything is already here: a second download of the same prefix fetches nothing.
+    again = GetCounter(storage.client)
+    storage.download(s3_env.uri("models/tiny/"), tmp_path / "dl", listed)
+    assert again.calls == []
+
+
+def test_an_interrupted_download_resumes_with_only_the_missing_chunks(s3_env: Any, tmp_path: Path) -> None:
+    data = _blob(6 * MiB + 99, 7)
+    s3_env.client().put_object(Bucket=s3_env.bucket, Key="big.bin", Body=data)
+    storage = S3Storage(_spec(s3_env))
+    (obj,) = storage.list(s3_env.uri("big.bin"))
+    transfer = Transfer(s3_env.bucket, "big.bin", tmp_path / "big.bin", obj.size, obj.etag)
+    done: list[int] = []
+
+    def crash_after_three(t: Transfer, index: int) -> None:
+        done.append(index)
+        if len(done) == 3:
+            raise ConnectionError("the Pod was killed here")
+
+    with pytest.raises(ConnectionError):
+        RangedDownloader(storage.client, workers=1, chunk_size=MiB, on_chunk=crash_after_three).run([transfer])
+    assert not transfer.dest.exists()
+    assert (tmp_path / "big.bin.part").exists()
+    assert (tmp_path / "big.bin.part.state").exists()
+
+    recorded = len((tmp_path / "big.bin.part.state").read_text().splitlines()) - 1  # header + one line per chunk
+    assert recorded >= 3
+
+    counter = GetCounter(storage.client)
+    RangedDownloader(storage.client, workers=4, chunk_size=MiB).run([transfer])
+    assert transfer.dest.read_bytes() == data
+    assert len(counter.calls) == 7 - recorded, "chunks finished before the crash were fetched again"
+    assert not (tmp_path / "big.bin.part").exists()
+
+
+def test_a_corrupted_partial_file_fails_the_etag_check_and_is_fetched_again(s3_env: Any, tmp_path: Path) -> None:
+    data = _blob(3 * MiB, 8)
+    s3_env.client().put_object(Bucket=s3_env.bucket, Key="w.bin", Body=data)
+    storage = S3Storage(_spec(s3_env))
+    (obj,) = storage.list(s3_env.uri("w.bin"))
+    transfer = Transfer(s3_env.bucket, "w.bin", tmp_path / "w.bin", obj.size, obj.etag)
+
+    def stop_after_one(t: Transfer, index: int) -> None:
+        raise ConnectionError("interrupted")
+
+    with pytest.raises(ConnectionError):
+        RangedDownloader(storage.client, workers=1, chunk_size=MiB, on_chunk=stop_after_one).run([transfer])
+    with open(tmp_path / "w.bin.part", "r+b") as handle:  # a flipped byte in a chunk recorded as done
+        handle.seek(10)
+        handle.write(b"\xff" if data[10:11] != b"\xff" else b"\x00")
+    with pytest.raises(TransferError, match=rf"s3://{s3_env.bucket}/w.bin did not verify: ETag {obj.etag}"):
+        RangedDownloader(storage.client, chunk_size=MiB).run([transfer])
+    assert not (tmp_path / "w.bin.part").exists(), "a partial file that failed verification must be dropped"
+    RangedDownloader(storage.client, chunk_size=MiB).run([transfer])
+    assert transfer.dest.read_bytes() == data
+
+
+def test_one_process_per_node_downloads_and_the_others_wait_for_its_marker(s3_env: Any, tmp_path: Path) -> None:
+    files = _upload_model_like(s3_env, "m")
+    uri = s3_env.uri("m/")
+    storages = {rank: S3Storage(_spec(s3_env), chunk_size=4 * MiB) for rank in (0, 1)}
+    counters = {rank: GetCounter(storages[rank].client) for rank in (0, 1)}
+
+    def cache(local_rank: int) -> NodeCache:
+        ranks = Ranks(rank=local_rank, local_rank=local_rank, world_size=2, local_world_size=2)
+        return NodeCache(tmp_path / "cache", lambda _uri: storages[local_rank], ranks, wait_seconds=60)
+
+    results: dict[int, Path] = {}
+    waiter = threading.Thread(target=lambda: results.__setitem__(1, cache(1).fetch(uri)))
+    waiter.start()  # local rank 1 starts first and has to wait
+    results[0] = cache(0).fetch(uri)
+    waiter.join(timeout=60)
+    assert results[0] == results[1] == tmp_path / "cache" / "s3" / s3_env.bucket / "m"
+    assert (results[1] / "tokenizer" / "tokenizer.json").read_bytes() == files["tokenizer/tokenizer.json"]
+    assert counters[1].calls == [], "only local rank 0 downloads"
+    assert counters[0].calls
+
+    # A restarted container on the same node: the cache is complete, nothing is fetched again.
+    restarted = GetCounter(storages[0].client)
+    assert cache(0).fetch(uri) == results[0]
+    assert restarted.calls == []
+
+    # The source changed: only the changed object is fetched.
+    s3_env.client().put_object(Bucket=s3_env.bucket, Key="m/config.json", Body=b'{"model_type": "qwen2"}')
+    changed = GetCounter(storages[0].client)
+    cache(0).fetch(uri)
+    assert changed.keys() == ["m/config.json"]
+    assert (results[0] / "config.json").read_bytes() == b'{"model_type": "qwen2"}'
+
+
+def test_a_failed_download_on_local_rank_0_fails_the_waiting_ranks_with_its_error(s3_env: Any, tmp_path: Path) -> None:
+    storage = S3Storage(_spec(s3_env))
+    uri = s3_env.uri("no/such/model/")
+
+    def cache(local_rank: int) -> NodeCache:
+        ranks = Ranks(rank=local_rank, local_rank=local_rank, world_size=2, local_world_size=2)
+        return NodeCache(tmp_path / "cache", lambda _uri: storage, ranks, wait_seconds=60)
+
+    errors: dict[int, Exception] = {}
+
+    def wait() -> None:
+        try:
+            cache(1).fetch(uri)
+        except StorageError as exc:
+            errors[1] = exc
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    with pytest.raises(StorageError, match=f"nothing found at {uri}"):
+        cache(0).fetch(uri)
+    waiter.join(timeout=30)
+    assert f"local rank 0 failed to download {uri}: nothing found at {uri}" in str(errors[1])
+
+
+def test_storage_errors_name_the_uri_and_the_cause(s3_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = S3Storage(_spec(s3_env))
+    with pytest.raises(StorageError, match=r"cannot list s3://no-such-bucket-x1/model/ .*the bucket does not exist"):
+        storage.list("s3://no-such-bucket-x1/model/")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    wrong = S3Storage(_spec(s3_env))
+    with pytest.raises(StorageError, match=rf"s3://{s3_env.bucket}/x/ .*secret access key does not match"):
+        wrong.list(s3_env.uri("x/"))
+
+
+def test_pvc_uris_map_to_the_claim_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path))
+    storage = LocalStorage()
+    storage.write_bytes("pvc://models/qwen/config.json", b"{}")
+    assert (tmp_path / "models" / "qwen" / "config.json").read_bytes() == b"{}"
+    assert [o.key for o in storage.list("pvc://models/qwen/")] == ["config.json"]
+    assert storage.delete_prefix("pvc://models/qwen/") == 1
+    assert storage.list("pvc://models/qwen/") == []
+
+
+def test_a_training_run_reads_model_and_data_from_s3_and_resumes_from_s3_checkpoints(
+    s3_env: Any, tmp_path: Path
+) -> None:
+    client = s3_env.client()
+    model = write_model(tmp_path / "model")
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        client.upload_file(str(path), s3_env.bucket, f"models/tiny/{path.relative_to(model).as_posix()}")
+    client.upload_file(str(write_dataset(tmp_path / "train.jsonl")), s3_env.bucket, "data/train.jsonl")
+    config = make_config(
+        tmp_path,
+        model_uri=s3_env.uri("models/tiny/"),
+        data_uri=s3_env.uri("data/train.jsonl"),
+        output_uri=s3_env.uri("runs/tiny/"),
+        training={"maxSteps": 4, "saveSteps": 2},
+        storage={"endpoint": s3_env.endpoint_url, "region": s3_env.region},
+    )
+    first = io.StringIO()
+    assert run(config, reporter=ProgressReporter("tiny", stream=first)).status == "finished"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket, Prefix="runs/tiny/")["Contents"]}
+    for key in ("manifest.json", "adapter_model.safetensors", "loss.png", "checkpoints/step-2/manifest.json"):
+        assert f"runs/tiny/{key}" in keys
+    assert "runs/tiny/checkpoints/step-4/optimizer.pt" in keys
+
+    # A Pod that starts after success does not train again.
+    assert run(config, reporter=ProgressReporter("tiny", stream=io.StringIO())).status == "already-complete"
+
+    # Lose the final outputs' manifest and the newest checkpoint's manifest (an upload that never finished), and
+    # use a fresh node (empty cache): the run resumes from step 2, downloaded from S3.
+    client.delete_object(Bucket=s3_env.bucket, Key="runs/tiny/manifest.json")
+    client.delete_object(Bucket=s3_env.bucket, Key="runs/tiny/checkpoints/step-4/manifest.json")
+    fresh = config.model_copy(update={"cache_dir": str(tmp_path / "other-node")})
+    second = io.StringIO()
+    result = run(fresh, reporter=ProgressReporter("tiny", stream=second))
+    assert result.status == "finished"
+    assert result.resumed_from == 2
+    assert sorted(losses_by_step(progress_lines(second.getvalue()))) == [3, 4]
+    assert losses_by_step(progress_lines(second.getvalue()))[4] == pytest.approx(
+        losses_by_step(progress_lines(first.getvalue()))[4], rel=1e-5
+    )
+    assert (
+        json.loads(client.get_object(Bucket=s3_env.bucket, Key="runs/tiny/manifest.json")["Body"].read())["step"] == 4
+    )
+    assert os.path.isdir(tmp_path / "other-node" / "downloads" / "s3" / s3_env.bucket / "runs/tiny/checkpoints/step-2")
