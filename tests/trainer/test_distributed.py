@@ -51,13 +51,13 @@ def _node_env(backend: str, node: int, port: int) -> dict[str, str]:
             "WORLD_SIZE": "2",
             "RANK": str(node),
         }
-    # Indexed Job: Kubernetes sets JOB_COMPLETION_INDEX; the operator sets the rest.
+    # Indexed Job: Kubernetes sets JOB_COMPLETION_INDEX; the operator renders the rest (finetune_operator.render).
     return {
         "JOB_COMPLETION_INDEX": str(node),
-        "FTJ_NNODES": "2",
-        "FTJ_NPROC_PER_NODE": "1",
-        "FTJ_MASTER_ADDR": "127.0.0.1",
-        "FTJ_MASTER_PORT": str(port),
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(port),
     }
 
 

@@ -42,7 +42,7 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if spec.offload == "all" and spec.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config: dict[str, Any] = {
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -59,3 +59,12 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any]:
         "bf16": {"enabled": "auto"},
         "zero_optimization": zero,
     }
+    if "offload_optimizer" in zero:
+        # With the optimizer state on the CPU, DeepSpeed insists on its own CPU Adam (a torch optimizer there is
+        # refused unless zero_force_ds_cpu_optimizer is turned off, and would be slow); the Hugging Face
+        # integration fills the "auto" values from the training arguments.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    return config

@@ -6,9 +6,9 @@ command, `python -m finetune_trainer.launch`; only the environment differs:
 PyTorchJob (Kubeflow training operator v1 sets these itself in every replica):
     PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, PET_NPROC_PER_NODE
     (MASTER_ADDR / MASTER_PORT are read when the PET_ forms are absent)
-Indexed Job (the operator sets these; Kubernetes sets JOB_COMPLETION_INDEX):
-    JOB_COMPLETION_INDEX (the node rank), FTJ_MASTER_ADDR (<name>-0.<headless service>), FTJ_MASTER_PORT,
-    FTJ_NNODES, FTJ_NPROC_PER_NODE
+Indexed Job (Kubernetes sets JOB_COMPLETION_INDEX, the operator the rest, in the same PET_ names):
+    JOB_COMPLETION_INDEX (the node rank), PET_NNODES, PET_NPROC_PER_NODE,
+    PET_MASTER_ADDR (<name>-0.<headless service>), PET_MASTER_PORT (FTJ_ names are accepted too)
 Both:
     FTJ_CONFIG                 path of the TrainerConfig JSON (default /etc/finetune/config.json)
     FTJ_NNODES, FTJ_NPROC_PER_NODE, FTJ_MASTER_PORT
@@ -83,12 +83,12 @@ def _int(env: Mapping[str, str], names: Sequence[str], default: int | None, *, m
 
 
 def detect_backend(env: Mapping[str, str]) -> Backend:
-    """PyTorchJob when the training operator's PET_ variables are present, Indexed Job when Kubernetes set
-    JOB_COMPLETION_INDEX, otherwise a single local node."""
-    if "PET_NODE_RANK" in env or "PET_NNODES" in env:
-        return "pytorchjob"
+    """Indexed Job when Kubernetes set JOB_COMPLETION_INDEX (PyTorchJob Pods never have it), PyTorchJob when the
+    training operator's PET_ variables are present, otherwise a single local node."""
     if "JOB_COMPLETION_INDEX" in env:
         return "job"
+    if "PET_NODE_RANK" in env or "PET_NNODES" in env:
+        return "pytorchjob"
     return "local"
 
 
@@ -96,8 +96,7 @@ def plan_from_env(env: Mapping[str, str] | None = None, backend: Backend | None 
     """Read the replica's position from the environment the rendered workload provides (see the module docstring)."""
     env = os.environ if env is None else env
     backend = backend or detect_backend(env)
-    nproc_found = _first(env, "PET_NPROC_PER_NODE", "FTJ_NPROC_PER_NODE") if backend == "pytorchjob" else None
-    nproc_found = nproc_found or _first(env, "FTJ_NPROC_PER_NODE")
+    nproc_found = _first(env, "PET_NPROC_PER_NODE", "FTJ_NPROC_PER_NODE")
     nproc = nproc_found[1] if nproc_found else "1"
     # torchrun also accepts auto/gpu/cpu here; anything else must be a positive count.
     if nproc not in ("auto", "gpu", "cpu") and (not nproc.isdigit() or int(nproc) < 1):
@@ -109,10 +108,10 @@ def plan_from_env(env: Mapping[str, str] | None = None, backend: Backend | None 
         addr = _first(env, "PET_MASTER_ADDR", "MASTER_ADDR")
         port = _int(env, ("PET_MASTER_PORT", "MASTER_PORT", "FTJ_MASTER_PORT"), DEFAULT_MASTER_PORT, minimum=1)
     elif backend == "job":
-        nnodes = _int(env, ("FTJ_NNODES",), None, minimum=1)
+        nnodes = _int(env, ("PET_NNODES", "FTJ_NNODES"), None, minimum=1)
         node_rank = _int(env, ("JOB_COMPLETION_INDEX",), None)
-        addr = _first(env, "FTJ_MASTER_ADDR")
-        port = _int(env, ("FTJ_MASTER_PORT",), DEFAULT_MASTER_PORT, minimum=1)
+        addr = _first(env, "PET_MASTER_ADDR", "FTJ_MASTER_ADDR")
+        port = _int(env, ("PET_MASTER_PORT", "FTJ_MASTER_PORT"), DEFAULT_MASTER_PORT, minimum=1)
     else:
         nnodes = _int(env, ("FTJ_NNODES",), 1, minimum=1)
         node_rank = _int(env, ("FTJ_NODE_RANK",), 0)
@@ -122,7 +121,7 @@ def plan_from_env(env: Mapping[str, str] | None = None, backend: Backend | None 
     if node_rank >= nnodes:
         raise LaunchError(f"node rank {node_rank} is out of range for {nnodes} node(s)")
     if nnodes > 1 and addr is None:
-        names = {"pytorchjob": "PET_MASTER_ADDR or MASTER_ADDR", "job": "FTJ_MASTER_ADDR"}
+        names = {"pytorchjob": "PET_MASTER_ADDR or MASTER_ADDR", "job": "PET_MASTER_ADDR or FTJ_MASTER_ADDR"}
         raise LaunchError(f"{names.get(backend, 'FTJ_MASTER_ADDR')} must be set when there are {nnodes} nodes")
     if port > 65535:
         raise LaunchError(f"master port must be <= 65535, got {port}")

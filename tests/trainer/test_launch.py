@@ -1,0 +1,146 @@
+"""The container entry point turns each workload backend's environment into the same torchrun command, and the
+rendered DeepSpeed JSON is one the Hugging Face integration completes (no "auto" left)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from finetune_trainer.config import DeepSpeedSpec
+from finetune_trainer.deepspeed import deepspeed_config
+from finetune_trainer.launch import LaunchError, LaunchPlan, plan_from_env, torchrun_argv
+
+CONFIG = "/etc/finetune/trainer.json"
+TAIL = ["--max-restarts", "0", "--shutdown-timeout", "300", "-m", "finetune_trainer", "train", "--config", CONFIG]
+
+
+def _argv(env: dict[str, str]) -> list[str]:
+    return torchrun_argv(plan_from_env(env), CONFIG, python="python")
+
+
+def _multi(rank: int) -> list[str]:
+    return [
+        "python", "-m", "torch.distributed.run", "--nnodes", "3", "--nproc-per-node", "4", "--node-rank", str(rank),
+        "--master-addr", "ft-0.ft", "--master-port", "23456", *TAIL,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_pytorchjob_and_indexed_job_environments_give_the_same_torchrun_command(rank: int) -> None:
+    # What the Kubeflow training operator v1 sets in replica `rank` (MASTER_*, WORLD_SIZE, RANK and the PET_ set).
+    pytorchjob = {
+        "PET_NNODES": "3",
+        "PET_NODE_RANK": str(rank),
+        "PET_NPROC_PER_NODE": "4",
+        "PET_MASTER_ADDR": "ft-0.ft",
+        "PET_MASTER_PORT": "23456",
+        "MASTER_ADDR": "ft-0.ft",
+        "MASTER_PORT": "23456",
+        "WORLD_SIZE": "12",
+        "RANK": str(rank),
+    }
+    # What an Indexed Job Pod gets: JOB_COMPLETION_INDEX from Kubernetes, the PET_ values from the operator.
+    indexed = {
+        "JOB_COMPLETION_INDEX": str(rank),
+        "PET_NNODES": "3",
+        "PET_NPROC_PER_NODE": "4",
+        "PET_MASTER_ADDR": "ft-0.ft",
+        "PET_MASTER_PORT": "23456",
+    }
+    indexed_ftj = {
+        "JOB_COMPLETION_INDEX": str(rank),
+        "FTJ_NNODES": "3",
+        "FTJ_NPROC_PER_NODE": "4",
+        "FTJ_MASTER_ADDR": "ft-0.ft",
+        "FTJ_MASTER_PORT": "23456",
+    }
+    assert plan_from_env(pytorchjob).backend == "pytorchjob"
+    assert plan_from_env(indexed).backend == "job"
+    assert _argv(pytorchjob) == _argv(indexed) == _argv(indexed_ftj) == _multi(rank)
+
+
+def test_one_node_runs_a_standalone_rendezvous() -> None:
+    assert plan_from_env({}) == LaunchPlan("local", 1, "1", 0, None, 29500)
+    argv = _argv({"PET_NNODES": "1", "PET_NPROC_PER_NODE": "8", "PET_MASTER_ADDR": "x", "PET_NODE_RANK": "0"})
+    assert argv[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node"]
+    assert argv[7] == "8"
+    assert argv[8:] == TAIL
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"PET_NNODES": "2", "PET_NODE_RANK": "1"},
+            "PET_MASTER_ADDR or MASTER_ADDR must be set when there are 2 nodes",
+        ),
+        ({"JOB_COMPLETION_INDEX": "0", "PET_MASTER_ADDR": "m"}, "PET_NNODES or FTJ_NNODES must be set"),
+        ({"JOB_COMPLETION_INDEX": "2", "PET_NNODES": "2", "PET_MASTER_ADDR": "m"}, "node rank 2 is out of range"),
+        ({"PET_NNODES": "two", "PET_NODE_RANK": "0"}, "PET_NNODES must be an integer, got 'two'"),
+        ({"FTJ_NPROC_PER_NODE": "0"}, "FTJ_NPROC_PER_NODE must be a positive integer, got '0'"),
+        ({"PET_NNODES": "2", "PET_NODE_RANK": "0", "MASTER_ADDR": "m", "MASTER_PORT": "70000"}, "<= 65535"),
+    ],
+)
+def test_a_bad_environment_is_refused_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(LaunchError, match=message):
+        plan_from_env(env)
+
+
+def test_launch_module_prints_the_command_without_importing_torch() -> None:
+    env = {"PATH": "/usr/bin:/bin", "JOB_COMPLETION_INDEX": "1", "PET_NNODES": "2", "PET_MASTER_ADDR": "m-0.m"}
+    code = (
+        "import sys, runpy; sys.argv = ['launch', '--dry-run', '--config', 'c.json'];"
+        "runpy.run_module('finetune_trainer.launch', run_name='__main__');"
+        "assert 'torch' not in sys.modules, 'launch imported torch'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    argv = json.loads(out.stdout)
+    assert argv[argv.index("--node-rank") + 1] == "1"
+    assert argv[argv.index("--master-addr") + 1] == "m-0.m"
+    assert argv[-2:] == ["--config", "c.json"]
+
+
+def _autos(value: Any, path: str = "") -> list[str]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _autos(v, f"{path}.{k}")]
+    return [path] if value == "auto" else []
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload"), [(0, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "all")]
+)
+def test_the_rendered_deepspeed_json_is_completed_by_the_hugging_face_integration(stage: int, offload: str) -> None:
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    spec = DeepSpeedSpec.model_validate({"zeroStage": stage, "offload": offload})
+    rendered = deepspeed_config(spec)
+    assert rendered["zero_optimization"]["stage"] == stage
+    assert ("offload_optimizer" in rendered["zero_optimization"]) == (offload != "none" and stage > 0)
+    assert ("offload_param" in rendered["zero_optimization"]) == (offload == "all")
+    assert ("optimizer" in rendered) == (offload != "none" and stage > 0)
+    json.dumps(rendered)  # goes into a ConfigMap as JSON
+
+    args = TrainingArguments(
+        output_dir="/tmp/unused", per_device_train_batch_size=4, gradient_accumulation_steps=2, bf16=True,
+        learning_rate=2e-4, weight_decay=0.01, use_cpu=True, report_to="none",
+    )  # fmt: skip
+    hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(rendered)))
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(args, model=_Sized(hidden_size=1024), num_training_steps=100)
+    assert _autos(hf.config) == []
+    assert hf.config["train_micro_batch_size_per_gpu"] == 4
+    assert hf.config["bf16"]["enabled"] is True
+    if "optimizer" in hf.config:
+        assert hf.config["optimizer"]["params"]["lr"] == 2e-4
+
+
+class _Sized:
+    """Just enough of a model for the integration to size ZeRO-3 buckets from the hidden size."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.config = type("Config", (), {"hidden_size": hidden_size, "to_dict": lambda self: {}})()
