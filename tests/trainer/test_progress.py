@@ -1,0 +1,149 @@
+"""Progress reporting: rank 0 patches its own FineTuneJob's status on a real kube-apiserver with a service-account
+token limited to that object's status, exactly as in a Pod; outside a cluster it only logs JSON lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_trainer.config import API_GROUP, API_VERSION
+from finetune_trainer.progress import FAILURE_CONDITION, ProgressReporter, StatusClient
+
+SPEC = {
+    "model": {"uri": "s3://models/tiny/"},
+    "datasets": [{"uri": "s3://data/train.jsonl"}],
+    "output": {"uri": "s3://runs/tiny/"},
+}
+
+
+def _pod_credentials(control_plane: Any, k8s_api: Any, namespace: str, job: str, tmp_path: Path) -> dict[str, str]:
+    """A ServiceAccount with the Role the operator renders (get/patch finetunejobs/status of `job` only), and the
+    files and env a Pod running as it would see."""
+    from kubernetes import client
+
+    core, rbac = client.CoreV1Api(k8s_api), client.RbacAuthorizationV1Api(k8s_api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "trainer"}})
+    rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "trainer"},
+            "rules": [
+                {
+                    "apiGroups": [API_GROUP],
+                    "resources": ["finetunejobs/status"],
+                    "resourceNames": [job],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "trainer"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trainer"},
+            "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": namespace}],
+        },
+    )
+    secrets = tmp_path / "serviceaccount"
+    secrets.mkdir()
+    (secrets / "token").write_text(control_plane.service_account_token(namespace, "trainer"))
+    shutil.copyfile(control_plane.ca_cert, secrets / "ca.crt")
+    (secrets / "namespace").write_text(namespace)
+    host, port = control_plane.server.removeprefix("https://").rsplit(":", 1)
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "FTJ_SERVICEACCOUNT_DIR": str(secrets),
+        "FTJ_JOB_NAME": job,
+    }
+
+
+def test_rank0_patches_progress_checkpoints_and_a_failure_into_its_own_finetunejob(
+    control_plane: Any, k8s_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    api = client.CustomObjectsApi(k8s_api)
+    for name in ("tiny", "neighbour"):
+        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}}
+        api.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "finetunejobs", {**body, "spec": SPEC})
+    operator_condition = {"type": "Running", "status": "True", "reason": "PodsRunning", "message": "2/2 replicas"}
+    api.patch_namespaced_custom_object_status(
+        API_GROUP,
+        API_VERSION,
+        namespace,
+        "finetunejobs",
+        "tiny",
+        {"status": {"phase": "Running", "conditions": [operator_condition]}},
+    )
+    env = _pod_credentials(control_plane, k8s_api, namespace, "tiny", tmp_path)
+
+    status = StatusClient.in_cluster("config-name-is-overridden", None, env)
+    assert status is not None
+    assert (status.name, status.namespace) == ("tiny", namespace)  # namespace from the token directory
+    stream = io.StringIO()
+    reporter = ProgressReporter("tiny", status, min_interval=0.1, stream=stream)
+    reporter.resumed(3)
+    for step in (4, 5):
+        reporter.report(step=step, total_steps=20, epoch=step / 20, loss=2.0 / step, learning_rate=1e-4)
+    reporter.report(step=5, eval_loss=0.9, tokens_per_second=1234.5, eta_seconds=60.0)
+    reporter.checkpoint(5, "s3://runs/tiny/checkpoints/step-5/", 0.4)
+    reporter.checkpoint(10, "s3://runs/tiny/checkpoints/step-10/", 0.2, deleted=[5])
+    reporter.artifacts(adapter="s3://runs/tiny/", loss_plot="s3://runs/tiny/loss.png")
+    reporter.flush()
+
+    got = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "finetunejobs", "tiny")["status"]
+    progress = got["progress"]
+    assert {k: progress[k] for k in ("step", "totalSteps", "loss", "learningRate", "evalLoss", "summary")} == {
+        "step": 5,
+        "totalSteps": 20,
+        "loss": 0.4,
+        "learningRate": 1e-4,
+        "evalLoss": 0.9,
+        "summary": "5/20",
+    }
+    assert progress["tokensPerSecond"] == 1234.5
+    assert progress["etaSeconds"] == 60.0
+    assert progress["updatedAt"].endswith("Z")
+    assert [c["step"] for c in got["checkpoints"]] == [10], "retention's deletions leave the list"
+    assert got["checkpoints"][0]["uri"] == "s3://runs/tiny/checkpoints/step-10/"
+    assert got["resumedFromStep"] == 3
+    assert got["artifacts"] == {"adapter": "s3://runs/tiny/", "lossPlot": "s3://runs/tiny/loss.png"}
+    assert got["phase"] == "Running", "the trainer must not touch the operator's fields"
+
+    reporter.failure("DataError", "s3://data/train.jsonl line 7: not valid JSON")
+    got = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "finetunejobs", "tiny")["status"]
+    by_type = {c["type"]: c for c in got["conditions"]}
+    assert by_type["Running"]["reason"] == "PodsRunning", "the operator's condition survives"
+    assert by_type[FAILURE_CONDITION]["reason"] == "DataError"
+    assert by_type[FAILURE_CONDITION]["message"] == "s3://data/train.jsonl line 7: not valid JSON"
+    reporter.close()
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines][:3] == ["resumed", "progress", "progress"]
+    assert lines[-1]["event"] == "failed"
+
+    # The token reaches this one object's status and nothing else.
+    neighbour = StatusClient(status.name, namespace, status.api.api_client)
+    neighbour.name = "neighbour"
+    with pytest.raises(ApiException) as denied:
+        neighbour.patch({"progress": {"step": 1}})
+    assert denied.value.status == 403
+
+
+def test_outside_a_cluster_progress_is_only_logged() -> None:
+    assert StatusClient.in_cluster("tiny", "default", env={}) is None
+    stream = io.StringIO()
+    reporter = ProgressReporter("tiny", None, stream=stream)
+    reporter.report(step=1, total_steps=4, loss=3.5)
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert line["event"] == "progress"
+    assert line["summary"] == "1/4"
+    assert line["loss"] == 3.5
