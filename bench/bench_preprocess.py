@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, default=1024)
     parser.add_argument("--templates", default="auto,qwen", help="comma-separated templates to time")
     parser.add_argument("--repeat", type=int, default=2, help="cold runs per combination; the fastest counts")
+    parser.add_argument("--workers", default="1,auto", help="comma-separated worker counts (auto = the default)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
@@ -91,32 +92,40 @@ def main() -> None:
         _time(lambda: tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)) for _ in range(2)
     )
     print(f"tokenizer alone (Rust encode_batch, qwen-rendered texts): {len(texts) / floor:.0f} samples/s")
-    print(f"{'template':8} {'packing':7} {'cold s':>7} {'samples/s':>10} {'tokens/s':>10} {'rows':>6} {'warm s':>7}")
-    for template in args.templates.split(","):
-        for packing in (True, False):
-            cold = float("inf")
-            for attempt in range(args.repeat):
-                config = TrainerConfig.model_validate(
-                    {
-                        "model": {"uri": "file:///models/bench"},
-                        "datasets": [{"uri": data.as_uri()}],
-                        "output": {"uri": "file:///out"},
-                        "template": template,
-                        "cache_dir": str(work / f"cache-{template}-{packing}-{attempt}"),
-                        "training": {"cutoff_len": args.cutoff, "packing": packing},
-                    }
-                )
-                started = time.perf_counter()
-                bundle = build_datasets(config, tokenizer)
-                cold = min(cold, time.perf_counter() - started)
-            started = time.perf_counter()
-            build_datasets(config, tokenizer)
-            warm = time.perf_counter() - started
-            stats = bundle.stats
-            print(
-                f"{template:8} {packing!s:7} {cold:7.2f} {stats.samples / cold:10.0f} {stats.tokens / cold:10.0f} "
-                f"{stats.rows:6d} {warm:7.2f}"
+    print(
+        f"{'template':8} {'packing':7} {'workers':7} {'cold s':>7} {'samples/s':>10} {'tokens/s':>10} {'rows':>6} "
+        f"{'warm s':>7}"
+    )
+    combinations = [
+        (template, packing, workers)
+        for template in args.templates.split(",")
+        for packing in (True, False)
+        for workers in args.workers.split(",")
+    ]
+    for template, packing, workers in combinations:
+        cold = float("inf")
+        for attempt in range(args.repeat):
+            config = TrainerConfig.model_validate(
+                {
+                    "model": {"uri": "file:///models/bench"},
+                    "datasets": [{"uri": data.as_uri()}],
+                    "output": {"uri": "file:///out"},
+                    "template": template,
+                    "cache_dir": str(work / f"cache-{template}-{packing}-{workers}-{attempt}"),
+                    "training": {"cutoff_len": args.cutoff, "packing": packing},
+                }
             )
+            started = time.perf_counter()
+            bundle = build_datasets(config, tokenizer, workers=None if workers == "auto" else int(workers))
+            cold = min(cold, time.perf_counter() - started)
+        started = time.perf_counter()
+        build_datasets(config, tokenizer)
+        warm = time.perf_counter() - started
+        stats = bundle.stats
+        print(
+            f"{template:8} {packing!s:7} {workers:7} {cold:7.2f} {stats.samples / cold:10.0f} "
+            f"{stats.tokens / cold:10.0f} {stats.rows:6d} {warm:7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ fingerprint: Callable[[Path], str] = file_fingerprint, workers: int | None = Non
 * The local main rank tokenizes into `<config.cache_dir>/tokenized/<key>/` (key: file contents, tokenizer, template
   and every setting that changes the result) or reuses a complete entry; the other ranks wait for it on the file
   system, never in a collective. Large datasets are rendered and tokenized by a pool of `workers` processes
-  (default: every CPU the container may use, up to 16, from 10k conversations on).
+  (default: from 10k conversations on, with 4 or more CPUs: one per CPU the container may use, up to 16).
 * `DataBundle`: `train`, `eval` (memory-mapped `datasets.Dataset`, columns input_ids/labels[/position_ids]),
   `stats`/`eval_stats` (`DataStats`: records, samples, rows, tokens, label_tokens, truncated, dropped,
   drop_reasons), `packed`, `pad_token_id`, `cache_path`, `cache_hit`, and `collator(attn_implementation)`.
 * Errors: `finetune_trainer.errors.ConfigError` for a template the tokenizer contradicts, `DataError` for data that
   cannot be read or leaves no samples. Both carry the `reason` for FineTuneJob status.
 
+Packed batches carry position_ids that restart per sample, use_cache=False and no attention_mask: transformers 5.x
+then keeps samples apart itself (sdpa/eager/flex masks, flash-attention varlen on the padding-free layout).
 Loss masking, templates and packing are described in `templates`, `encode` and `collate`.
 """
 

@@ -25,6 +25,7 @@ CHUNK = 1000
 # Below this many conversations, starting worker processes (a few seconds each) costs more than it saves.
 PARALLEL_MIN = 10_000
 MAX_WORKERS = 16
+MIN_CPUS = 4
 
 
 def available_cpus() -> int:
@@ -40,7 +41,16 @@ def available_cpus() -> int:
 
 
 def default_workers(conversations: int) -> int:
-    return 1 if conversations < PARALLEL_MIN else max(1, min(MAX_WORKERS, available_cpus()))
+    """Worker processes for this many conversations: none for small data or few CPUs.
+
+    One process already keeps every CPU busy while the Rust tokenizer runs (it has its own thread pool), so
+    workers only spread the Python part (rendering, masking); on 2 CPUs that gain is smaller than the cost of
+    starting them and shipping the results back (measured with bench/bench_preprocess.py).
+    """
+    cpus = available_cpus()
+    if conversations < PARALLEL_MIN or cpus < MIN_CPUS:
+        return 1
+    return min(MAX_WORKERS, cpus)
 
 
 @dataclass
@@ -79,6 +89,8 @@ _worker: ChunkEncoder | None = None
 
 def _start_worker(template: str, tokenizer: Any, masking: Masking) -> None:
     global _worker
+    # The processes already share the CPUs; the tokenizer's own thread pool in each would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker = ChunkEncoder(get_template(template, tokenizer), tokenizer, masking)
 
 
