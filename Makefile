@@ -43,8 +43,9 @@ crds: venv ## Regenerate crds/ (and docs/api.md) from the API models
 	$(VENV_BIN)/ftj docs -o docs/api.md
 
 .PHONY: quickstart
-quickstart: venv ## The README's main job: a local LoRA fine-tune of a tiny model (lands with `ftj run`)
-	@echo "quickstart: the local fine-tune arrives with 'ftj run' (local mode); not available yet" >&2; exit 1
+quickstart: venv ## The README's main job: make a tiny model + data, then LoRA fine-tune it locally with `ftj run`
+	$(PY) examples/quickstart/make_quickstart.py out/quickstart
+	$(VENV_BIN)/ftj run out/quickstart/finetunejob.yaml --workdir out/quickstart/.ftj
 
 .PHONY: golden
 golden: venv ## Regenerate the rendered-manifest golden files (review the diff)

@@ -197,6 +197,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from finetune_operator.local import LocalRun, workdir_for
+    from finetune_operator.render import JobRef
+
+    path = Path(args.file)
+    _, errors = validate_file(path)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return 1
+    jobs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1:
+        print(f"{path}: ftj run takes a file with exactly one {KIND}, found {len(jobs)}", file=sys.stderr)
+        return 1
+    job, _ = validate_document(jobs[0])
+    assert job is not None
+    name = job.metadata.name or "local"
+    ref = JobRef(name, job.metadata.namespace or "local", job.spec)
+    workdir = Path(args.workdir) if args.workdir else workdir_for(name)
+    report = LocalRun(ref, workdir, log_level=args.log_level).run(merge=not args.no_merge)
+    return 0 if report.returncode == 0 else 1
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
 
@@ -234,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default="default", help="namespace when the file names none")
     p.add_argument("--backend", choices=["pytorchjob", "job"], help="override spec.distribution.backend")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("run", help="run a FineTuneJob on this machine (local torchrun, local dirs or S3)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--workdir", help="where configs, caches and logs go (default ./.ftj/<name>)")
+    p.add_argument("--no-merge", action="store_true", help="skip the adapter merge after training")
+    p.add_argument("--log-level", default="WARNING", help="trainer log level on the terminal (default WARNING)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("operator", help="run the operator (settings from FTJ_* environment variables)")
     p.add_argument("-v", "--verbose", action="store_true")
