@@ -1,0 +1,110 @@
+"""`ftj run` end to end on this machine: the quickstart trains with LoRA, merges, plots; two local nodes train
+together over torchrun; a data error stops the run with the file and line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("quickstart")
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart" / "make_quickstart.py"), str(root), "--samples", "240"],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+def _job(root: Path, name: str, **changes: Any) -> Path:
+    doc = yaml.safe_load((root / "finetunejob.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["output"]["uri"] = f"file://{root / 'runs' / name}"
+    for key, value in changes.items():
+        doc["spec"][key] = value
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _run(path: Path, workdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_operator", "run", str(path), "--workdir", str(workdir), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _progress(log: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and '"event":"progress"' in line:
+            records.append(json.loads(line))
+    return records
+
+
+def test_quickstart_trains_merges_and_reports(quickstart: Path) -> None:
+    path = _job(quickstart, "qs-lora")
+    result = _run(path, quickstart / "work-lora")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "step" in out
+    assert "loss" in out
+    assert "succeeded" in out
+    run = quickstart / "runs" / "qs-lora"
+    assert (run / "adapter_model.safetensors").is_file()
+    assert (run / "loss.png").stat().st_size > 1000
+    assert f"merged:      {run}/merged/" in out
+    assert (run / "merged" / "manifest.json").is_file()
+    assert any(p.suffix == ".safetensors" for p in (run / "merged").iterdir())
+    losses = [r["loss"] for r in _progress(quickstart / "work-lora" / "node-0.log") if "loss" in r]
+    assert len(losses) >= 3
+    assert losses[-1] < losses[0] * 0.7, losses
+
+
+def test_two_local_nodes_train_over_torchrun(quickstart: Path) -> None:
+    path = _job(
+        quickstart,
+        "qs-two-nodes",
+        distribution={"nodes": 2, "procsPerNode": 1},
+        training={
+            "epochs": 1,
+            "learningRate": 0.01,
+            "perDeviceBatchSize": 4,
+            "cutoffLen": 128,
+            "precision": "fp32",
+            "gradientCheckpointing": False,
+            "loggingSteps": 2,
+            "saveSteps": 100,
+        },
+    )
+    result = _run(path, quickstart / "work-two", "--no-merge")
+    assert result.returncode == 0, result.stdout + result.stderr
+    node1 = (quickstart / "work-two" / "node-1.log").read_text()
+    assert node1  # the second node ran its own torchrun
+    configs = sorted(p.name for p in (quickstart / "work-two").glob("trainer-node-*.json"))
+    assert configs == ["trainer-node-0.json", "trainer-node-1.json"]
+    assert (quickstart / "runs" / "qs-two-nodes" / "adapter_model.safetensors").is_file()
+
+
+def test_a_data_error_stops_the_run_with_file_and_line(quickstart: Path) -> None:
+    bad = quickstart / "data" / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    path = _job(quickstart, "qs-bad", datasets=[{"uri": f"file://{bad}", "format": "alpaca"}])
+    result = _run(path, quickstart / "work-bad")
+    assert result.returncode == 1
+    assert "FAILED (DataError)" in result.stdout
+    assert "bad.jsonl" in result.stdout
+    assert "line 2" in result.stdout
+    assert not (quickstart / "runs" / "qs-bad" / "adapter_model.safetensors").exists()
