@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
@@ -61,9 +62,26 @@ def _blob(size: int, seed: int) -> bytes:
     return hashlib.shake_256(f"blob-{seed}".encode()).digest(size)
 
 
-def _upload_model_like(s3: Any, prefix: str) -> dict[str, bytes]:
+def _uploader(s3: Any, checksums: bool) -> Any:
+    """A boto3 client that stores S3 additional checksums (CRC32, today's SDK default) or, like older tools, none,
+    so that only the MD5 ETag can verify a download."""
+    from botocore.config import Config
+
+    if checksums:
+        return s3.client()
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        region_name=s3.region,
+        config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"),
+    )
+
+
+def _upload_model_like(s3: Any, prefix: str, checksums: bool = True) -> dict[str, bytes]:
     """Objects shaped like a model directory: a multipart shard, a big single-part shard, small files."""
-    client = s3.client()
+    client = _uploader(s3, checksums)
     files = {
         "model-00001-of-00002.safetensors": _blob(13 * MiB + 123, 1),  # multipart, 5 MiB parts -> 3 parts
         "model-00002-of-00002.safetensors": _blob(3 * MiB + 7, 2),  # one PUT, fetched in 1 MiB ranges
@@ -79,8 +97,15 @@ def _upload_model_like(s3: Any, prefix: str) -> dict[str, bytes]:
     return files
 
 
-def test_prefix_download_fetches_parts_and_ranges_concurrently_and_verifies_them(s3_env: Any, tmp_path: Path) -> None:
-    files = _upload_model_like(s3_env, "models/tiny")
+@pytest.mark.parametrize("checksums", [True, False], ids=["crc32-checksums", "md5-etag-only"])
+def test_prefix_download_fetches_parts_and_ranges_concurrently_and_verifies_them(
+    s3_env: Any, tmp_path: Path, checksums: bool
+) -> None:
+    files = _upload_model_like(s3_env, "models/tiny", checksums)
+    head = s3_env.client().head_object(
+        Bucket=s3_env.bucket, Key="models/tiny/model-00001-of-00002.safetensors", ChecksumMode="ENABLED"
+    )
+    assert ("ChecksumCRC32" in head) == checksums
     storage = S3Storage(_spec(s3_env), workers=6, chunk_size=MiB)
     listed = storage.list(s3_env.uri("models/tiny/"))
     assert sorted(o.key for o in listed) == sorted(files)
@@ -134,9 +159,12 @@ def test_an_interrupted_download_resumes_with_only_the_missing_chunks(s3_env: An
     assert not (tmp_path / "big.bin.part").exists()
 
 
-def test_a_corrupted_partial_file_fails_the_etag_check_and_is_fetched_again(s3_env: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("checksums", "check"), [(True, "CRC32"), (False, "ETag")], ids=["crc32", "md5-etag"])
+def test_a_corrupted_partial_file_fails_verification_and_is_fetched_again(
+    s3_env: Any, tmp_path: Path, checksums: bool, check: str
+) -> None:
     data = _blob(3 * MiB, 8)
-    s3_env.client().put_object(Bucket=s3_env.bucket, Key="w.bin", Body=data)
+    _uploader(s3_env, checksums).put_object(Bucket=s3_env.bucket, Key="w.bin", Body=data)
     storage = S3Storage(_spec(s3_env))
     (obj,) = storage.list(s3_env.uri("w.bin"))
     transfer = Transfer(s3_env.bucket, "w.bin", tmp_path / "w.bin", obj.size, obj.etag)
@@ -149,7 +177,7 @@ def test_a_corrupted_partial_file_fails_the_etag_check_and_is_fetched_again(s3_e
     with open(tmp_path / "w.bin.part", "r+b") as handle:  # a flipped byte in a chunk recorded as done
         handle.seek(10)
         handle.write(b"\xff" if data[10:11] != b"\xff" else b"\x00")
-    with pytest.raises(TransferError, match=rf"s3://{s3_env.bucket}/w.bin did not verify: ETag {obj.etag}"):
+    with pytest.raises(TransferError, match=rf"s3://{s3_env.bucket}/w.bin did not verify: {check} "):
         RangedDownloader(storage.client, chunk_size=MiB).run([transfer])
     assert not (tmp_path / "w.bin.part").exists(), "a partial file that failed verification must be dropped"
     RangedDownloader(storage.client, chunk_size=MiB).run([transfer])
