@@ -1,0 +1,56 @@
+"""`python -m finetune_trainer train`: an invalid config exits 2 listing every bad field; a failure exits 1 with its
+reason in the container's termination message (what the operator reads into the FineTuneJob status)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from trainer.tinymodels import config_dict, write_dataset, write_model
+
+from finetune_trainer.cli import main
+
+
+@pytest.fixture
+def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "termination-log"
+    path.touch()  # the kubelet creates it empty
+    monkeypatch.setenv("FTJ_TERMINATION_LOG", str(path))
+    for name in ("KUBERNETES_SERVICE_HOST", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return path
+
+
+def test_an_invalid_config_exits_2_naming_every_bad_field(tmp_path: Path, termination_log: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"uri": "ftp://models/x"},
+                "datasets": [{"uri": "s3://data/train.jsonl"}],
+                "output": {"uri": "s3://runs/x/"},
+                "training": {"learningRate": -1},
+            }
+        )
+    )
+    assert main(["train", "--config", str(config)]) == 2
+    report = json.loads(termination_log.read_text())
+    assert report["reason"] == "InvalidConfig"
+    assert "model.uri: unsupported scheme 'ftp://'" in report["message"]
+    assert "training.learningRate" in report["message"] or "training.learning_rate" in report["message"]
+
+
+def test_a_data_error_exits_1_with_its_reason_in_the_termination_message(tmp_path: Path, termination_log: Path) -> None:
+    model = write_model(tmp_path / "model")
+    broken = tmp_path / "train.jsonl"
+    write_dataset(broken, n=4)
+    broken.write_text(broken.read_text() + '{"instruction": "unterminated\n')
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_dict(tmp_path, model_uri=model.as_uri(), data_uri=broken.as_uri())))
+    assert main(["train", "--config", str(config)]) == 1
+    report = json.loads(termination_log.read_text())
+    assert report["reason"] == "DataError"
+    assert "train.jsonl" in report["message"]
+    assert "line 5" in report["message"]
+    assert not (tmp_path / "out" / "manifest.json").exists()
