@@ -131,7 +131,11 @@ def test_suspend_and_resume(cluster: Cluster, operator: Any) -> None:
     cluster.wait_phase("pausable", "Running")
     cluster.patch("pausable", {"spec": {"runPolicy": {"suspend": True}}})
     cluster.wait_phase("pausable", "Suspended")
-    assert cluster.batch.read_namespaced_job("pausable", cluster.ns).spec.suspend is True
+    wait_until(
+        lambda: cluster.batch.read_namespaced_job("pausable", cluster.ns).spec.suspend is True,
+        timeout=30,
+        what="the Job to be suspended",
+    )
     wait_until(lambda: not cluster.pods("pausable", "Running"), timeout=60, what="suspended pods to go away")
     cluster.patch("pausable", {"spec": {"runPolicy": {"suspend": False}}})
     cluster.wait_pods("pausable", 2)
