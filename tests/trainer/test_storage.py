@@ -251,6 +251,25 @@ def test_storage_errors_name_the_uri_and_the_cause(s3_env: Any, monkeypatch: pyt
         wrong.list(s3_env.uri("x/"))
 
 
+def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path: Path) -> None:
+    storage = S3Storage(_spec(s3_env))
+    (tmp_path / "ckpt" / "global_step2").mkdir(parents=True)
+    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(_blob(9 * MiB, 4))
+    (tmp_path / "ckpt" / "global_step2" / "zero_pp_rank_0.pt").write_bytes(b"shard")
+    prefix = s3_env.uri("runs/x/checkpoints/step-2/")
+    assert storage.upload_dir(tmp_path / "ckpt", prefix) == ["global_step2/zero_pp_rank_0.pt", "optimizer.pt"]
+    assert {o.key: o.size for o in storage.list(prefix)} == {
+        "global_step2/zero_pp_rank_0.pt": 5,
+        "optimizer.pt": 9 * MiB,
+    }
+    assert storage.read_bytes(prefix + "missing.json") is None
+    storage.write_bytes(prefix + "manifest.json", b'{"step": 2}')
+    assert storage.read_bytes(prefix + "manifest.json") == b'{"step": 2}'
+    assert storage.exists(prefix + "manifest.json")
+    assert storage.delete_prefix(prefix) == 3
+    assert storage.list(prefix) == []
+
+
 def test_pvc_uris_map_to_the_claim_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path))
     storage = LocalStorage()

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from finetune_trainer.checkpoints import LOCAL_PREFIX, CheckpointUploader
+from finetune_trainer.checkpoints import LOCAL_PREFIX
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
 
@@ -35,22 +36,28 @@ def _last_loss(state: TrainerState) -> float | None:
 
 
 class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
-    """After every save: wait for all ranks' files, then hand the directory to this node's uploader.
+    """After every save, once all ranks' files are written, hand the directory to the recipe's save_checkpoint.
 
     Also forces a save at the last step, so that a failure while exporting the final outputs resumes there instead
-    of repeating training.
+    of repeating training, and stops training when a background upload failed.
     """
 
-    def __init__(self, uploader: CheckpointUploader | None, ranks: Ranks) -> None:
-        self.uploader = uploader
+    def __init__(
+        self,
+        save: Callable[[int, Path, float | None], None],
+        ranks: Ranks,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        self.save = save
         self.ranks = ranks
+        self.check = check
         self.saved_steps: list[int] = []
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             control.should_save = True
-        if self.uploader is not None:
-            self.uploader.check()  # a failed background upload stops training here, with its message
+        if self.check is not None:
+            self.check()  # a failed background upload stops training here, with its message
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.ranks.distributed and dist.is_available() and dist.is_initialized():
@@ -58,9 +65,8 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
             # only once all of them are done. All ranks call on_save at the same step, so this cannot deadlock.
             dist.barrier()
         self.saved_steps.append(state.global_step)
-        if self.uploader is not None:
-            local = Path(str(args.output_dir)) / f"{LOCAL_PREFIX}{state.global_step}"
-            self.uploader.submit(local, state.global_step, loss=_last_loss(state))
+        local = Path(str(args.output_dir)) / f"{LOCAL_PREFIX}{state.global_step}"
+        self.save(state.global_step, local, _last_loss(state))
 
 
 class PreemptionCallback(TrainerCallback):  # type: ignore[misc]

@@ -145,7 +145,8 @@ class FineTuneRecipe:
                 on_complete=self._checkpoint_complete if self.ranks.is_main else None,
             )
         self.preemption = PreemptionCallback(self.ranks)
-        self.checkpoint_callback = CheckpointCallback(self.uploader, self.ranks)
+        check = self.uploader.check if self.uploader is not None else None
+        self.checkpoint_callback = CheckpointCallback(self.save_checkpoint, self.ranks, check)
         callbacks: list[Any] = [self.checkpoint_callback, self.preemption]
         if self.reporter is not None:
             callbacks.append(ProgressCallback(self.reporter))
@@ -283,11 +284,12 @@ class FineTuneRecipe:
             return RunResult("preempted", step, resumed)
         return RunResult("finished", step, resumed)
 
-    def save_checkpoint(self) -> None:
-        """Save a checkpoint now (every rank) and queue its upload; the loop does this itself every saveSteps."""
-        trainer = self.trainer
-        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    def save_checkpoint(self, step: int, local_dir: Path, loss: float | None) -> None:
+        """Checkpoint `step` is complete in `local_dir` on every rank of this node (the Trainer wrote it, every
+        saveSteps, at the last step and on SIGTERM): this node's local rank 0 queues it for upload to
+        <output>/checkpoints/step-<step>/; training goes on while it uploads."""
+        if self.uploader is not None:
+            self.uploader.submit(local_dir, step, loss=loss)
 
     # -- final outputs -----------------------------------------------------------------------------------------
 
