@@ -3,7 +3,7 @@
 `train` runs the recipe on this rank (standalone, or as one process of torchrun; see finetune_trainer.launch for
 the container entry point). The config path defaults to $FTJ_CONFIG. Exit codes: 0 done, 143 preempted after a
 checkpoint was saved, 1 failed (the reason goes to the FineTuneJob status and to the container's termination
-message), 2 invalid configuration. `merge` is reserved for the adapter merge Job.
+message), 2 invalid configuration. `merge` runs the adapter merge Job (see finetune_trainer.merge.command).
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    print("finetune_trainer merge: not part of this build yet", file=sys.stderr)
-    return 2
+    from finetune_trainer.merge.command import run  # the merge stack imports torch; `train --help` need not
+
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--config", default=os.environ.get("FTJ_CONFIG"), required="FTJ_CONFIG" not in os.environ)
     train.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
     train.set_defaults(func=cmd_train)
-    merge = sub.add_parser("merge", help="merge a trained adapter into its base model (reserved)")
+    merge = sub.add_parser("merge", help="merge a trained LoRA/DoRA adapter into its full-precision base model")
+    merge.add_argument("--base", help="base model URI (default with --config: model.uri)")
+    merge.add_argument("--adapter", help="adapter URI, usually the run's output (default: output.uri)")
+    merge.add_argument("--output", help="merged model URI (default: output.merge.uri or <output>/merged/)")
+    merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="merged weights' dtype (default bf16)")
+    merge.add_argument("--max-shard-size", help="largest shard file, e.g. 5GB (default 5GB)")
+    merge.add_argument("--config", default=os.environ.get("FTJ_CONFIG"), help="the run's TrainerConfig JSON")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing, different merged model")
+    merge.add_argument("--cache-dir", help="download/scratch directory (default: the config's cacheDir)")
+    merge.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
     merge.set_defaults(func=cmd_merge)
     args = parser.parse_args(argv)
     code: int = args.func(args)

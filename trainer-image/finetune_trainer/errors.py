@@ -19,3 +19,9 @@ class ConfigError(TrainerError):
     """The configuration cannot work, e.g. a chat template that the tokenizer's special tokens contradict."""
 
     reason = "InvalidConfig"
+
+
+class MergeError(TrainerError):
+    """An adapter cannot be merged: it is missing, does not fit the base, or the output is taken."""
+
+    reason = "MergeError"
