@@ -15,10 +15,11 @@ import pytest
 from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
 from transformers import TrainerCallback
 
-from finetune_trainer.checkpoints import latest_complete, list_checkpoints
+from finetune_trainer.checkpoints import CheckpointUploader, latest_complete, list_checkpoints
+from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
 from finetune_trainer.recipe import EXIT_PREEMPTED, FineTuneRecipe, RunResult
-from finetune_trainer.storage import LocalStorage
+from finetune_trainer.storage import LocalStorage, StorageError
 
 # Dropout > 0 makes the losses depend on the restored RNG state, so "equal" also proves RNG restore.
 METHOD = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target": ["q_proj", "v_proj", "o_proj"]}}
@@ -99,7 +100,7 @@ def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_unint
 
     after = list_checkpoints(storage, interrupted_cfg.output.uri)
     assert after.complete == [6, 8], "retention keeps the newest 2 complete checkpoints"
-    assert after.incomplete == [], "the torn checkpoint older than the newest complete one is cleaned up"
+    assert after.incomplete == [], "the torn checkpoint of the earlier attempt is cleaned up"
     assert json.loads((tmp_path / "b" / "out" / "manifest.json").read_text())["step"] == 8
 
 
@@ -128,3 +129,30 @@ def test_resume_takes_the_newest_checkpoint_whose_manifest_and_files_are_complet
     assert found.step == 20
     assert found.loss == 1.5
     assert found.uri.endswith("/checkpoints/step-20/")
+
+
+def test_a_node_record_left_by_an_earlier_attempt_cannot_complete_a_checkpoint(tmp_path: Path) -> None:
+    storage = LocalStorage()
+    out = (tmp_path / "out").as_uri() + "/"
+    stale = tmp_path / "out" / "checkpoints" / "step-10" / ".nodes" / "node-1.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"node": 1, "attempt": "earlier", "files": [{"path": "rng_state_1.pth", "size": 1}]}))
+    local = tmp_path / "work" / "checkpoint-10"
+    local.mkdir(parents=True)
+    (local / "rng_state_0.pth").write_bytes(b"0")
+    ranks = Ranks(rank=0, local_rank=0, world_size=2, local_world_size=1, node_rank=0)
+    uploader = CheckpointUploader(storage, out, ranks, keep=2, attempt="this-run", nodes_wait_seconds=1.5)
+    uploader.submit(local, 10, loss=1.0)
+    with pytest.raises(StorageError, match="only 1 of 2 nodes uploaded their files"):
+        uploader.drain()
+    uploader.close()
+    assert list_checkpoints(storage, out).complete == []
+
+    # Node 1 of this attempt reports: now the checkpoint completes.
+    stale.write_text(json.dumps({"node": 1, "attempt": "this-run", "files": [{"path": "rng_state_1.pth", "size": 1}]}))
+    uploader = CheckpointUploader(storage, out, ranks, keep=2, attempt="this-run", nodes_wait_seconds=5)
+    uploader.submit(local, 10, loss=1.0)
+    uploader.drain()
+    uploader.close()
+    manifest = json.loads((tmp_path / "out" / "checkpoints" / "step-10" / "manifest.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["rng_state_0.pth", "rng_state_1.pth"]

@@ -3,7 +3,8 @@
 Layout under the run's output URI:
     checkpoints/step-<N>/<files>               what the Hugging Face Trainer saved locally (checkpoint-<N>/), with
                                                DeepSpeed's per-rank shards (global_step<N>/...) from every node
-    checkpoints/step-<N>/.nodes/node-<k>.json  node k's list of files it uploaded (path, size, sha256)
+    checkpoints/step-<N>/.nodes/node-<k>.json  node k's list of files it uploaded (path, size, sha256) and the id
+                                               of the attempt (run) that wrote them
     checkpoints/step-<N>/manifest.json         written LAST by global rank 0, once every node's list is in: the
                                                union of the files; its presence is what makes a checkpoint complete
 Resume takes the newest complete checkpoint whose listed files are all present with their sizes; anything without
@@ -165,6 +166,7 @@ class CheckpointUploader:
         nodes_wait_seconds: float = 1800.0,
         on_complete: Callable[[int, str, float | None], None] | None = None,
         keep_local: int = 1,
+        attempt: str = "",
     ) -> None:
         self.storage = storage
         self.output_uri = output_uri
@@ -174,6 +176,7 @@ class CheckpointUploader:
         self.nodes_wait_seconds = nodes_wait_seconds
         self.on_complete = on_complete
         self.keep_local = keep_local
+        self.attempt = attempt  # the same on every rank of this run; records of earlier runs do not count
         self.completed: list[int] = []
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -221,7 +224,7 @@ class CheckpointUploader:
         names = [f["path"] for f in files]
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda n: self.storage.upload_file(job.local_dir / n, join_uri(uri, n)), names))
-        node_record = {"node": self.ranks.node_rank, "files": files}
+        node_record = {"node": self.ranks.node_rank, "attempt": self.attempt, "files": files}
         record_uri = join_uri(uri, f"{NODES_DIR}/node-{self.ranks.node_rank}.json")
         self.storage.write_bytes(record_uri, json.dumps(node_record).encode())
         size = sum(f["size"] for f in files)
@@ -271,8 +274,9 @@ class CheckpointUploader:
             records = []
             for obj in self.storage.list(prefix):
                 raw = self.storage.read_bytes(join_uri(prefix, obj.key))
-                if raw:
-                    records.append(json.loads(raw))
+                record = json.loads(raw) if raw else None
+                if record is not None and record.get("attempt", "") == self.attempt:
+                    records.append(record)
             if len(records) >= self.ranks.nnodes:
                 return records
             if time.monotonic() > deadline:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from finetune_trainer.checkpoints import (
     describe_files,
     latest_complete,
     list_checkpoints,
+    step_uri,
 )
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.deepspeed import deepspeed_config
@@ -75,6 +77,7 @@ class FineTuneRecipe:
             reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
         self.reporter = reporter
         self.resume: CheckpointRef | None = None
+        self.attempt = ""
         self.resume_dir: Path | None = None
         self.trainer: Any = None
         self.uploader: CheckpointUploader | None = None
@@ -142,6 +145,7 @@ class FineTuneRecipe:
                 self.ranks,
                 keep=self.config.output.checkpoints.keep,
                 job_name=self.config.job_name,
+                attempt=self.attempt,
                 on_complete=self._checkpoint_complete if self.ranks.is_main else None,
             )
         self.preemption = PreemptionCallback(self.ranks)
@@ -233,21 +237,33 @@ class FineTuneRecipe:
         return str(rendered)
 
     def _agree_on_resume(self) -> CheckpointRef | None:
-        """Global rank 0 picks the newest complete checkpoint; every rank takes the same one (a checkpoint may
-        complete while the ranks look, so they must not each look for themselves)."""
-        choice = latest_complete(self.storage, self.output_uri) if self.ranks.is_main else None
+        """Global rank 0 picks the newest complete checkpoint and names this attempt; every rank takes both (a
+        checkpoint may complete while the ranks look, so they must not each look for themselves).
+
+        Incomplete checkpoints newer than the choice are leftovers of an earlier attempt that this one will reach
+        again; rank 0 deletes them first, and node records carry the attempt id, so that a stale record of another
+        node can never complete a new checkpoint."""
+        choice: CheckpointRef | None = None
+        attempt = ""
+        if self.ranks.is_main:
+            choice = latest_complete(self.storage, self.output_uri)
+            attempt = uuid.uuid4().hex
+            start = choice.step if choice else 0
+            for step in list_checkpoints(self.storage, self.output_uri).incomplete:
+                if step > start:
+                    log.info("deleting incomplete checkpoint step %d of an earlier attempt", step)
+                    self.storage.delete_prefix(step_uri(self.output_uri, step))
         if self.ranks.distributed:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
-                box = [choice]
+                box: list[Any] = [choice, attempt]
                 dist.broadcast_object_list(box, src=0)
-                choice = box[0]
+                choice, attempt = box
+        self.attempt = attempt
         return choice
 
     def _existing_checkpoint_records(self) -> list[dict[str, Any]]:
-        from finetune_trainer.checkpoints import step_uri
-
         records = []
         for step in list_checkpoints(self.storage, self.output_uri).complete:
             uri = step_uri(self.output_uri, step)
