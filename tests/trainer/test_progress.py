@@ -147,3 +147,9 @@ def test_outside_a_cluster_progress_is_only_logged() -> None:
     assert line["event"] == "progress"
     assert line["summary"] == "1/4"
     assert line["loss"] == 3.5
+
+
+def test_in_a_cluster_without_a_mounted_token_training_goes_on_without_status(tmp_path: Path) -> None:
+    env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "FTJ_JOB_NAME": "tiny"}
+    env["FTJ_SERVICEACCOUNT_DIR"] = str(tmp_path / "not-mounted")
+    assert StatusClient.in_cluster("tiny", "default", env) is None

@@ -73,7 +73,11 @@ class StatusClient:
         loader = InClusterConfigLoader(
             token_filename=str(token_dir / "token"), cert_filename=str(token_dir / "ca.crt"), environ=dict(env)
         )
-        loader.load_and_set(configuration)
+        try:
+            loader.load_and_set(configuration)
+        except Exception as exc:  # e.g. no token mounted: train anyway, just without status reports
+            log.warning("cannot use the service account in %s (%s): progress goes to the log only", token_dir, exc)
+            return None
         return cls(name, ns, client.ApiClient(configuration))
 
     def patch(self, status: dict[str, Any], resource_version: str | None = None) -> None:
@@ -188,7 +192,7 @@ class ProgressReporter:
                     log.warning("could not report the failure to the FineTuneJob status: %s", exc)
                     return
 
-    def flush(self, timeout: float = 30.0) -> None:
+    def flush(self, timeout: float = 10.0) -> None:
         """Send what is pending now and wait for it (end of training, before exit)."""
         if self._thread is None:
             return
