@@ -23,6 +23,11 @@ import pytest
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:  # `import support` also under --import-mode=importlib
     sys.path.insert(0, str(_TESTS_DIR))
+# The venv is shared by every checkout on the machine (scripts/venv.sh) and its editable install points at whichever
+# checkout refreshed it last: test this checkout's packages, here and in every subprocess the tests start.
+_PACKAGES = [str(_TESTS_DIR.parent / "operator"), str(_TESTS_DIR.parent / "trainer-image")]
+sys.path[:0] = [p for p in _PACKAGES if p not in sys.path]
+os.environ["PYTHONPATH"] = os.pathsep.join([*_PACKAGES, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from support.requirements import unavailable  # noqa: E402
 

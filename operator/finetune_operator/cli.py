@@ -220,6 +220,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.returncode == 0 else 1
 
 
+def _as_uri(value: str) -> str:
+    return value if "://" in value else "file://" + str(Path(value).resolve())
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """The merge Job's command, run here: local directories (or URIs) in, a merged sharded model out."""
+    from finetune_trainer.cli import main as trainer_main
+
+    argv = [
+        "merge",
+        *("--base", _as_uri(args.base)),
+        *("--adapter", _as_uri(args.adapter)),
+        *("--output", _as_uri(args.output)),
+        *("--dtype", args.dtype),
+        *("--max-shard-size", args.max_shard_size),
+    ]
+    if args.overwrite:
+        argv.append("--overwrite")
+    return trainer_main(argv)
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import kopf
 
@@ -264,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-merge", action="store_true", help="skip the adapter merge after training")
     p.add_argument("--log-level", default="WARNING", help="trainer log level on the terminal (default WARNING)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("merge", help="merge a LoRA/DoRA adapter into its full-precision base (sharded safetensors)")
+    p.add_argument("--base", required=True, help="base model directory or URI")
+    p.add_argument("--adapter", required=True, help="adapter directory or URI (a run's output)")
+    p.add_argument("--output", required=True, help="where the merged model goes (directory or URI)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing merged output")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("operator", help="run the operator (settings from FTJ_* environment variables)")
     p.add_argument("-v", "--verbose", action="store_true")

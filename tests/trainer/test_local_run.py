@@ -72,6 +72,37 @@ def test_quickstart_trains_merges_and_reports(quickstart: Path) -> None:
     assert len(losses) >= 3
     assert losses[-1] < losses[0] * 0.7, losses
 
+    # `ftj merge` does the same merge by hand, here with small shards.
+    again = quickstart / "merged-by-hand"
+    merge = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "merge",
+            "--base",
+            str(quickstart / "model"),
+            "--adapter",
+            str(run),
+            "--output",
+            str(again),
+            "--dtype",
+            "fp32",
+            "--max-shard-size",
+            "100KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert merge.returncode == 0, merge.stderr
+    shards = sorted(again.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    index = json.loads((again / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in shards:  # within the limit, unless one tensor alone is larger
+        tensors = [t for t, f in index.items() if f == shard.name]
+        assert shard.stat().st_size <= 100_000 or len(tensors) == 1, (shard.name, shard.stat().st_size, tensors)
+
 
 def test_two_local_nodes_train_over_torchrun(quickstart: Path) -> None:
     path = _job(
