@@ -169,3 +169,33 @@ def test_deepspeed_zero2_on_two_nodes_saves_on_sigterm_to_one_node_and_resumes_e
     assert max(losses) == 40
     first_losses = losses_by_step(progress_lines((tmp_path / "first-node0.log").read_text(errors="replace")))
     assert losses[40] < first_losses[1] - 0.3, "training continued from the restored state and kept learning"
+
+
+def test_deepspeed_zero3_loads_partitioned_and_exports_the_gathered_full_model(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    from safetensors.torch import load_file
+
+    model, data = sources
+    config = config_dict(
+        tmp_path,
+        model_uri=model.as_uri(),
+        data_uri=data.as_uri(),
+        output_uri=(tmp_path / "out").as_uri(),
+        method={"type": "full"},
+        training={"maxSteps": 2, "saveSteps": 100, "perDeviceBatchSize": 2, "learningRate": 2e-3},
+        deepspeed={"zeroStage": 3},
+    )
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    log = tmp_path / "zero3.log"
+    env = trainer_env(FTJ_NPROC_PER_NODE="2")  # one node, two processes: the local backend
+    (code,) = wait_all([spawn([*LAUNCH, "--config", str(path)], env, log)], timeout=420)
+    assert code == 0, _tails([log])
+    base = load_file(str(model / "model.safetensors"))
+    trained = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(trained) == set(base)
+    # Gathered from both ranks' partitions at full shape, and trained.
+    for name, tensor in base.items():
+        assert trained[name].shape == tensor.shape, name
+        assert not trained[name].equal(tensor), name

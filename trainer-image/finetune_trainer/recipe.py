@@ -108,6 +108,13 @@ class FineTuneRecipe:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # Before any model is loaded: with ZeRO-3 the arguments must exist first so that loading is partitioned.
         args = self.training_arguments()
+        if self.config.deepspeed is not None and self.ranks.distributed:
+            import deepspeed
+            import torch.distributed as dist
+
+            # ZeRO-3 partitions while the model loads, with DeepSpeed's view of the world; on CPU (gloo) accelerate
+            # leaves deepspeed.comm uninitialised until the engine starts, and the load would see one rank.
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.resume = self._agree_on_resume()
         if self.ranks.is_local_main:
             # Local checkpoint directories of an earlier container are never resumed from (storage is the truth)
