@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from finetune_operator.render import JobRef, merge_uri, torchrun_args, trainer_config
+from finetune_operator.render import LAUNCH, JobRef, merge_uri, torchrun_args, trainer_config
 from finetune_trainer.deepspeed import deepspeed_config
 
 
@@ -136,7 +136,7 @@ class LocalRun:
         for rank, config_path in enumerate(config_paths):
             args = torchrun_args(str(rank), "127.0.0.1", port, str(dist.nodes), str(dist.procs_per_node))
             args[args.index("--config") + 1] = str(config_path)
-            out.append([sys.executable, "-m", "torch.distributed.run", *args])
+            out.append([sys.executable, *LAUNCH[1:], *args])
         return out
 
     def _env(self, rank: int) -> dict[str, str]:

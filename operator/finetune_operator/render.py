@@ -171,6 +171,14 @@ def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
 
 
+# torchrun's own wait for workers after a SIGTERM (its default is 30 s): time for the trainer to save and upload a
+# preemption checkpoint. The pod's grace period is longer still, so the kubelet does not cut that short.
+SHUTDOWN_TIMEOUT = 300
+TERMINATION_GRACE = SHUTDOWN_TIMEOUT + 60
+# The trainer's launcher runs torchrun with these arguments and turns its exit into one the workload can act on.
+LAUNCH = ["python", "-m", "finetune_trainer.launch", "--torchrun"]
+
+
 def torchrun_args(node_rank: str, master_addr: str, master_port: str, nnodes: str, nproc: str) -> list[str]:
     """torchrun's arguments; values may be $(VAR) references that the kubelet expands from the container env."""
     return [
@@ -179,6 +187,8 @@ def torchrun_args(node_rank: str, master_addr: str, master_port: str, nnodes: st
         f"--node_rank={node_rank}",
         f"--master_addr={master_addr}",
         f"--master_port={master_port}",
+        "--max_restarts=0",
+        f"--shutdown_timeout={SHUTDOWN_TIMEOUT}",
         "-m",
         "finetune_trainer",
         "train",
@@ -244,7 +254,7 @@ def pod_template(
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": spec.image_pull_policy or settings.image_pull_policy,
-        "command": ["torchrun"],
+        "command": LAUNCH,
         "args": args,
         "env": base_env + env + _storage_env(spec) + [e.to_wire() for e in spec.env or []],
         "ports": [{"name": "pytorchjob-port", "containerPort": spec.distribution.master_port, "protocol": "TCP"}],
@@ -263,6 +273,7 @@ def pod_template(
         container["resources"] = res
     pod: dict[str, Any] = {
         "serviceAccountName": job.trainer_sa,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE,
         "automountServiceAccountToken": True,
         "securityContext": {
             "runAsNonRoot": True,

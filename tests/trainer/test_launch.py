@@ -144,3 +144,50 @@ class _Sized:
 
     def __init__(self, hidden_size: int) -> None:
         self.config = type("Config", (), {"hidden_size": hidden_size, "to_dict": lambda self: {}})()
+
+
+def _supervised(tmp_path: Any, script: str, report: dict[str, str] | None) -> int:
+    log = tmp_path / "termination.json"
+    if report is not None:
+        log.write_text(json.dumps(report))
+    code = (
+        "import os, sys\n"
+        "from finetune_trainer.launch import supervise\n"
+        f"sys.exit(supervise([sys.executable, '-c', {script!r}]))\n"
+    )
+    env = {**__import__("os").environ, "FTJ_TERMINATION_LOG": str(log)}
+    return subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode
+
+
+@pytest.mark.parametrize(
+    ("script", "report", "expected"),
+    [
+        ("raise SystemExit(0)", None, 0),
+        ("raise SystemExit(1)", {"reason": "DataError", "message": "train.jsonl line 7"}, 3),
+        ("raise SystemExit(1)", {"reason": "InvalidConfig", "message": "template"}, 3),
+        ("raise SystemExit(1)", {"reason": "StorageError", "message": "s3 timeout"}, 1),
+        ("raise SystemExit(1)", None, 1),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", None, 137),
+    ],
+    ids=["success", "data-error", "invalid-config", "transient", "no-report", "killed"],
+)
+def test_launcher_turns_permanent_failures_into_exit_3(
+    tmp_path: Any, script: str, report: dict[str, str] | None, expected: int
+) -> None:
+    # torchrun itself always exits 1 on a worker failure; the worker's termination report decides.
+    assert _supervised(tmp_path, script, report) == expected
+
+
+def test_launcher_runs_the_rendered_torchrun_arguments(tmp_path: Any) -> None:
+    from finetune_operator.render import LAUNCH, torchrun_args
+
+    script = tmp_path / "worker.py"
+    script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
+    args = torchrun_args("0", "127.0.0.1", "29561", "1", "2")
+    args = [*args[: args.index("-m")], str(script)]
+    result = subprocess.run([sys.executable, *LAUNCH[1:], *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 2",
+        "rank 1 of 2",
+    ]

@@ -34,21 +34,21 @@ def test_an_invalid_config_exits_2_naming_every_bad_field(tmp_path: Path, termin
             }
         )
     )
-    assert main(["train", "--config", str(config)]) == 2
+    assert main(["train", "--config", str(config)]) == 3  # permanent: the Job fails at once, no retries
     report = json.loads(termination_log.read_text())
     assert report["reason"] == "InvalidConfig"
     assert "model.uri: unsupported scheme 'ftp://'" in report["message"]
     assert "training.learningRate" in report["message"] or "training.learning_rate" in report["message"]
 
 
-def test_a_data_error_exits_1_with_its_reason_in_the_termination_message(tmp_path: Path, termination_log: Path) -> None:
+def test_a_data_error_exits_3_with_its_reason_in_the_termination_message(tmp_path: Path, termination_log: Path) -> None:
     model = write_model(tmp_path / "model")
     broken = tmp_path / "train.jsonl"
     write_dataset(broken, n=4)
     broken.write_text(broken.read_text() + '{"instruction": "unterminated\n')
     config = tmp_path / "config.json"
     config.write_text(json.dumps(config_dict(tmp_path, model_uri=model.as_uri(), data_uri=broken.as_uri())))
-    assert main(["train", "--config", str(config)]) == 1
+    assert main(["train", "--config", str(config)]) == 3  # permanent: no retry can fix the data
     report = json.loads(termination_log.read_text())
     assert report["reason"] == "DataError"
     assert "train.jsonl" in report["message"]

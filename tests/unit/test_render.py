@@ -99,7 +99,7 @@ def test_pytorchjob_master_and_workers_with_torchrun_from_controller_env() -> No
     assert replicas["Worker"]["replicas"] == 2
     assert work["spec"]["nprocPerNode"] == "4"
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python", "-m", "finetune_trainer.launch", "--torchrun"]
     assert container["args"][:5] == [
         "--nnodes=$(PET_NNODES)",
         "--nproc_per_node=$(PET_NPROC_PER_NODE)",
@@ -109,6 +109,9 @@ def test_pytorchjob_master_and_workers_with_torchrun_from_controller_env() -> No
     ]
     assert container["resources"]["limits"][GPU] == "4"
     assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 29500, "protocol": "TCP"}]
+    # torchrun waits for a preemption checkpoint, and the kubelet waits longer than torchrun.
+    assert "--shutdown_timeout=300" in container["args"]
+    assert replicas["Worker"]["template"]["spec"]["terminationGracePeriodSeconds"] > 300
 
 
 def test_single_node_pytorchjob_has_no_workers() -> None:

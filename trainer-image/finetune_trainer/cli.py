@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from finetune_trainer.config import TrainerConfig, format_validation_error
 from finetune_trainer.distenv import Ranks
-from finetune_trainer.errors import ConfigError
+from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, ConfigError
 
 log = logging.getLogger("finetune_trainer")
 
@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_termination_message(reason, message)
         if reporter is not None:
             reporter.failure(reason, message)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return PERMANENT_EXIT_CODE if reason in PERMANENT_REASONS else 1
     finally:
         if reporter is not None:
             reporter.close()

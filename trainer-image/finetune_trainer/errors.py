@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Exit code of a failure no restart can fix (bad data, bad config, an adapter that does not fit): the operator's
+# Job podFailurePolicy fails the Job at once on it instead of retrying. Other failures exit 1 and are retried.
+PERMANENT_EXIT_CODE = 3
+PERMANENT_REASONS = frozenset({"DataError", "InvalidConfig", "MergeError"})
+
 
 class TrainerError(Exception):
     """A failure a person can act on; `reason` goes into the FineTuneJob's Failed condition."""

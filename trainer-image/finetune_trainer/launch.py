@@ -167,7 +167,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", default=os.environ.get("FTJ_CONFIG", DEFAULT_CONFIG_PATH))
     parser.add_argument("--backend", choices=["pytorchjob", "job", "local"], default=None)
     parser.add_argument("--dry-run", action="store_true", help="print the command as JSON instead of running it")
+    parser.add_argument(
+        "--torchrun",
+        nargs=argparse.REMAINDER,
+        help="run torchrun with exactly these arguments (the operator renders them) instead of deriving them",
+    )
     args, extra = parser.parse_known_args(argv)
+    if args.torchrun is not None:
+        command = [sys.executable, "-m", "torch.distributed.run", *args.torchrun]
+        print(f"finetune_trainer.launch: {' '.join(command)}", file=sys.stderr, flush=True)
+        raise SystemExit(supervise(command))
     try:
         plan = plan_from_env(backend=args.backend)
         timeout = _int(os.environ, ("FTJ_SHUTDOWN_TIMEOUT",), DEFAULT_SHUTDOWN_TIMEOUT)
@@ -179,8 +188,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(command))
         return
     print(f"finetune_trainer.launch: {plan} -> {' '.join(command)}", file=sys.stderr, flush=True)
-    # exec: torchrun becomes the container's main process and receives SIGTERM directly.
-    os.execv(command[0], command)
+    raise SystemExit(supervise(command))
+
+
+def supervise(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run torchrun as a child, forward SIGTERM/SIGINT to it, and return an exit code the workload can act on.
+
+    torchrun exits 1 whatever its workers exited with; the failing worker's termination message (JSON with a
+    reason) tells whether a restart could help. A permanent reason becomes PERMANENT_EXIT_CODE, which the Job
+    backend's podFailurePolicy turns into an immediate failure instead of retries.
+    """
+    import signal
+    import subprocess
+
+    from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS
+
+    child = subprocess.Popen(list(command), env=dict(env) if env is not None else None)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = child.wait()
+    if code == 0:
+        return 0
+    path = os.environ.get("FTJ_TERMINATION_LOG", "/dev/termination-log")
+    try:
+        with open(path) as handle:
+            reason = json.loads(handle.read() or "{}").get("reason")
+    except (OSError, ValueError, AttributeError):
+        reason = None
+    if reason in PERMANENT_REASONS:
+        return PERMANENT_EXIT_CODE
+    return code if code > 0 else 128 - code  # killed by a signal: the shell's 128+N convention
 
 
 if __name__ == "__main__":
