@@ -266,6 +266,12 @@ def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path
     storage.write_bytes(prefix + "manifest.json", b'{"step": 2}')
     assert storage.read_bytes(prefix + "manifest.json") == b'{"step": 2}'
     assert storage.exists(prefix + "manifest.json")
+    # Retention deletes a checkpoint's manifest alone first (what is left is then merely incomplete).
+    assert storage.delete(prefix + "manifest.json") is True
+    assert storage.read_bytes(prefix + "manifest.json") is None
+    assert storage.delete(prefix + "manifest.json") is False
+    assert len(storage.list(prefix)) == 2
+    storage.write_bytes(prefix + "manifest.json", b'{"step": 2}')
     assert storage.delete_prefix(prefix) == 3
     assert storage.list(prefix) == []
 

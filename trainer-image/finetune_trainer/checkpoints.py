@@ -133,7 +133,7 @@ def apply_retention(storage: Storage, output_uri: str, keep: int) -> list[int]:
     for step in sorted(doomed):
         uri = step_uri(output_uri, step)
         # Manifest first: if we stop half way, what is left is merely incomplete, never a broken "complete" one.
-        storage.delete_prefix(join_uri(uri, MANIFEST))
+        storage.delete(join_uri(uri, MANIFEST))
         storage.delete_prefix(uri)
         log.info("deleted checkpoint %s (keeping the newest %d)", uri, keep)
     return sorted(doomed)

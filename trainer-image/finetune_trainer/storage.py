@@ -116,6 +116,10 @@ class Storage(ABC):
         """Delete every object under the prefix `uri`; return how many were deleted."""
 
     @abstractmethod
+    def delete(self, uri: str) -> bool:
+        """Delete the one object at `uri` (not a prefix); return whether it existed."""
+
+    @abstractmethod
     def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
         """Copy the object or every object under the prefix `uri` into the directory `dest` (keys become relative
         paths; a single object keeps its base name). Files already complete in `dest` are kept. Returns what was
@@ -211,6 +215,16 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot delete {uri}: {exc}") from exc
         return count
+
+    def delete(self, uri: str) -> bool:
+        path = self.path(uri)
+        if not path.is_file():
+            return False
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise StorageError(f"cannot delete {uri}: {exc}") from exc
+        return True
 
     def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
         src = self.path(uri)
@@ -362,6 +376,15 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._fail("delete", uri, exc) from exc
         return count
+
+    def delete(self, uri: str) -> bool:
+        bucket, key = self._split(uri)
+        try:
+            existed = bool(self.list(uri))
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise self._fail("delete", uri, exc) from exc
+        return existed
 
     def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
         from finetune_trainer.transfer import RangedDownloader, Transfer
