@@ -132,9 +132,8 @@ def main(argv: list[str]) -> None:
         plane = ControlPlane.start(Path(tmp) / "plane")
         try:
             plane.apply_crd_files([ROOT / "crds" / "finetune.dev_finetunejobs.yaml"])
-            print(
-                f"{'N':>5} {'objects':>8} {'operator s':>11} {'bare client s':>14} {'ratio':>6} {'operator peak RSS MB':>21}"
-            )
+            header = ("N", "objects", "operator s", "bare client s", "ratio", "operator peak RSS MB")
+            print(" ".join(f"{h:>{w}}" for h, w in zip(header, (5, 8, 11, 14, 6, 21), strict=True)))
             for n in sizes:
                 r = run(plane, Path(tmp), n)
                 print(
