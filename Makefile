@@ -18,7 +18,7 @@ testbin: ## Build the real test servers (kube-apiserver, etcd, kwok, training op
 	bash tests/testbin/build.sh
 
 .PHONY: test
-test: venv testbin ## Run the whole test suite (the README's test command; CI runs it with FTJ_REQUIRE_REAL=1)
+test: venv testbin lint ## Lint, then run the whole test suite (the README's test command; CI runs it with FTJ_REQUIRE_REAL=1)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi; exit $$rc
 
