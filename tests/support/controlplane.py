@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 from base64 import b64decode, b64encode
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,17 @@ class ControlPlane:
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, workdir: Path) -> ControlPlane:
-        """Start etcd and kube-apiserver in ``workdir`` and wait until the API server is ready."""
+    def start(cls, workdir: Path, *, apiserver_args: Sequence[str] = ()) -> ControlPlane:
+        """Start etcd and kube-apiserver in ``workdir`` and wait until the API server is ready.
+
+        ``apiserver_args`` are appended to kube-apiserver's flags (e.g. an audit log, more admission plugins).
+        """
         etcd_bin = testbin.binary("etcd")
         apiserver_bin = testbin.binary("kubernetes", "kube-apiserver")
         plane = cls(workdir)
         try:
             plane._start_etcd(etcd_bin)
-            plane._start_apiserver(apiserver_bin)
+            plane._start_apiserver(apiserver_bin, apiserver_args)
         except BaseException:
             plane.stop(keep_workdir=True)
             raise
@@ -131,7 +134,7 @@ class ControlPlane:
         wait_until(lambda: _ok(f"{self.etcd_url}/health"), timeout=START_TIMEOUT, what="etcd /health", watch=[proc])
         self.timings["etcd"] = time.monotonic() - started
 
-    def _start_apiserver(self, apiserver_bin: Path) -> None:
+    def _start_apiserver(self, apiserver_bin: Path, extra_args: Sequence[str] = ()) -> None:
         started = time.monotonic()
         proc = self._spawn(
             "kube-apiserver",
@@ -153,6 +156,7 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
+                *extra_args,
             ],
         )
         context = self.ssl_context()
@@ -212,6 +216,39 @@ class ControlPlane:
         configuration.ssl_ca_cert = str(self.ca_cert)
         configuration.api_key = {"authorization": f"Bearer {token}"}
         return client.ApiClient(configuration)
+
+    def service_account_token(self, namespace: str, name: str, seconds: int = 3600) -> str:
+        """A bound token for a ServiceAccount (TokenRequest), the credential a Pod running as it would get."""
+        result = self.request(
+            "post",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": seconds}},
+        )
+        token: str = result["status"]["token"]
+        return token
+
+    def token_kubeconfig(self, token: str, path: Path, user: str = "token-user") -> Path:
+        """Write a kubeconfig that authenticates with a bearer ``token`` (mode 0600) and return its path."""
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "ftj-test",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": b64encode(self.ca_cert.read_bytes()).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "ftj-test", "context": {"cluster": "ftj-test", "user": user}}],
+            "current-context": "ftj-test",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(doc))
+        path.chmod(0o600)
+        return path
 
     # -- CRDs ----------------------------------------------------------------------------------------------------
 

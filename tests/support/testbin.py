@@ -22,6 +22,7 @@ _VERSION_KEYS = {
     "kwok": "KWOK_VERSION",
     "training-operator": "TRAINING_OPERATOR_VERSION",
     "minio": "MINIO_VERSION",
+    "helm": "HELM_VERSION",
 }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the real servers used by the controlplane and trainer test tiers from their published Go modules:
-# etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1
-# and MinIO. Binaries go to a cache outside the repository, one directory per component and version:
+# etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1,
+# MinIO and the Helm v3 CLI (the chart tests render and lint with it). Binaries go to a cache outside the
+# repository, one directory per component and version:
 #
 #   ${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}/<component>-<version>/
 #
@@ -9,7 +10,7 @@
 # redone and a finished one is reused. Idempotent: run it as often as you like; only what is missing is built.
 #
 # Usage: bash tests/testbin/build.sh [--force] [component ...]
-#   components: etcd kubernetes kwok training-operator minio (default: all)
+#   components: etcd kubernetes kwok training-operator minio helm (default: all)
 #   --force     rebuild even when the stamp is present
 #   --print-dir print the cache directory and exit
 set -euo pipefail
@@ -19,7 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 
 cache="${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}"
-all_components=(etcd kubernetes kwok training-operator minio)
+all_components=(etcd kubernetes kwok training-operator minio helm)
 
 force=0
 components=()
@@ -27,8 +28,8 @@ for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
         --print-dir) echo "$cache"; exit 0 ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        etcd|kubernetes|kwok|training-operator|minio) components+=("$arg") ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        etcd|kubernetes|kwok|training-operator|minio|helm) components+=("$arg") ;;
         *) echo "build.sh: unknown argument '$arg' (components: ${all_components[*]})" >&2; exit 2 ;;
     esac
 done
@@ -61,6 +62,7 @@ component_version() {
         kwok) echo "$KWOK_VERSION" ;;
         training-operator) echo "$TRAINING_OPERATOR_VERSION" ;;
         minio) echo "$MINIO_VERSION" ;;
+        helm) echo "$HELM_VERSION" ;;
     esac
 }
 
@@ -101,6 +103,22 @@ build_training-operator() {
 build_minio() {
     local out="$1"
     GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+}
+
+build_helm() {
+    local out="$1" v="$HELM_VERSION" k8s_minor
+    # What helm's Makefile stamps in: the release version, and the Kubernetes version that `helm template` and
+    # `helm lint` assume (.Capabilities.KubeVersion) taken from the client-go minor helm is built with.
+    k8s_minor="$(cd "$here" && go mod download -json "helm.sh/helm/v3@$v" >/dev/null && \
+        sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' \
+        "$(go env GOMODCACHE)/cache/download/helm.sh/helm/v3/@v/$v.mod")"
+    local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$v"
+    ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+    local pkg
+    for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+    done
+    GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$v"
 }
 
 # The loop sits in a function so bash parses all of it before running any of it (editing this file while a
