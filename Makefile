@@ -40,6 +40,7 @@ format: venv ## Apply ruff formatting and safe fixes
 .PHONY: crds
 crds: venv ## Regenerate crds/ (and docs/api.md) from the API models
 	$(VENV_BIN)/ftj crd -o crds/finetune.dev_finetunejobs.yaml
+	cp crds/finetune.dev_finetunejobs.yaml helm/finetune-operator/crds/
 	$(VENV_BIN)/ftj docs -o docs/api.md
 
 .PHONY: quickstart
@@ -50,3 +51,11 @@ quickstart: venv ## The README's main job: make a tiny model + data, then LoRA f
 .PHONY: golden
 golden: venv ## Regenerate the rendered-manifest golden files (review the diff)
 	FTJ_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit/test_render.py -k golden
+
+.PHONY: pins
+pins: venv ## Regenerate the container images' pinned requirements from pyproject + the tested venv
+	$(PY) tests/images/pins.py
+
+.PHONY: image-requirements
+image-requirements: venv ## Install each image's requirements into a clean venv and import them (~6 min)
+	FTJ_TEST_IMAGE_REQUIREMENTS=1 $(PY) -m pytest tests/images/test_image_requirements.py $(PYTEST_ARGS)

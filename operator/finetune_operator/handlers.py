@@ -6,13 +6,12 @@ variables (see `finetune_operator.settings`).
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -33,8 +32,8 @@ _elector: LeaderElector | None = None
 
 
 def _event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    # kopf only reads apiVersion, kind and metadata of the body to address the Event.
-    kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
+    # Posted directly rather than through kopf.event: the resync thread has no kopf event queue to post into.
+    k8s.post_event(body, kind, reason, message, component="finetune-operator")
 
 
 def _retrying(handler: str, step: Any, *args: Any) -> Any:
@@ -68,9 +67,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         _elector.start_renewing()
     # One loop for every job instead of a kopf timer per job: timers would put a finalizer on each FineTuneJob,
     # and an uninstalled operator would then leave them undeletable.
-    # The copied context carries kopf's settings and event queue, so that the loop can post Events too.
-    context = contextvars.copy_context()
-    threading.Thread(target=context.run, args=(_resync_forever,), name="resync", daemon=True).start()
+    threading.Thread(target=_resync_forever, name="resync", daemon=True).start()
 
 
 def _resync_forever() -> None:

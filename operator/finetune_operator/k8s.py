@@ -6,7 +6,9 @@ returns the existing object, and transient trouble surfaces as `TransientError` 
 
 from __future__ import annotations
 
+import logging
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -28,6 +30,9 @@ PLURALS = {
     "Lease": "leases",
     KIND: PLURAL,
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class TransientError(Exception):
@@ -176,3 +181,33 @@ def replace(obj: dict[str, Any]) -> dict[str, Any]:
         "PUT", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), obj
     )
     return result
+
+
+def post_event(involved: dict[str, Any], kind: str, reason: str, message: str, component: str) -> None:
+    """Post a core/v1 Event about an object; a failure to post is logged, never raised (Events are best effort)."""
+    meta = involved["metadata"]
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": involved.get("apiVersion"),
+            "kind": involved.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        _call("POST", path("v1", "Event", meta["namespace"]), event)
+    except (ApiException, TransientError) as exc:
+        log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)

@@ -61,8 +61,11 @@ def test_job_backend_full_lifecycle(cluster: Cluster, operator: Any) -> None:
     assert conds["Succeeded"] == "True"
     assert conds["Running"] == "False"
     assert {"kind": "Job", "name": "train-job", "apiVersion": "batch/v1"} in status["children"]
-    reasons = {e.reason for e in cluster.events("train-job")}
-    assert {"ChildrenCreated", "Training", "TrainingSucceeded"} <= reasons
+    wait_until(
+        lambda: {"ChildrenCreated", "Training", "TrainingSucceeded"} <= {e.reason for e in cluster.events("train-job")},
+        timeout=30,
+        what="the Events of every phase change",
+    )
 
 
 @pytest.mark.usefixtures("training_operator")
