@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from kubernetes import client  # noqa: E402
 
 from finetune_operator.api import FineTuneJobSpec  # noqa: E402
+from finetune_operator.k8s import path  # noqa: E402
 from finetune_operator.render import JobRef, children  # noqa: E402
 from finetune_operator.settings import Settings  # noqa: E402
 from support.controlplane import ControlPlane  # noqa: E402
@@ -75,9 +76,7 @@ def bare_client(api: client.ApiClient, namespace: str, n: int) -> float:
     start = time.perf_counter()
     for obj in objects:
         api.call_api(
-            f"/api/v1/namespaces/{namespace}/{_plural(obj)}"
-            if obj["apiVersion"] == "v1"
-            else f"/apis/{obj['apiVersion']}/namespaces/{namespace}/{_plural(obj)}",
+            path(obj["apiVersion"], obj["kind"], namespace),
             "POST",
             header_params={"Content-Type": "application/json", "Accept": "application/json"},
             body=obj,
@@ -86,17 +85,6 @@ def bare_client(api: client.ApiClient, namespace: str, n: int) -> float:
             _return_http_data_only=True,
         )
     return time.perf_counter() - start
-
-
-def _plural(obj: dict[str, Any]) -> str:
-    return {
-        "ConfigMap": "configmaps",
-        "ServiceAccount": "serviceaccounts",
-        "Role": "roles",
-        "RoleBinding": "rolebindings",
-        "Service": "services",
-        "Job": "jobs",
-    }[obj["kind"]]
 
 
 def run(plane: ControlPlane, workdir: Path, n: int) -> dict[str, float]:

@@ -28,6 +28,29 @@ GPU = "nvidia.com/gpu"
 JOB_LABEL = "finetune.dev/job"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 1000
+
+
+def pod_security() -> dict[str, Any]:
+    """The restricted Pod Security Standard at pod level, for every pod the operator creates (a fresh copy)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> dict[str, Any]:
+    """The restricted Pod Security Standard at container level (a fresh copy)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
 # The trainer exits with this code for errors no restart can fix (bad data, bad config); see finetune_trainer.errors.
 PERMANENT_EXIT_CODE = 3
 
@@ -261,12 +284,7 @@ def pod_template(
         "volumeMounts": mounts,
         # The trainer writes "<Reason>: <message>" to the termination log; the log tail when it could not.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security(),
     }
     res = resources(spec)
     if res:
@@ -275,13 +293,7 @@ def pod_template(
         "serviceAccountName": job.trainer_sa,
         "terminationGracePeriodSeconds": TERMINATION_GRACE,
         "automountServiceAccountToken": True,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security(),
         "containers": [container],
         "volumes": volumes,
     }
@@ -467,23 +479,12 @@ def merge_job(job: JobRef, settings: Settings) -> dict[str, Any]:
         "resources": {k: {n: str(q) for n, q in v.items()} for k, v in res.items()},
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security(),
     }
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the merge never talks to the API
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security(),
         "containers": [container],
         "volumes": volumes,
     }

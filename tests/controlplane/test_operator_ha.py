@@ -119,20 +119,9 @@ def test_server_side_dry_run_accepts_every_rendered_object(
     assert errors == []
     for obj in objects:
         obj["metadata"]["namespace"] = namespace
-        api_version, kind = obj["apiVersion"], obj["kind"]
-        plural = {
-            "ConfigMap": "configmaps",
-            "ServiceAccount": "serviceaccounts",
-            "Role": "roles",
-            "RoleBinding": "rolebindings",
-            "Service": "services",
-            "Job": "jobs",
-            "PyTorchJob": "pytorchjobs",
-        }[kind]
-        base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
         try:
             k8s_api.call_api(
-                f"{base}/namespaces/{namespace}/{plural}",
+                k8s.path(obj["apiVersion"], obj["kind"], namespace),
                 "POST",
                 query_params=[("dryRun", "All"), ("fieldValidation", "Strict")],
                 header_params={"Content-Type": "application/json", "Accept": "application/json"},
@@ -142,4 +131,4 @@ def test_server_side_dry_run_accepts_every_rendered_object(
                 _return_http_data_only=True,
             )
         except ApiException as exc:
-            raise AssertionError(f"{kind} {obj['metadata']['name']} refused: {exc.body}") from exc
+            raise AssertionError(f"{obj['kind']} {obj['metadata']['name']} refused: {exc.body}") from exc

@@ -15,7 +15,6 @@ no-op that reports it as already complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from finetune_trainer.checkpoints import sha256_file
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.errors import MergeError
 from finetune_trainer.merge.card import CardFacts, render_model_card
@@ -184,7 +184,7 @@ def load_adapter(directory: Path, label: str) -> LoadedAdapter:
     return LoadedAdapter(
         weights=parse_adapter(tensors, config, where=f"adapter {label}"),
         directory=directory,
-        sha256=_sha256(weights_path),
+        sha256=sha256_file(weights_path),
         trainer_state=_optional_json(directory / "trainer_state.json"),
         run_manifest=run_manifest,
     )
@@ -278,16 +278,8 @@ def check_fit(base: BaseModel, adapter: AdapterWeights, base_label: str, adapter
 # --- writing ----------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _describe(path: Path, root: Path) -> WrittenFile:
-    return WrittenFile(path.relative_to(root).as_posix(), path.stat().st_size, _sha256(path))
+    return WrittenFile(path.relative_to(root).as_posix(), path.stat().st_size, sha256_file(path))
 
 
 def _output_entries(base: BaseModel, dtype: torch.dtype) -> list[TensorEntry]:
