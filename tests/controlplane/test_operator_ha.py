@@ -15,6 +15,7 @@ from ftjtest import Cluster, ftj, operator_env
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from finetune_operator import k8s
 from finetune_operator.cli import render_file
 from support.processes import free_port, wait_until
 
