@@ -56,12 +56,6 @@ def api_client() -> client.ApiClient:
         return _client
 
 
-def reset_client() -> None:
-    global _client
-    with _lock:
-        _client = None
-
-
 def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     out = f"{base}/namespaces/{namespace}/{PLURALS[kind]}" if namespace else f"{base}/{PLURALS[kind]}"

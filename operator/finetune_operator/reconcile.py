@@ -54,14 +54,6 @@ class RetryLater(Exception):  # noqa: N818 - it is a signal, not a failure
         self.delay = delay
 
 
-def _owner_body(namespace: str, name: str, uid: str | None) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION_FULL,
-        "kind": KIND,
-        "metadata": {"namespace": namespace, "name": name, "uid": uid},
-    }
-
-
 def _record(body: dict[str, Any], obs: Observation, generation: int | None, events: EventSink) -> dict[str, Any]:
     """Write the operator's part of status when it changed; an Event on every phase change."""
     meta = body["metadata"]
@@ -142,9 +134,9 @@ def sync_status(namespace: str, name: str, settings: Settings, events: EventSink
         return None
     job = JobRef(name, namespace, spec)
     child_ref = workload(job, settings, {})
-    if child_ref["kind"] == "PyTorchJob" and status.get("conditions") and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
-        return None  # ensure_children reports and re-checks the missing API
     child = k8s.get(child_ref["apiVersion"], child_ref["kind"], namespace, name)
+    if child is None and child_ref["kind"] == "PyTorchJob" and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
+        return None  # ensure_children reports the missing API and re-checks it
     pods = k8s.list_objects("v1", "Pod", namespace, f"{JOB_LABEL}={name},app.kubernetes.io/component=trainer")
     obs = observe(child, pods, spec.distribution.nodes, spec.run_policy.suspend)
     if child is None and status.get("phase") not in (None, "Pending"):
