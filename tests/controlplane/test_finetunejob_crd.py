@@ -124,16 +124,17 @@ def test_run_defining_spec_is_immutable_but_run_policy_is_not(crs: client.Custom
     assert updated["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == 60
 
 
+def report_progress(crs: client.CustomObjectsApi, namespace: str) -> None:
+    """Write status as the trainer does: Running at step 3 of 10."""
+    progress = {"step": 3, "totalSteps": 10, "loss": 1.5, "summary": "3/10"}
+    crs.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "demo", {"status": {"phase": "Running", "progress": progress}}
+    )
+
+
 def test_status_is_a_subresource(crs: client.CustomObjectsApi, namespace: str) -> None:
     create(crs, namespace, job())
-    crs.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        "demo",
-        {"status": {"phase": "Running", "progress": {"step": 3, "totalSteps": 10, "loss": 1.5, "summary": "3/10"}}},
-    )
+    report_progress(crs, namespace)
     body = copy.deepcopy(crs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo"))
     body["status"] = {"phase": "Failed"}
     body["spec"]["runPolicy"]["suspend"] = True
@@ -145,14 +146,7 @@ def test_status_is_a_subresource(crs: client.CustomObjectsApi, namespace: str) -
 
 def test_printer_columns_show_phase_progress_loss(k8s_api: Any, namespace: str, crs: client.CustomObjectsApi) -> None:
     create(crs, namespace, job())
-    crs.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        "demo",
-        {"status": {"phase": "Running", "progress": {"step": 3, "totalSteps": 10, "loss": 1.5, "summary": "3/10"}}},
-    )
+    report_progress(crs, namespace)
     table = k8s_api.call_api(
         f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
         "GET",
