@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import KIND, validate_document
+from finetune_operator.api import KIND, FineTuneJob, validate_document
 from finetune_operator.convert import ConvertOptions, convert
 from finetune_operator.yamlio import dump_all
 
@@ -47,28 +47,30 @@ def _locate(index: dict[tuple[str, ...], int], doc_no: int, error: str) -> int |
     return None
 
 
-def validate_file(path: Path) -> tuple[int, list[str]]:
-    """Validate every FineTuneJob in a file; return how many were valid and one line per error."""
+def validate_file(path: Path) -> tuple[list[FineTuneJob], list[str]]:
+    """Validate every FineTuneJob in a file; return the valid ones and one line per error."""
     try:
         text = path.read_text()
     except OSError as exc:
-        return 0, [f"{path}: cannot read: {exc.strerror}"]
+        return [], [f"{path}: cannot read: {exc.strerror}"]
     try:
         docs = list(yaml.safe_load_all(text))
         index = _line_index(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        return 0, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]
-    valid, errors = 0, []
+        return [], [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]
+    valid: list[FineTuneJob] = []
+    errors: list[str] = []
     for n, doc in enumerate(docs):
         if doc is None or (isinstance(doc, dict) and doc.get("kind") not in (KIND, None)):
             continue  # other kinds (Secrets, Argo CD Applications) may share the file
-        _, problems = validate_document(doc)
+        job, problems = validate_document(doc)
         name = doc.get("metadata", {}).get("name", "?") if isinstance(doc, dict) else "?"
         located = sorted(((_locate(index, n, p) or 1, p) for p in problems), key=lambda lp: lp[0])
         errors += [f"{path}:{line}: {KIND} {name}: {problem}" for line, problem in located]
-        valid += not problems
+        if job is not None:
+            valid.append(job)
     if not valid and not errors:
         errors.append(f"{path}: no {KIND} documents found")
     return valid, errors
@@ -99,13 +101,13 @@ def cmd_docs(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for name in args.files:
-        valid, errors = validate_file(Path(name))
+        jobs, errors = validate_file(Path(name))
         for line in errors:
             print(line, file=sys.stderr)
         if errors:
             failed = True
         else:
-            print(f"{name}: {valid} {KIND}{'s' if valid != 1 else ''} valid")
+            print(f"{name}: {len(jobs)} {KIND}{'s' if len(jobs) != 1 else ''} valid")
     return 1 if failed else 0
 
 
@@ -114,16 +116,12 @@ def render_file(path: Path, namespace: str, backend: str | None = None) -> tuple
     from finetune_operator.render import JobRef, children
     from finetune_operator.settings import Settings
 
-    _, errors = validate_file(path)
+    jobs, errors = validate_file(path)
     if errors:
         return [], errors
     settings = Settings.from_env()
     objects: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(path.read_text()):
-        if not (isinstance(doc, dict) and doc.get("kind") == KIND):
-            continue
-        job, _ = validate_document(doc)
-        assert job is not None
+    for job in jobs:
         if not job.metadata.name:
             return [], [f"{path}: {KIND} metadata.name is required to render (generateName is resolved by the server)"]
         spec = job.spec
@@ -202,17 +200,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from finetune_operator.render import JobRef
 
     path = Path(args.file)
-    _, errors = validate_file(path)
+    jobs, errors = validate_file(path)
     for line in errors:
         print(line, file=sys.stderr)
     if errors:
         return 1
-    jobs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict) and d.get("kind") == KIND]
     if len(jobs) != 1:
         print(f"{path}: ftj run takes a file with exactly one {KIND}, found {len(jobs)}", file=sys.stderr)
         return 1
-    job, _ = validate_document(jobs[0])
-    assert job is not None
+    job = jobs[0]
     name = job.metadata.name or "local"
     ref = JobRef(name, job.metadata.namespace or "local", job.spec)
     workdir = Path(args.workdir) if args.workdir else workdir_for(name)

@@ -149,8 +149,7 @@ class LocalRun:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("KUBERNETES_SERVICE_HOST", None)  # progress goes to the terminal, not to a cluster
-        for name in [e.name for e in self.job.spec.env or []]:
-            env[name] = next(e.value for e in self.job.spec.env or [] if e.name == name)
+        env.update({e.name: e.value for e in self.job.spec.env or []})
         return env
 
     def train(self) -> RunReport:

@@ -42,7 +42,7 @@ MISSING_KUBEFLOW = (
     "or set spec.distribution.backend: job; the operator re-checks every {delay}s"
 )
 
-# Posts a Kubernetes Event on the FineTuneJob: (body, type, reason, message). The handlers pass kopf.event.
+# Posts a Kubernetes Event on the FineTuneJob: (body, type, reason, message). The handlers pass k8s.post_event.
 EventSink = Callable[[dict[str, Any], str, str, str], None]
 
 
@@ -54,12 +54,23 @@ class RetryLater(Exception):  # noqa: N818 - it is a signal, not a failure
         self.delay = delay
 
 
-def _record(body: dict[str, Any], obs: Observation, generation: int | None, events: EventSink) -> dict[str, Any]:
-    """Write the operator's part of status when it changed; an Event on every phase change."""
+def _record(
+    body: dict[str, Any],
+    obs: Observation,
+    generation: int | None,
+    events: EventSink,
+    artifacts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the operator's part of status (and artifacts not yet recorded) in one patch, only when something
+    changed; an Event on every phase change."""
     meta = body["metadata"]
     old = body.get("status") or {}
     patch = status_patch(old, obs, generation)
-    if changed(old, {k: v for k, v in patch.items() if k != "conditions"}) or _conditions_moved(old, patch):
+    recorded = old.get("artifacts") or {}
+    new_artifacts = {k: v for k, v in (artifacts or {}).items() if recorded.get(k) != v}
+    if new_artifacts:
+        patch["artifacts"] = new_artifacts
+    if new_artifacts or changed(old, {k: v for k, v in patch.items() if k != "artifacts"}):
         k8s.patch_status(meta["namespace"], meta["name"], patch)
     if old.get("phase") != obs.phase:
         kind = (
@@ -68,13 +79,6 @@ def _record(body: dict[str, Any], obs: Observation, generation: int | None, even
         events(body, kind, obs.reason, f"{obs.phase}: {obs.message}")
     metrics.set_phase(meta["namespace"], meta["name"], obs.phase)
     return patch
-
-
-def _conditions_moved(old: dict[str, Any], patch: dict[str, Any]) -> bool:
-    def key(conds: list[dict[str, Any]] | None) -> list[tuple[Any, ...]]:
-        return [(c["type"], c["status"], c.get("reason"), c.get("message")) for c in conds or []]
-
-    return key(old.get("conditions")) != key(patch["conditions"])
 
 
 def parse(body: dict[str, Any]) -> tuple[FineTuneJobSpec | None, list[str]]:
@@ -141,14 +145,14 @@ def sync_status(namespace: str, name: str, settings: Settings, events: EventSink
     obs = observe(child, pods, spec.distribution.nodes, spec.run_policy.suspend)
     if child is None and status.get("phase") not in (None, "Pending"):
         obs = Observation("Pending", "ChildMissing", f"{child_ref['kind']} {name} is gone; recreating it")
+    artifacts: dict[str, Any] = {}
     if obs.phase == "Succeeded":
-        if not status.get("artifacts"):
-            k8s.patch_status(namespace, name, {"artifacts": training_artifacts(spec)})
+        artifacts = training_artifacts(spec)
         if spec.merge_enabled():
             obs = _follow_merge(body, job, settings)
             if obs.phase == "Succeeded":
-                k8s.patch_status(namespace, name, {"artifacts": {"merged": merge_uri(spec)}})
-    _record(body, obs, body["metadata"].get("generation"), events)
+                artifacts["merged"] = merge_uri(spec)
+    _record(body, obs, body["metadata"].get("generation"), events, artifacts)
     return obs
 
 
