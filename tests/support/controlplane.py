@@ -8,6 +8,7 @@ work directory that :meth:`ControlPlane.stop` removes.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ import ssl
 import threading
 import time
 import urllib.request
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,12 @@ SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
 WEBHOOK_SECRET = "training-operator-webhook-cert"
-# Fixed in the training operator (pkg/cert) and controller-runtime's default; shared by concurrent sessions,
-# which is harmless because no webhook is registered with the API server.
+# What the training operator's rotator (pkg/cert, cert-controller) expects: the CA's name, the webhook Service's
+# DNS name, and certificates valid beyond its 90-day look-ahead, or it replaces them.
+WEBHOOK_CA_NAME = "training-operator-ca"
+WEBHOOK_DNS_NAME = f"training-operator.{TRAINING_OPERATOR_NAMESPACE}.svc"
+WEBHOOK_CERT_VALIDITY = datetime.timedelta(days=365)
+# Fixed in the training operator's pkg/cert: where its rotator checks that certificates are mounted.
 WEBHOOK_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 START_TIMEOUT = float(os.environ.get("FTJ_CONTROLPLANE_START_TIMEOUT", "120"))
 
@@ -435,8 +440,9 @@ class ControlPlane:
     def ensure_training_operator(self) -> ManagedProcess:
         """Apply the upstream PyTorchJob CRD from the Go module cache and start the training operator v1 once.
 
-        It runs out of cluster with the admin kubeconfig. Its webhook certificate rotator needs its Secret to
-        exist; no ValidatingWebhookConfiguration is registered, so admission goes to the CRD schema only.
+        It runs out of cluster with the admin kubeconfig. No ValidatingWebhookConfiguration is registered, so
+        admission goes to the CRD schema only; its webhook server still starts and needs certificates (see
+        ``_prepare_webhook_certs``).
         """
         with self._lock:
             if "training-operator" in self._processes:
@@ -446,16 +452,14 @@ class ControlPlane:
             started = time.monotonic()
             self.apply_crd_files([crd])
             self.create("/api/v1/namespaces", {"metadata": {"name": TRAINING_OPERATOR_NAMESPACE}})
-            self.create(
-                f"/api/v1/namespaces/{TRAINING_OPERATOR_NAMESPACE}/secrets", {"metadata": {"name": WEBHOOK_SECRET}}
-            )
+            tmpdir = self._prepare_webhook_certs()
             probe_port = free_port()
             env = {
                 **os.environ,
                 "KUBECONFIG": str(self.kubeconfig),
                 "MY_POD_NAMESPACE": TRAINING_OPERATOR_NAMESPACE,
-                # The webhook server reads certificates from $TMPDIR/k8s-webhook-server; the rotator checks /tmp.
-                "TMPDIR": "/tmp",
+                # controller-runtime's webhook server reads $TMPDIR/k8s-webhook-server/serving-certs.
+                "TMPDIR": str(tmpdir),
             }
             proc = self._spawn(
                 "training-operator",
@@ -469,7 +473,6 @@ class ControlPlane:
                 ],
                 env=env,
             )
-            self._mount_webhook_certs(proc)
             wait_until(
                 lambda: _ok(f"http://127.0.0.1:{probe_port}/readyz"),
                 timeout=START_TIMEOUT,
@@ -479,25 +482,52 @@ class ControlPlane:
             self.timings["training-operator"] = time.monotonic() - started
             return proc
 
-    def _mount_webhook_certs(self, proc: ManagedProcess) -> None:
-        """Do the kubelet's part for the operator's webhook Secret: copy it into the certificate directory.
+    def _prepare_webhook_certs(self) -> Path:
+        """Give the training operator its webhook certificates before it starts; return its private TMPDIR.
 
-        The operator's certificate rotator fills the Secret, then waits (up to minutes) for the files to appear in
-        WEBHOOK_CERT_DIR, which in a cluster is the Secret mounted as a volume.
+        In a cluster, the operator's certificate rotator fills its Secret and the kubelet mounts the Secret
+        where the webhook server reads it. Here the test does both parts up front, with certificates the rotator
+        accepts as valid (so it never rotates them): the Secret holds them and the webhook server reads a copy
+        in a directory private to this control plane. Only the rotator's "are the certificates mounted" check
+        looks at the fixed WEBHOOK_CERT_DIR, and only for a file's existence; that directory is shared with
+        other sessions on the machine, so nothing there is ever replaced (a replaced pair could be read half old,
+        half new).
         """
-        path = f"/api/v1/namespaces/{TRAINING_OPERATOR_NAMESPACE}/secrets/{WEBHOOK_SECRET}"
-
-        def filled() -> dict[str, str] | None:
-            data: dict[str, str] = self.request("get", path).get("data") or {}
-            return data if {"tls.crt", "tls.key"} <= data.keys() else None
-
-        data = wait_until(filled, timeout=START_TIMEOUT, what="training operator webhook certificates", watch=[proc])
-        WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        base = self.workdir / "training-operator"
+        ca = pki.CertificateAuthority(
+            base / "pki",
+            WEBHOOK_CA_NAME,
+            dns_names=(WEBHOOK_CA_NAME,),
+            validity=WEBHOOK_CERT_VALIDITY,
+            rsa_key=True,  # the rotator parses its CA key as PKCS#1 RSA
+        )
+        serving = ca.issue("tls", WEBHOOK_DNS_NAME, dns_names=(WEBHOOK_DNS_NAME,), server=True)
+        files = {"ca.crt": ca.cert_path, "ca.key": ca.key_path, "tls.crt": serving.cert, "tls.key": serving.key}
+        self.create(
+            f"/api/v1/namespaces/{TRAINING_OPERATOR_NAMESPACE}/secrets",
+            {
+                "metadata": {"name": WEBHOOK_SECRET},
+                "data": {name: b64encode(path.read_bytes()).decode() for name, path in files.items()},
+            },
+        )
+        tmpdir = base / "tmp"
+        certs = tmpdir / "k8s-webhook-server" / "serving-certs"
+        certs.mkdir(parents=True)
         for name in ("tls.crt", "tls.key"):
-            tmp = WEBHOOK_CERT_DIR / f".{name}.{os.getpid()}"
-            tmp.write_bytes(b64decode(data[name]))
-            tmp.chmod(0o600)
-            os.replace(tmp, WEBHOOK_CERT_DIR / name)
+            shutil.copyfile(files[name], certs / name)
+            (certs / name).chmod(0o600)
+        WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        marker = WEBHOOK_CERT_DIR / "tls.crt"
+        if not marker.exists():
+            staged = WEBHOOK_CERT_DIR / f".tls.crt.{os.getpid()}"
+            shutil.copyfile(serving.cert, staged)
+            try:
+                os.link(staged, marker)  # fails if another session got there first: keep theirs
+            except FileExistsError:
+                pass
+            finally:
+                staged.unlink()
+        return tmpdir
 
 
 def main(argv: list[str] | None = None) -> int:

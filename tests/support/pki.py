@@ -24,10 +24,12 @@ class KeyPair:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> None:
+    # RSA keys as PKCS#1 ("RSA PRIVATE KEY"), which is what Go's x509.ParsePKCS1PrivateKey readers expect.
+    fmt = serialization.PrivateFormat.TraditionalOpenSSL if isinstance(key, rsa.RSAPrivateKey) else None
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
+            fmt or serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
     )
@@ -43,19 +45,32 @@ def _name(common_name: str, organizations: tuple[str, ...] = ()) -> x509.Name:
 class CertificateAuthority:
     """A self-signed CA that issues the control plane's certificates into ``directory``."""
 
-    def __init__(self, directory: Path, common_name: str = "ftj-test-ca") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        common_name: str = "ftj-test-ca",
+        *,
+        dns_names: tuple[str, ...] = (),
+        validity: datetime.timedelta = _VALIDITY,
+        rsa_key: bool = False,
+    ) -> None:
         self.directory = directory
+        self.validity = validity
         directory.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if rsa_key
+            else ec.generate_private_key(ec.SECP256R1())
+        )
         now = datetime.datetime.now(datetime.UTC)
-        self._cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
             .issuer_name(_name(common_name))
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -71,8 +86,13 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .sign(self._key, hashes.SHA256())
         )
+        if dns_names:
+            # Some verifiers (cert-controller's rotator) check a CA against a name of its own.
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(d) for d in dns_names]), critical=False
+            )
+        self._cert = builder.sign(self._key, hashes.SHA256())
         self.cert_path = directory / "ca.crt"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         self.key_path = directory / "ca.key"
@@ -102,7 +122,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + self.validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
