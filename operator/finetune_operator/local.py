@@ -33,6 +33,7 @@ class RunReport:
     artifacts: dict[str, Any] = field(default_factory=dict)
     failure: dict[str, Any] | None = None
     merged: str | None = None
+    already_complete: bool = False  # an earlier run's outputs were complete: nothing was trained
 
 
 def _free_port() -> int:
@@ -46,7 +47,13 @@ def _local_path(uri: str) -> str:
 
 
 class ProgressView:
-    """A progress bar on one line (when the output is a terminal) and a loss table, from rank 0's JSON lines."""
+    """A progress bar on one line (when the output is a terminal) and a loss table, from rank 0's JSON lines.
+
+    Rank 0 sends a snapshot per logging step and another after each evaluation, for the same step. The table has
+    one row per logging step (a snapshot without a train loss, such as the one at step 0, gets none); an evaluation
+    adds a row of its own holding only the eval loss, and a train row shows an eval loss only when it is new, so a
+    stale value is never repeated beside a newer train loss.
+    """
 
     HEADER = f"{'step':>10} {'epoch':>6} {'loss':>9} {'eval loss':>9} {'lr':>9} {'tokens/s':>9} {'eta':>7}"
 
@@ -54,6 +61,8 @@ class ProgressView:
         self.out = out
         self.tty = out.isatty()
         self.header_shown = False
+        self._last_step: int | None = None
+        self._last_eval: float | None = None
 
     def progress(self, record: dict[str, Any]) -> None:
         if not self.header_shown:
@@ -65,12 +74,22 @@ class ProgressView:
             value = record.get(key)
             return format(value, fmt) if isinstance(value, int | float) else "-"
 
-        eta = record.get("etaSeconds")
-        self._line(
-            f"{f'{step}/{total}':>10} {num('epoch', '.2f'):>6} {num('loss', '.4f'):>9} {num('evalLoss', '.4f'):>9} "
-            f"{num('learningRate', '.2e'):>9} {num('tokensPerSecond', '.0f'):>9} "
-            f"{(f'{int(eta) // 60}m{int(eta) % 60:02d}s' if isinstance(eta, int | float) else '-'):>7}"
-        )
+        evaluation = record.get("evalLoss")
+        new_eval = isinstance(evaluation, int | float) and evaluation != self._last_eval
+        eval_cell = num("evalLoss", ".4f") if new_eval else "-"
+        if step == self._last_step or not isinstance(record.get("loss"), int | float):
+            if new_eval:  # the evaluation at the step just shown
+                self._line(f"{f'{step}/{total}':>10} {'':>6} {'':>9} {eval_cell:>9}")
+        else:
+            eta = record.get("etaSeconds")
+            self._line(
+                f"{f'{step}/{total}':>10} {num('epoch', '.2f'):>6} {num('loss', '.4f'):>9} {eval_cell:>9} "
+                f"{num('learningRate', '.2e'):>9} {num('tokensPerSecond', '.0f'):>9} "
+                f"{(f'{int(eta) // 60}m{int(eta) % 60:02d}s' if isinstance(eta, int | float) else '-'):>7}"
+            )
+        self._last_step = step
+        if new_eval:
+            self._last_eval = evaluation
         if self.tty and total:
             width = 40
             done = int(width * step / total)
@@ -201,6 +220,12 @@ class LocalRun:
                     self.view.note(f"checkpoint: step {record.get('step')} -> {record.get('uri')}")
                 elif event == "resumed":
                     self.view.note(f"resumed from step {record.get('resumedFromStep')}")
+                elif event == "already-complete":
+                    report.already_complete = True
+                    self.view.note(
+                        f"the outputs in {record.get('output')} are complete from an earlier run: nothing to train "
+                        "(delete them, or choose another output.uri, to train again)"
+                    )
                 elif event == "artifacts":
                     report.artifacts.update({k: v for k, v in record.items() if k not in ("event", "job")})
                 elif event == "failed":
@@ -260,7 +285,8 @@ class LocalRun:
         spec = self.job.spec
         lines = [""]
         if report.returncode == 0:
-            lines.append(f"ftj run: {self.job.name} succeeded in {seconds:.0f}s")
+            done = " (trained earlier; nothing trained this time)" if report.already_complete else ""
+            lines.append(f"ftj run: {self.job.name} succeeded in {seconds:.0f}s{done}")
         else:
             failure = report.failure or {}
             lines.append(

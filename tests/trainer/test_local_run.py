@@ -72,6 +72,15 @@ def test_quickstart_trains_merges_and_reports(quickstart: Path) -> None:
     assert len(losses) >= 3
     assert losses[-1] < losses[0] * 0.7, losses
 
+    # Running the same job again trains nothing, says so, and leaves the outputs as they were.
+    adapter = (run / "adapter_model.safetensors").read_bytes()
+    rerun = _run(path, quickstart / "work-lora")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"the outputs in file://{run}/ are complete from an earlier run: nothing to train" in rerun.stdout
+    assert "nothing trained this time" in rerun.stdout
+    assert _progress(quickstart / "work-lora" / "node-0.log") == []
+    assert (run / "adapter_model.safetensors").read_bytes() == adapter
+
     # `ftj merge` does the same merge by hand, here with small shards.
     again = quickstart / "merged-by-hand"
     merge = subprocess.run(

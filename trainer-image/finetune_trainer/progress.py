@@ -159,6 +159,10 @@ class ProgressReporter:
         self._print({"event": "checkpoint", "job": self.job_name, **record})
         self._queue({"checkpoints": newest}, urgent=True)
 
+    def already_complete(self, output_uri: str) -> None:
+        """The final outputs of an earlier attempt are complete: this one trains nothing (log line only)."""
+        self._print({"event": "already-complete", "job": self.job_name, "output": output_uri})
+
     def artifacts(self, **uris: str) -> None:
         """Final outputs: adapter/model/lossPlot URIs."""
         wire = {_camel(k): v for k, v in uris.items() if v}

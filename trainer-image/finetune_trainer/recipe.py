@@ -387,7 +387,8 @@ def run(config: TrainerConfig, **kwargs: Any) -> RunResult:
     try:
         if recipe.already_complete():
             log.info("the outputs of %s are already complete: nothing to do", recipe.output_uri)
-            if recipe.ranks.is_main:
+            if recipe.ranks.is_main and recipe.reporter is not None:
+                recipe.reporter.already_complete(recipe.output_uri)
                 recipe.report_artifacts()
             return RunResult("already-complete", 0)
         recipe.setup()
