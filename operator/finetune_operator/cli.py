@@ -213,7 +213,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ref = JobRef(name, job.metadata.namespace or "local", job.spec)
     workdir = Path(args.workdir) if args.workdir else workdir_for(name)
     report = LocalRun(ref, workdir, log_level=args.log_level).run(merge=not args.no_merge)
-    return 0 if report.returncode == 0 else 1
+    if report.returncode == 0:
+        return 0
+    return 130 if report.interrupted else 1  # 130: stopped by Ctrl-C, as shells report it
 
 
 def _as_uri(value: str) -> str:

@@ -34,6 +34,7 @@ class RunReport:
     failure: dict[str, Any] | None = None
     merged: str | None = None
     already_complete: bool = False  # an earlier run's outputs were complete: nothing was trained
+    interrupted: bool = False  # Ctrl-C: the replicas were stopped as a preempted Pod is (checkpoint, then exit)
 
 
 def _free_port() -> int:
@@ -63,6 +64,7 @@ class ProgressView:
         self.header_shown = False
         self._last_step: int | None = None
         self._last_eval: float | None = None
+        self._last_loss: float | None = None
 
     def progress(self, record: dict[str, Any]) -> None:
         if not self.header_shown:
@@ -77,7 +79,10 @@ class ProgressView:
         evaluation = record.get("evalLoss")
         new_eval = isinstance(evaluation, int | float) and evaluation != self._last_eval
         eval_cell = num("evalLoss", ".4f") if new_eval else "-"
-        if step == self._last_step or not isinstance(record.get("loss"), int | float):
+        loss = record.get("loss")
+        # A snapshot after an evaluation carries the last train loss again (and may come at a step that logged
+        # nothing, such as the last one): it is not a train row.
+        if step == self._last_step or not isinstance(loss, int | float) or (new_eval and loss == self._last_loss):
             if new_eval:  # the evaluation at the step just shown
                 self._line(f"{f'{step}/{total}':>10} {'':>6} {'':>9} {eval_cell:>9}")
         else:
@@ -88,6 +93,8 @@ class ProgressView:
                 f"{(f'{int(eta) // 60}m{int(eta) % 60:02d}s' if isinstance(eta, int | float) else '-'):>7}"
             )
         self._last_step = step
+        if isinstance(loss, int | float):
+            self._last_loss = loss
         if new_eval:
             self._last_eval = evaluation
         if self.tty and total:
@@ -199,6 +206,7 @@ class LocalRun:
 
         def interrupt(*_: Any) -> None:
             # SIGTERM is what a preempted pod gets: the trainer saves a checkpoint before it exits.
+            report.interrupted = True
             for proc, _log in procs:
                 os.killpg(proc.pid, signal.SIGTERM)
 
@@ -287,6 +295,8 @@ class LocalRun:
         if report.returncode == 0:
             done = " (trained earlier; nothing trained this time)" if report.already_complete else ""
             lines.append(f"ftj run: {self.job.name} succeeded in {seconds:.0f}s{done}")
+        elif report.interrupted:
+            lines.append(f"ftj run: {self.job.name} interrupted after {seconds:.0f}s")
         else:
             failure = report.failure or {}
             lines.append(
@@ -301,11 +311,18 @@ class LocalRun:
                 f"{last['loss']:.4f} at step {last.get('step')}"
             )
         out = spec.output.uri.rstrip("/")
-        kind = "adapter" if spec.method.uses_adapter else "model"
-        lines.append(f"  {kind + ':':<12} {_local_path(out)}/")
-        if spec.output.plot_loss:
-            lines.append(f"  {'loss plot:':<12} {_local_path(out)}/loss.png")
-        lines.append(f"  {'checkpoints:':<12} {_local_path(out)}/checkpoints/")
+        if report.returncode == 0:
+            kind = "adapter" if spec.method.uses_adapter else "model"
+            lines.append(f"  {kind + ':':<12} {_local_path(out)}/")
+            if spec.output.plot_loss:
+                lines.append(f"  {'loss plot:':<12} {_local_path(out)}/loss.png")
+            lines.append(f"  {'checkpoints:':<12} {_local_path(out)}/checkpoints/")
+        elif report.checkpoints:  # a failed run names only what it left behind
+            newest = report.checkpoints[-1].get("step")
+            lines.append(
+                f"  {'checkpoints:':<12} {_local_path(out)}/checkpoints/ (newest: step {newest}; "
+                "`ftj run` again resumes from it)"
+            )
         if report.merged:
             lines.append(f"  {'merged:':<12} {_local_path(report.merged)}")
         lines.append(f"  {'logs:':<12} {self.workdir}/")

@@ -4,6 +4,8 @@ together over torchrun; a data error stops the run with the file and line."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +150,43 @@ def test_a_data_error_stops_the_run_with_file_and_line(quickstart: Path) -> None
     assert "bad.jsonl" in result.stdout
     assert "line 2" in result.stdout
     assert not (quickstart / "runs" / "qs-bad" / "adapter_model.safetensors").exists()
+    assert "adapter:" not in result.stdout  # a failed run names no outputs it did not write
+
+
+def test_ctrl_c_checkpoints_like_a_preempted_pod_and_the_next_run_resumes(quickstart: Path) -> None:
+    # Long enough to be interrupted mid-way; no checkpoint but the one Ctrl-C makes.
+    training = yaml.safe_load((quickstart / "finetunejob.yaml").read_text())["spec"]["training"]
+    path = _job(
+        quickstart, "qs-interrupted", training={**training, "epochs": 40, "saveSteps": 10_000, "evalSteps": 10_000}
+    )
+    workdir = quickstart / "work-interrupted"
+    cmd = [sys.executable, "-m", "finetune_operator", "run", str(path), "--workdir", str(workdir), "--no-merge"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    total = 0
+    for line in proc.stdout:  # Ctrl-C once training is under way
+        seen.append(line)
+        row = re.match(r"\s+(\d+)/(\d+)\s", line)
+        if row:
+            total = int(row.group(2))
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 130, "".join(seen) + rest
+    assert "ftj run: qs-interrupted interrupted after" in rest
+    match = re.search(r"checkpoints: .* \(newest: step (\d+); `ftj run` again resumes from it\)", rest)
+    assert match, rest
+    step = int(match.group(1))
+    assert 0 < step < total
+    assert (quickstart / "runs" / "qs-interrupted" / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+    assert not (quickstart / "runs" / "qs-interrupted" / "manifest.json").exists()  # not finished
+
+    again = _run(path, workdir, "--no-merge")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from step {step}" in again.stdout
+    steps = [r["step"] for r in _progress(workdir / "node-0.log") if "loss" in r]
+    assert steps, again.stdout
+    assert min(steps) > step, steps
+    assert max(steps) == total, steps
+    assert (quickstart / "runs" / "qs-interrupted" / "adapter_model.safetensors").is_file()

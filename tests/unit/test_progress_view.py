@@ -46,3 +46,8 @@ def test_a_repeated_snapshot_or_one_without_a_loss_prints_nothing_new() -> None:
     start = {"event": "progress", "step": 0, "totalSteps": 90}
     rows = table(start, snapshot(5, 3.0), snapshot(5, 3.0))
     assert rows == [["5/90", "1.00", "3.0000", "-", "-", "-", "-"]]
+
+
+def test_an_evaluation_at_a_step_that_logged_nothing_is_an_eval_row() -> None:
+    rows = table(snapshot(15, 1.3215), snapshot(18, 1.3215, eval_loss=1.3647))
+    assert rows == [["15/90", "1.00", "1.3215", "-", "-", "-", "-"], ["18/90", "1.3647"]]
