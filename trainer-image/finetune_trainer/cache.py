@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune_trainer.distenv import Ranks
-from finetune_trainer.storage import LocalStorage, ObjectInfo, Storage, StorageError, Uri
+from finetune_trainer.storage import LocalStorage, ObjectInfo, Storage, StorageError, Uri, replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,10 @@ class NodeCache:
             else:
                 path, objects = self._download_storage(uri, done)
         except Exception as exc:
-            _write_atomic(failed, json.dumps({"uri": uri, "error": str(exc)}))
+            _write_json(failed, {"uri": uri, "error": str(exc)})
             raise
         record = {"uri": uri, "path": str(path), "time": time.time(), "objects": [_info(o) for o in objects]}
-        _write_atomic(done, json.dumps(record))
+        _write_json(done, record)
         return path
 
     def _download_storage(self, uri: str, done: Path) -> tuple[Path, list[ObjectInfo]]:
@@ -160,15 +160,13 @@ def _info(obj: ObjectInfo) -> dict[str, object]:
     return {"key": obj.key, "size": obj.size, "etag": obj.etag}
 
 
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(data)))
+
+
 def _read_json(path: Path) -> dict[str, object] | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

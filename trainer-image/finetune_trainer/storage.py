@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 
 PVC_ROOT_ENV = "FTJ_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+def replace_atomically(dest: Path, write: Callable[[Path], object]) -> None:
+    """Fill a temporary file beside `dest` with `write`, then rename it over `dest`: a reader sees the old file or
+    the whole new one, never half of it, and a failed write leaves no temporary file behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class StorageError(TrainerError):
@@ -183,25 +198,14 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot read {uri}: {exc}") from exc
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        path = self.path(uri)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
+            replace_atomically(self.path(uri), lambda tmp: tmp.write_bytes(data))
         except OSError as exc:
             raise StorageError(f"cannot write {uri}: {exc}") from exc
 
     def upload_file(self, path: Path, uri: str) -> None:
-        dest = self.path(uri)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # Copy next to the target, then rename: a reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
+            replace_atomically(self.path(uri), lambda tmp: shutil.copyfile(path, tmp))
         except OSError as exc:
             raise StorageError(f"cannot upload {path} to {uri}: {exc}") from exc
 
