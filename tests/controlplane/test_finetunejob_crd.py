@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from ftjtest import GROUP, PLURAL, VERSION
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 
 
 def job(name: str = "demo", **spec: Any) -> dict[str, Any]:

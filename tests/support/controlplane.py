@@ -517,16 +517,7 @@ class ControlPlane:
             shutil.copyfile(files[name], certs / name)
             (certs / name).chmod(0o600)
         WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
-        marker = WEBHOOK_CERT_DIR / "tls.crt"
-        if not marker.exists():
-            staged = WEBHOOK_CERT_DIR / f".tls.crt.{os.getpid()}"
-            shutil.copyfile(serving.cert, staged)
-            try:
-                os.link(staged, marker)  # fails if another session got there first: keep theirs
-            except FileExistsError:
-                pass
-            finally:
-                staged.unlink()
+        (WEBHOOK_CERT_DIR / "tls.crt").touch()  # the rotator only stats it; an existing file keeps its content
         return tmpdir
 
 

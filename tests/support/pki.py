@@ -25,14 +25,11 @@ class KeyPair:
 
 def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> None:
     # RSA keys as PKCS#1 ("RSA PRIVATE KEY"), which is what Go's x509.ParsePKCS1PrivateKey readers expect.
-    fmt = serialization.PrivateFormat.TraditionalOpenSSL if isinstance(key, rsa.RSAPrivateKey) else None
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            fmt or serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    if isinstance(key, rsa.RSAPrivateKey):
+        fmt = serialization.PrivateFormat.TraditionalOpenSSL
+    else:
+        fmt = serialization.PrivateFormat.PKCS8
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
     path.chmod(0o600)
 
 
