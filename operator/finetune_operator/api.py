@@ -86,7 +86,16 @@ class ScratchSpec(Model):
 class RunPolicy(Model):
     """Retries, deadlines and lifetime; the only part of the spec that may change after creation."""
 
-    backoff_limit: int = Field(3, ge=0, le=1000, description="Restarts before the run counts as failed.")
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description=(
+            "How often the run restarts after a transient failure (a crash, a lost node, an exit code of 128 or "
+            "above) before it counts as failed; the same on every backend. Permanent failures (bad data or "
+            "config, the trainer's exit code 3) fail the run at once and are never retried."
+        ),
+    )
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this many seconds.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the FineTuneJob this long after it finished."

@@ -202,6 +202,9 @@ def openapi_schema() -> dict[str, Any]:
     status = structural(FineTuneJobStatus.model_json_schema(by_alias=True, mode="serialization"))
     # status.progress.* is written by the trainer; unknown status keys from newer trainers are kept, not pruned.
     status.pop("required", None)
+    # Conditions are a map keyed by type, so the operator and the trainer each server-side-apply their own entries
+    # and neither write can drop the other's (a plain list is replaced whole).
+    status["properties"]["conditions"].update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     root: dict[str, Any] = {
         "type": "object",
         "description": "A supervised fine-tuning run of an open LLM.",

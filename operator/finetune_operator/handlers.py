@@ -20,6 +20,7 @@ from finetune_operator.api import PLURAL
 from finetune_operator.leader import LeaderElector
 from finetune_operator.render import JOB_LABEL
 from finetune_operator.settings import Settings
+from finetune_operator.workqueue import WorkQueue
 from finetune_trainer.config import API_GROUP, API_VERSION
 
 SETTINGS = Settings.from_env()
@@ -31,32 +32,39 @@ logging.getLogger("kubernetes.client.rest").setLevel(logging.INFO)
 _elector: LeaderElector | None = None
 
 
+QUEUE_WORKERS = 4
+# Backoff after a failed reconcile: the API server had trouble (transient) or something unexpected broke.
+TRANSIENT_RETRY_SECONDS = 5.0
+ERROR_RETRY_SECONDS = 30.0
+
+
 def _event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    # Posted directly rather than through kopf.event: the resync thread has no kopf event queue to post into.
+    # Posted directly rather than through kopf.event: reconciles run on the work queue's threads, outside kopf.
     k8s.post_event(body, kind, reason, message, component="finetune-operator")
 
 
-def _retrying(handler: str, step: Any, *args: Any) -> Any:
+def _reconcile(key: tuple[str, str]) -> float | None:
+    namespace, name = key
     try:
-        return step(*args)
-    except reconcile.RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+        return reconcile.reconcile(namespace, name, SETTINGS, _event)
     except k8s.TransientError as exc:
-        metrics.RECONCILE_ERRORS.labels(handler=handler).inc()
-        raise kopf.TemporaryError(str(exc), delay=5) from None
+        metrics.RECONCILE_ERRORS.labels(handler="reconcile").inc()
+        log.warning("reconcile %s/%s: %s; again in %ss", namespace, name, exc, TRANSIENT_RETRY_SECONDS)
+        return TRANSIENT_RETRY_SECONDS
     except Exception:
-        metrics.RECONCILE_ERRORS.labels(handler=handler).inc()
-        raise
+        metrics.RECONCILE_ERRORS.labels(handler="reconcile").inc()
+        log.exception("reconcile %s/%s failed; again in %ss", namespace, name, ERROR_RETRY_SECONDS)
+        return ERROR_RETRY_SECONDS
+
+
+# Every trigger only queues the job's key; the queue runs one reconcile per job at a time (finetune_operator.workqueue).
+QUEUE: WorkQueue[tuple[str, str]] = WorkQueue(_reconcile, workers=QUEUE_WORKERS)
 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _elector
-    # Progress in annotations only: status.kopf would be pruned by the structural schema.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="finetune.dev")
     settings.posting.level = logging.INFO
-    settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     metrics.serve(SETTINGS.metrics_port)
     if SETTINGS.leader_election:
@@ -65,6 +73,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         )
         _elector.wait_until_leader()
         _elector.start_renewing()
+        # No write leaves this process unless the lease was renewed within the renew deadline.
+        k8s.write_guard = _elector.check
+    QUEUE.start()
     # One loop for every job instead of a kopf timer per job: timers would put a finalizer on each FineTuneJob,
     # and an uninstalled operator would then leave them undeletable.
     threading.Thread(target=_resync_forever, name="resync", daemon=True).start()
@@ -74,7 +85,8 @@ def _resync_forever() -> None:
     while True:
         time.sleep(SETTINGS.resync_seconds)
         try:
-            reconcile.resync_all(SETTINGS, _event)
+            for key in reconcile.keys(SETTINGS):
+                QUEUE.add(key)
         except Exception:
             metrics.RECONCILE_ERRORS.labels(handler="resync").inc()
             log.exception("resync failed; trying again in %ss", SETTINGS.resync_seconds)
@@ -82,44 +94,35 @@ def _resync_forever() -> None:
 
 @kopf.on.cleanup()
 def cleanup(**_: Any) -> None:
+    QUEUE.stop()
     if _elector is not None:
         _elector.release()
 
 
-@kopf.on.create(*FTJ)
-@kopf.on.resume(*FTJ)
-def ensure(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
-    _retrying("ensure", reconcile.ensure_children, dict(body), SETTINGS, _event)
-    _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
+# Only event handlers: kopf then keeps no progress or diff-base annotations on the objects and adds no finalizer, so
+# a FineTuneJob costs no writes beyond the operator's own, and an uninstalled operator leaves nothing undeletable.
+@kopf.on.event(*FTJ)
+def finetunejob_event(name: str, namespace: str | None, **_: Any) -> None:
+    if namespace:
+        QUEUE.add((namespace, name))
 
 
-@kopf.on.field(*FTJ, field="spec.runPolicy.suspend")
-def suspend_changed(name: str, namespace: str | None, new: Any, **_: Any) -> None:
-    _retrying("suspend", reconcile.set_suspended, namespace, name, bool(new), SETTINGS)
-    _retrying("sync", reconcile.sync_status, namespace, name, SETTINGS, _event)
-
-
-@kopf.on.delete(*FTJ, optional=True)
-def forget(name: str, namespace: str | None, **_: Any) -> None:
-    metrics.set_phase(namespace or "", name, None)
-
-
-def _parent_changed(namespace: str | None, labels: Mapping[str, str], handler: str) -> None:
+def _parent_changed(namespace: str | None, labels: Mapping[str, str]) -> None:
     parent = labels.get(JOB_LABEL)
     if namespace and parent:
-        _retrying(handler, reconcile.sync_status, namespace, parent, SETTINGS, _event)
+        QUEUE.add((namespace, parent))
 
 
 @kopf.on.event("v1", "pods", labels=CHILD)
 def pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    _parent_changed(namespace, labels, "pod-event")
+    _parent_changed(namespace, labels)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD)
 def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    _parent_changed(namespace, labels, "job-event")
+    _parent_changed(namespace, labels)
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD)
 def pytorchjob_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    _parent_changed(namespace, labels, "pytorchjob-event")
+    _parent_changed(namespace, labels)

@@ -6,8 +6,10 @@ returns the existing object, and transient trouble surfaces as `TransientError` 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +43,10 @@ class TransientError(Exception):
 
 _lock = threading.Lock()
 _client: client.ApiClient | None = None
+# Called before every write. Leader election installs a check here, so that a replica whose lease may already have
+# passed to another (it was frozen, say) never writes again; see finetune_operator.leader.
+write_guard: Callable[[], None] | None = None
+OPERATOR_MANAGER = "finetune-operator"
 
 
 def api_client() -> client.ApiClient:
@@ -73,6 +79,8 @@ def _call(
     content_type: str = "application/json",
     query: list[tuple[str, Any]] | None = None,
 ) -> Any:
+    if method != "GET" and write_guard is not None:
+        write_guard()
     try:
         return api_client().call_api(
             url,
@@ -131,9 +139,36 @@ def merge_patch(
         raise
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
-    """Merge-patch the FineTuneJob's status subresource (only the keys given)."""
-    return merge_patch(API_VERSION_FULL, KIND, namespace, name, {"status": status}, sub="status")
+def apply_status(
+    namespace: str, name: str, status: dict[str, Any], manager: str = OPERATOR_MANAGER
+) -> dict[str, Any] | None:
+    """Server-side apply of the FineTuneJob's status as `manager`: the fields given are this manager's from now on,
+    fields it set before and leaves out now are removed, and fields other managers own (the trainer's progress,
+    checkpoints and conditions) are never touched. None when the object is gone."""
+    body = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": {"name": name}, "status": status}
+    query = [("fieldManager", manager), ("force", "true")]
+    try:
+        # A JSON document is YAML; the client sends a str body as it is.
+        result: dict[str, Any] = _call(
+            "PATCH",
+            path(API_VERSION_FULL, KIND, namespace, name, "status"),
+            json.dumps(body),
+            "application/apply-patch+yaml",
+            query,
+        )
+        return result
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid in the object's controller ownerReference (None when nothing controls it)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
 
 
 def delete(api_version: str, kind: str, namespace: str | None, name: str) -> bool:

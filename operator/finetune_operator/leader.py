@@ -1,7 +1,10 @@
 """Leader election on a coordination.k8s.io Lease, so that of several operator replicas exactly one acts.
 
-The replica that holds the Lease renews it every third of its duration; the others wait until it expires. A leader
-that fails to renew in time stops itself (its pod restarts as a standby) rather than risk two actors.
+The replica that holds the Lease tries to renew it every retry period; the others wait until it expires (the lease
+duration after its last renewal). A leader that has not renewed within the renew deadline, which is shorter than the
+lease duration, stops itself (its pod restarts as a standby) before any standby may take over; every write of the
+operator checks the deadline first (`check`), so a leader that was frozen (SIGSTOP, a stalled node) and wakes after
+the deadline never writes again.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -20,6 +24,13 @@ from finetune_operator import k8s
 
 log = logging.getLogger(__name__)
 API = "coordination.k8s.io/v1"
+# As client-go's defaults (15 s lease, 10 s renew deadline, 2 s retry), in proportion to the lease duration.
+RENEW_DEADLINE_FRACTION = 2 / 3
+RETRY_FRACTION = 2 / 15
+
+
+class LeadershipLost(RuntimeError):  # noqa: N818 - reads as what happened
+    """This replica may no longer act: its lease was not renewed within the renew deadline."""
 
 
 def _micro(t: datetime) -> str:
@@ -50,12 +61,40 @@ class LeaderElector:
         self.name, self.namespace, self.duration = name, namespace, duration
         self.holder = holder or identity()
         self.on_lost = on_lost
+        self.renew_deadline = duration * RENEW_DEADLINE_FRACTION
+        self.retry_period = max(0.5, duration * RETRY_FRACTION)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # monotonic time at which the last successful acquire or renewal was sent (None: not the leader)
+        self._renewed: float | None = None
 
     def try_acquire(self, now: datetime | None = None) -> bool:
         """One attempt: take the Lease when it is free, expired or already ours."""
-        now = now or datetime.now(UTC)
+        sent = time.monotonic()
+        if self._try_acquire(now or datetime.now(UTC)):
+            self._renewed = sent
+            return True
+        return False
+
+    def leading(self) -> bool:
+        """Whether the lease was renewed within the renew deadline."""
+        return self._renewed is not None and time.monotonic() - self._renewed <= self.renew_deadline
+
+    def check(self) -> None:
+        """Raise LeadershipLost (after calling on_lost) unless this replica still leads; k8s.write_guard calls it."""
+        if self.leading():
+            return
+        log.error(
+            "leader election: lease %s/%s not renewed within %.1fs; stopping",
+            self.namespace,
+            self.name,
+            self.renew_deadline,
+        )
+        if self.on_lost:
+            self.on_lost()
+        raise LeadershipLost(f"lease {self.namespace}/{self.name} not renewed within {self.renew_deadline:.1f}s")
+
+    def _try_acquire(self, now: datetime) -> bool:
         lease = k8s.get(API, "Lease", self.namespace, self.name)
         spec: dict[str, Any] = {
             "holderIdentity": self.holder,
@@ -98,7 +137,7 @@ class LeaderElector:
                     return True
             except k8s.TransientError as exc:
                 log.warning("leader election: %s", exc)
-            (stop or self._stop).wait(max(1.0, self.duration / 3))
+            (stop or self._stop).wait(self.retry_period)
         return False
 
     def start_renewing(self) -> None:
@@ -106,16 +145,16 @@ class LeaderElector:
         self._thread.start()
 
     def _renew(self) -> None:
-        last_ok = datetime.now(UTC)
-        while not self._stop.wait(self.duration / 3):
+        while not self._stop.wait(self.retry_period):
             try:
                 if self.try_acquire():
-                    last_ok = datetime.now(UTC)
                     continue
+                log.warning("leader election: lease %s/%s is held by another replica", self.namespace, self.name)
             except Exception as exc:  # any failure to renew counts against the deadline
                 log.warning("leader election: renewal failed: %s", exc)
-            if datetime.now(UTC) - last_ok > timedelta(seconds=self.duration):
+            if not self.leading():
                 log.error("leader election: lost lease %s/%s; stopping", self.namespace, self.name)
+                self._renewed = None
                 if self.on_lost:
                     self.on_lost()
                 return
@@ -127,5 +166,5 @@ class LeaderElector:
         if lease and (lease.get("spec") or {}).get("holderIdentity") == self.holder:
             lease["spec"]["holderIdentity"] = None
             lease["spec"]["renewTime"] = None
-            with contextlib.suppress(k8s.TransientError):
+            with contextlib.suppress(k8s.TransientError, LeadershipLost):
                 k8s.replace(lease)

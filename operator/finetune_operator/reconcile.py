@@ -1,13 +1,17 @@
-"""Reconcile steps the kopf handlers call: validate, create the children, follow them into status, suspend, expire.
+"""The reconcile of one FineTuneJob: read what exists now, converge towards the spec, write the operator's status.
 
-Each step reads what it needs fresh from the API, so it is safe to run again at any time (after an operator restart,
-from a timer, or from a Pod event): creates are idempotent and status is only written when it changes.
+Level-triggered: whatever woke it (the job's own events, a child's or a Pod's, the periodic resync, a restart), the
+same `reconcile(namespace, name)` runs, and the work queue never runs two for one job at once. It decides only from
+fresh reads: the FineTuneJob, its children (ours only when their controller ownerReference carries this job's uid),
+the workload's Pods. Terminal phases are final: nothing is ever created again for a Succeeded or Failed job.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,8 +24,6 @@ from finetune_operator.render import (
     children,
     merge_job,
     merge_uri,
-    owner_reference,
-    workload,
 )
 from finetune_operator.settings import Settings
 from finetune_operator.status import (
@@ -31,7 +33,7 @@ from finetune_operator.status import (
     invalid_spec,
     observe,
     observe_merge,
-    status_patch,
+    operator_status,
 )
 
 log = logging.getLogger(__name__)
@@ -41,190 +43,242 @@ MISSING_KUBEFLOW = (
     "(kubectl apply -k 'github.com/kubeflow/training-operator/manifests/overlays/standalone?ref=v1.8.1') "
     "or set spec.distribution.backend: job; the operator re-checks every {delay}s"
 )
+# How soon a job waiting for an old run's children to go away looks again.
+CONFLICT_RECHECK_SECONDS = 5.0
+WORKLOAD_KINDS = ("PyTorchJob", "Job")
 
 # Posts a Kubernetes Event on the FineTuneJob: (body, type, reason, message). The handlers pass k8s.post_event.
 EventSink = Callable[[dict[str, Any], str, str, str], None]
 
 
-class RetryLater(Exception):  # noqa: N818 - it is a signal, not a failure
-    """The step cannot finish now; the handler retries after `delay` seconds."""
+@dataclass
+class Children:
+    """The job's children as they exist now, or why they cannot be used."""
 
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
+    workload: dict[str, Any] | None = None
+    refs: list[dict[str, Any]] = field(default_factory=list)
+    blocked: Observation | None = None
+    retry_after: float | None = None
+    # The workload was created by this reconcile: it has no Pods yet.
+    fresh_workload: bool = False
+
+
+# When each job last had every child read (monotonic seconds): the other reconciles read only its workload.
+_full_check: dict[tuple[str, str], float] = {}
+
+
+def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) -> float | None:
+    """Converge one FineTuneJob. Returns seconds after which to look again (None: when something changes)."""
+    body = k8s.get(API_VERSION_FULL, KIND, namespace, name)
+    if body is None:
+        metrics.set_phase(namespace, name, None)
+        _full_check.pop((namespace, name), None)
+        return None
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if phase in TERMINAL:
+        metrics.set_phase(namespace, name, phase)
+        return expire(body)
+    meta = body["metadata"]
+    spec, errors = validate_spec(body.get("spec") or {})
+    if spec is None:
+        # A spec that can never work: say so once, with the field paths, and do not retry.
+        _record(body, invalid_spec(errors), events)
+        return None
+    job = JobRef(name, namespace, spec, meta.get("uid") or "")
+    if phase == "Merging":
+        # Training has succeeded: only the merge is left. A deleted workload is not recreated to train again.
+        merge_obs, merge_artifacts = _follow_merge(job, settings)
+        _record(body, merge_obs, events, artifacts=merge_artifacts)
+        return None
+    kids = ensure_children(body, job, settings, events)
+    if kids.blocked is not None:
+        _record(body, kids.blocked, events, children=kids.refs or None)
+        return kids.retry_after
+    workload = kids.workload
+    assert workload is not None
+    _converge_suspension(workload, spec)
+    pods = [] if kids.fresh_workload else _owned_pods(namespace, name, "trainer", workload)
+    obs = observe(workload, pods, spec.distribution.nodes, spec.run_policy.suspend)
+    artifacts: dict[str, Any] = {}
+    if obs.phase == "Succeeded":
+        artifacts = training_artifacts(spec)
+        if spec.merge_enabled():
+            obs, merged = _follow_merge(job, settings)
+            artifacts.update(merged)
+    _record(body, obs, events, children=kids.refs, artifacts=artifacts)
+    return None
 
 
 def _record(
     body: dict[str, Any],
     obs: Observation,
-    generation: int | None,
     events: EventSink,
+    *,
+    children: list[dict[str, Any]] | None = None,
     artifacts: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the operator's part of status (and artifacts not yet recorded) in one patch, only when something
-    changed; an Event on every phase change."""
+) -> None:
+    """Apply the operator's status when it changed; one Event per phase change."""
     meta = body["metadata"]
     old = body.get("status") or {}
-    patch = status_patch(old, obs, generation)
-    recorded = old.get("artifacts") or {}
-    new_artifacts = {k: v for k, v in (artifacts or {}).items() if recorded.get(k) != v}
-    if new_artifacts:
-        patch["artifacts"] = new_artifacts
-    if new_artifacts or changed(old, {k: v for k, v in patch.items() if k != "artifacts"}):
-        k8s.patch_status(meta["namespace"], meta["name"], patch)
+    new = operator_status(old, obs, meta.get("generation"), children=children, artifacts=artifacts)
+    if changed(old, new):
+        k8s.apply_status(meta["namespace"], meta["name"], new)
     if old.get("phase") != obs.phase:
-        kind = (
-            "Warning" if obs.phase == "Failed" or obs.reason in ("Unschedulable", "PyTorchJobAPIMissing") else "Normal"
-        )
-        events(body, kind, obs.reason, f"{obs.phase}: {obs.message}")
+        warning = obs.phase == "Failed" or obs.reason in ("Unschedulable", "PyTorchJobAPIMissing", "ChildConflict")
+        events(body, "Warning" if warning else "Normal", obs.reason, f"{obs.phase}: {obs.message}")
     metrics.set_phase(meta["namespace"], meta["name"], obs.phase)
-    return patch
 
 
-def parse(body: dict[str, Any]) -> tuple[FineTuneJobSpec | None, list[str]]:
-    return validate_spec(body.get("spec") or {})
+def _describe(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def ensure_children(body: dict[str, Any], settings: Settings, events: EventSink) -> list[dict[str, Any]]:
-    """Validate, then create every child that is missing. Returns the children as they exist now."""
-    meta = body["metadata"]
-    name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
-    spec, errors = parse(body)
-    if spec is None:
-        # A spec that can never work: say so once, with the field paths, and do not retry.
-        _record(body, invalid_spec(errors), meta.get("generation"), events)
-        return []
-    if spec.distribution.backend == "pytorchjob" and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
+def _foreign(obj: dict[str, Any], uid: str) -> str | None:
+    """Why an existing same-named object is not this job's child (None when it is)."""
+    owner = k8s.controller_uid(obj)
+    if owner == uid:
+        return None
+    going = " and is being deleted" if obj["metadata"].get("deletionTimestamp") else ""
+    if owner is None:
+        whose = "has no controller (an orphan, e.g. of a FineTuneJob deleted with propagationPolicy Orphan)"
+        hint = "delete it, or rename this FineTuneJob"
+    else:
+        whose = f"belongs to another owner (uid {owner}, e.g. an earlier FineTuneJob of this name)"
+        hint = "it goes away with its owner" if going else "delete it, or rename this FineTuneJob"
+    return f"{_describe(obj)} already exists and {whose}{going}; waiting until it is gone ({hint})"
+
+
+def ensure_children(body: dict[str, Any], job: JobRef, settings: Settings, events: EventSink) -> Children:
+    """Create every child that is missing. Same-named objects that are not ours are never used: the job waits.
+
+    A job that has recorded no children yet creates them straight away (a create that finds one already there reads
+    it and checks its owner). After that the workload is read on every reconcile and every child once per resync
+    interval, or at once when the workload has gone: a deleted child is recreated within one resync interval.
+    """
+    wanted = children(job, settings)
+    last = len(wanted) - 1
+    refs = [{"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"]} for o in wanted]
+    recorded = {(r.get("kind"), r.get("name")) for r in (body.get("status") or {}).get("children") or []}
+    key = (job.namespace, job.name)
+    full = time.monotonic() - _full_check.get(key, float("-inf")) >= settings.resync_seconds
+    to_read = (range(len(wanted)) if full else [last]) if recorded else []
+    current = {i: _read(wanted[i], job.namespace) for i in to_read}
+    if recorded and current[last] is None and not full:
+        current.update({i: _read(wanted[i], job.namespace) for i in range(last)})
+        full = True
+    conflicts = [why for obj in current.values() if obj is not None and (why := _foreign(obj, job.uid))]
+    if conflicts:
+        blocked = Observation("Pending", "ChildConflict", "; ".join(conflicts))
+        return Children(blocked=blocked, retry_after=CONFLICT_RECHECK_SECONDS)
+    missing = [i for i in range(len(wanted)) if current.get(i) is None and (i in current or not recorded)]
+    if last in missing and wanted[last]["kind"] == "PyTorchJob" and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
         message = MISSING_KUBEFLOW.format(delay=settings.api_recheck_seconds)
-        _record(body, Observation("Pending", "PyTorchJobAPIMissing", message), meta.get("generation"), events)
-        raise RetryLater(message, settings.api_recheck_seconds)
-    job = JobRef(name, namespace, spec)
-    created_any = False
-    out = []
-    for obj in children(job, settings):
-        # Owner references by hand rather than kopf.adopt: adopt also copies the owner's labels, and an Argo CD
-        # tracking label copied onto children would make Argo CD prune them as strays.
-        obj["metadata"]["ownerReferences"] = [owner_reference(name, uid or "")]
-        existing, created = k8s.create(obj)
-        created_any |= created
-        out.append(existing)
-    if created_any:
-        created_at = meta.get("creationTimestamp")
-        if created_at:
-            age = datetime.now(UTC) - datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-            metrics.CHILDREN_SECONDS.observe(max(age.total_seconds(), 0.0))
-        events(
-            body,
-            "Normal",
-            "ChildrenCreated",
-            "created " + ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in out),
-        )
-    refs = [{"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"]} for o in out]
-    if (body.get("status") or {}).get("children") != refs:
-        k8s.patch_status(namespace, name, {"children": refs})
-    return out
+        blocked = Observation("Pending", "PyTorchJobAPIMissing", message)
+        return Children(blocked=blocked, retry_after=settings.api_recheck_seconds)
+    created: list[str] = []
+    recreated: list[str] = []
+    for i in missing:
+        obj = wanted[i]
+        made, fresh = k8s.create(obj)
+        why = _foreign(made, job.uid)
+        if why:  # there already (a new job's first reconcile), or appeared between our read and our create
+            return Children(blocked=Observation("Pending", "ChildConflict", why), retry_after=CONFLICT_RECHECK_SECONDS)
+        current[i] = made
+        if fresh:
+            (recreated if (obj["kind"], obj["metadata"]["name"]) in recorded else created).append(_describe(obj))
+    if full:
+        _full_check[key] = time.monotonic()
+    if created:
+        _observe_startup(body)
+        log.info("%s/%s: created %s", job.namespace, job.name, ", ".join(created))
+        events(body, "Normal", "ChildrenCreated", "created " + ", ".join(created))
+    if recreated:
+        log.info("%s/%s: recreated %s", job.namespace, job.name, ", ".join(recreated))
+        events(body, "Warning", "ChildRecreated", "recreated " + ", ".join(recreated) + " (it had been deleted)")
+    return Children(workload=current[last], refs=refs, fresh_workload=last in missing)
 
 
-def sync_status(namespace: str, name: str, settings: Settings, events: EventSink) -> Observation | None:
-    """Read the FineTuneJob, its workload and Pods, and bring status up to date."""
-    body = k8s.get(API_VERSION_FULL, KIND, namespace, name)
-    if body is None:
-        metrics.set_phase(namespace, name, None)
-        return None
-    status = body.get("status") or {}
-    spec, _ = parse(body)
-    if spec is None or status.get("phase") in TERMINAL:
-        # Terminal phases stick: pods cleaned up after the end do not turn Succeeded back into Pending.
-        return None
-    job = JobRef(name, namespace, spec)
-    child_ref = workload(job, settings, {})
-    child = k8s.get(child_ref["apiVersion"], child_ref["kind"], namespace, name)
-    if child is None and child_ref["kind"] == "PyTorchJob" and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
-        return None  # ensure_children reports the missing API and re-checks it
-    pods = k8s.list_objects("v1", "Pod", namespace, f"{JOB_LABEL}={name},app.kubernetes.io/component=trainer")
-    obs = observe(child, pods, spec.distribution.nodes, spec.run_policy.suspend)
-    if child is None and status.get("phase") not in (None, "Pending"):
-        obs = Observation("Pending", "ChildMissing", f"{child_ref['kind']} {name} is gone; recreating it")
-    artifacts: dict[str, Any] = {}
-    if obs.phase == "Succeeded":
-        artifacts = training_artifacts(spec)
-        if spec.merge_enabled():
-            obs = _follow_merge(body, job, settings)
-            if obs.phase == "Succeeded":
-                artifacts["merged"] = merge_uri(spec)
-    _record(body, obs, body["metadata"].get("generation"), events, artifacts)
-    return obs
+def _read(obj: dict[str, Any], namespace: str) -> dict[str, Any] | None:
+    return k8s.get(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
+
+
+def _observe_startup(body: dict[str, Any]) -> None:
+    created_at = body["metadata"].get("creationTimestamp")
+    if created_at:
+        age = datetime.now(UTC) - datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+        metrics.CHILDREN_SECONDS.observe(max(age.total_seconds(), 0.0))
+
+
+def _owned_pods(namespace: str, name: str, component: str, owner: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The Pods of this run's workload: an earlier run's Pods, still terminating, carry the same labels."""
+    if owner is None:
+        return []
+    uid = owner["metadata"].get("uid")
+    selector = f"{JOB_LABEL}={name},app.kubernetes.io/component={component}"
+    return [p for p in k8s.list_objects("v1", "Pod", namespace, selector) if k8s.controller_uid(p) == uid]
+
+
+def _converge_suspension(workload: dict[str, Any], spec: FineTuneJobSpec) -> None:
+    """Bring the workload's suspension to what the spec asks. With a Kueue queue, resuming is Kueue's decision."""
+    want = spec.run_policy.suspend
+    body = workload.get("spec") or {}
+    is_ptj = workload["kind"] == "PyTorchJob"
+    current = bool((body.get("runPolicy") or {}).get("suspend") if is_ptj else body.get("suspend"))
+    if current == want:
+        return
+    if not want and (workload["metadata"].get("labels") or {}).get(QUEUE_LABEL):
+        return
+    patch = {"spec": {"runPolicy": {"suspend": want}}} if is_ptj else {"spec": {"suspend": want}}
+    meta = workload["metadata"]
+    updated = k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], patch)
+    if updated is not None:
+        workload.update(updated)
 
 
 def training_artifacts(spec: FineTuneJobSpec) -> dict[str, Any]:
     out = spec.output.uri.rstrip("/") + "/"
-    artifacts: dict[str, Any] = {"adapter" if spec.method.uses_adapter else "model": out}
-    if spec.output.plot_loss:
-        artifacts["lossPlot"] = out + "loss.png"
-    return artifacts
+    return {"adapter" if spec.method.uses_adapter else "model": out}
 
 
-def _follow_merge(body: dict[str, Any], job: JobRef, settings: Settings) -> Observation:
+def _follow_merge(job: JobRef, settings: Settings) -> tuple[Observation, dict[str, Any]]:
     """Training is done: run (or follow) the merge Job. Its failure never touches the adapter."""
+    artifacts = training_artifacts(job.spec)
     merge = k8s.get("batch/v1", "Job", job.namespace, f"{job.name}-merge")
     if merge is None:
-        obj = merge_job(job, settings)
-        obj["metadata"]["ownerReferences"] = [owner_reference(job.name, body["metadata"].get("uid") or "")]
-        merge, _ = k8s.create(obj)
-    pods = k8s.list_objects("v1", "Pod", job.namespace, f"{JOB_LABEL}={job.name},app.kubernetes.io/component=merge")
-    return observe_merge(merge, pods, merge_uri(job.spec))
+        merge, _ = k8s.create(merge_job(job, settings))
+    why = _foreign(merge, job.uid)
+    if why:
+        return Observation("Merging", "ChildConflict", why), artifacts
+    pods = _owned_pods(job.namespace, job.name, "merge", merge)
+    obs = observe_merge(merge, pods, merge_uri(job.spec))
+    if obs.phase == "Succeeded":
+        artifacts["merged"] = merge_uri(job.spec)
+    return obs, artifacts
 
 
-def set_suspended(namespace: str, name: str, suspend: bool, settings: Settings) -> bool:
-    """Suspend or resume the workload. With a Kueue queue, resuming is Kueue's decision, not ours."""
-    body = k8s.get(API_VERSION_FULL, KIND, namespace, name)
-    if body is None:
-        return False
-    spec, _ = parse(body)
-    if spec is None:
-        return False
-    child_ref = workload(JobRef(name, namespace, spec), settings, {})
-    child = k8s.get(child_ref["apiVersion"], child_ref["kind"], namespace, name)
-    if child is None:
-        return False
-    if not suspend and (child["metadata"].get("labels") or {}).get(QUEUE_LABEL):
-        return False
-    patch = (
-        {"spec": {"runPolicy": {"suspend": suspend}}}
-        if child["kind"] == "PyTorchJob"
-        else {"spec": {"suspend": suspend}}
-    )
-    k8s.merge_patch(child["apiVersion"], child["kind"], namespace, name, patch)
-    return True
-
-
-def expire(body: dict[str, Any], now: datetime | None = None) -> bool:
-    """Delete a finished FineTuneJob whose ttlSecondsAfterFinished has passed (children go with it; S3 stays)."""
+def expire(body: dict[str, Any], now: datetime | None = None) -> float | None:
+    """Delete a finished FineTuneJob whose ttlSecondsAfterFinished has passed (children go with it; S3 stays).
+    Returns the seconds left until it is due, None when it has no TTL or was deleted."""
     status = body.get("status") or {}
     ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     done = status.get("completionTime")
     if ttl is None or status.get("phase") not in TERMINAL or not done:
-        return False
+        return None
     finished = datetime.fromisoformat(done.replace("Z", "+00:00"))
-    if (now or datetime.now(UTC)) < finished + timedelta(seconds=int(ttl)):
-        return False
+    left = (finished + timedelta(seconds=int(ttl)) - (now or datetime.now(UTC))).total_seconds()
+    if left > 0:
+        return left
     meta = body["metadata"]
     log.info("deleting %s/%s: finished %s, ttlSecondsAfterFinished %s", meta["namespace"], meta["name"], done, ttl)
-    return k8s.delete(API_VERSION_FULL, KIND, meta["namespace"], meta["name"])
+    k8s.delete(API_VERSION_FULL, KIND, meta["namespace"], meta["name"])
+    return None
 
 
-def resync_all(settings: Settings, events: EventSink) -> int:
-    """Bring every watched FineTuneJob up to date and expire finished ones; returns how many were looked at."""
-    seen = 0
+def keys(settings: Settings) -> list[tuple[str, str]]:
+    """Every watched FineTuneJob, as (namespace, name): what the periodic resync queues."""
+    out = []
     for namespace in settings.watch_namespaces or (None,):
         for body in k8s.list_objects(API_VERSION_FULL, KIND, namespace, ""):
-            meta = body["metadata"]
-            seen += 1
-            try:
-                if (body.get("status") or {}).get("phase") in TERMINAL:
-                    expire(body)
-                else:
-                    sync_status(meta["namespace"], meta["name"], settings, events)
-            except k8s.TransientError as exc:
-                log.warning("resync %s/%s: %s", meta["namespace"], meta["name"], exc)
-    return seen
+            out.append((body["metadata"]["namespace"], body["metadata"]["name"]))
+    return out

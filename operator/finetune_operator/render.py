@@ -17,6 +17,7 @@ from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
 from finetune_operator.settings import Settings
 from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
 from finetune_trainer.deepspeed import deepspeed_config
+from finetune_trainer.storage import DEFAULT_PVC_ROOT
 
 CONTAINER = "pytorch"  # the Kubeflow training operator requires this container name
 CONFIG_DIR = "/etc/finetune"
@@ -24,6 +25,8 @@ TRAINER_CONFIG = f"{CONFIG_DIR}/trainer.json"
 DEEPSPEED_FILE = "ds_config.json"
 CUSTOM_DEEPSPEED_DIR = f"{CONFIG_DIR}/deepspeed"
 SCRATCH = "/scratch"
+# Where the trainer finds pvc://<claim>/... (finetune_trainer.storage.DEFAULT_PVC_ROOT).
+PVC_ROOT = DEFAULT_PVC_ROOT
 GPU = "nvidia.com/gpu"
 JOB_LABEL = "finetune.dev/job"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -62,6 +65,8 @@ class JobRef:
     name: str
     namespace: str
     spec: FineTuneJobSpec
+    # The FineTuneJob's uid: the controller ownerReference of every child, and the run's identity in its outputs.
+    uid: str = ""
 
     @property
     def trainer_sa(self) -> str:
@@ -220,6 +225,20 @@ def torchrun_args(node_rank: str, master_addr: str, master_port: str, nnodes: st
     ]
 
 
+def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """Every claim a pvc:// URI of the spec names, with whether its mount is read-only: inputs (model, datasets)
+    are, outputs (output.uri, output.merge.uri) are not; a claim used both ways is mounted once, read-write."""
+    claims: dict[str, bool] = {}
+    inputs = [spec.model.uri, *(d.uri for d in spec.datasets), *(d.uri for d in spec.eval_datasets or [])]
+    outputs = [spec.output.uri, merge_uri(spec)]
+    for uris, read_only in ((inputs, True), (outputs, False)):
+        for uri in uris:
+            if uri.startswith("pvc://"):
+                claim = uri.removeprefix("pvc://").split("/", 1)[0]
+                claims[claim] = claims.get(claim, True) and read_only
+    return claims
+
+
 def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]]
     mounts: list[dict[str, Any]]
@@ -248,13 +267,12 @@ def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if ds is not None and ds.config_map_ref is not None:
         volumes.append({"name": "deepspeed", "configMap": {"name": ds.config_map_ref.name}})
         mounts.append({"name": "deepspeed", "mountPath": CUSTOM_DEEPSPEED_DIR, "readOnly": True})
-    for uri in {spec.model.uri, *(d.uri for d in spec.datasets), *(d.uri for d in spec.eval_datasets or [])}:
-        if uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").split("/", 1)[0]
-            name = f"pvc-{claim}"[:63]
-            if all(v["name"] != name for v in volumes):
-                volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-                mounts.append({"name": name, "mountPath": f"/mnt/pvc/{claim}", "readOnly": True})
+    claims = pvc_claims(job.spec)
+    for claim in sorted(claims):
+        name = f"pvc-{claim}"[:63]
+        read_only = claims[claim]
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": name, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
     return volumes, mounts
 
 
@@ -268,6 +286,8 @@ def pod_template(
         {"name": "FTJ_CONFIG", "value": TRAINER_CONFIG},
         {"name": "FTJ_JOB_NAME", "value": job.name},
         {"name": "FTJ_NAMESPACE", "value": job.namespace},
+        # The run's identity, recorded in its checkpoints and final manifest (absent when rendered offline).
+        *([{"name": "FTJ_JOB_UID", "value": job.uid}] if job.uid else []),
         {"name": "FTJ_BACKEND", "value": spec.distribution.backend},
         {"name": "HOME", "value": f"{SCRATCH}/home"},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
@@ -333,10 +353,12 @@ def pytorchjob(job: JobRef, settings: Settings, annotations: dict[str, str]) -> 
         "$(PET_NODE_RANK)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", "$(PET_NNODES)", "$(PET_NPROC_PER_NODE)"
     )
     template = pod_template(job, settings, args, [], annotations)
-    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    # ExitCode: the training operator restarts a replica on exit codes 128-255 (the launcher's transient failures)
+    # and fails the job on 1-127 (the trainer's permanent ones), as the Job backend's podFailurePolicy does.
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
     if dist.nodes > 1:
         worker = copy.deepcopy(template)
-        replicas["Worker"] = {"replicas": dist.nodes - 1, "restartPolicy": "OnFailure", "template": worker}
+        replicas["Worker"] = {"replicas": dist.nodes - 1, "restartPolicy": "ExitCode", "template": worker}
     policy = spec.run_policy
     run_policy: dict[str, Any] = {
         "cleanPodPolicy": policy.clean_pod_policy,
@@ -428,8 +450,8 @@ def workload(job: JobRef, settings: Settings, annotations: dict[str, str]) -> di
 
 
 def children(job: JobRef, settings: Settings) -> list[dict[str, Any]]:
-    """Every child object, in the order they must be created."""
-    job = JobRef(job.name, job.namespace, effective_spec(job.spec, settings))
+    """Every child object, in the order they must be created, each with this job's controller ownerReference."""
+    job = JobRef(job.name, job.namespace, effective_spec(job.spec, settings), job.uid)
     cm = config_map(job)
     # The hash shows which configuration a running pod was started with.
     work = workload(job, settings, {"finetune.dev/config-hash": config_hash(cm)})
@@ -437,7 +459,16 @@ def children(job: JobRef, settings: Settings) -> list[dict[str, Any]]:
     if work["kind"] == "Job":
         out.append(headless_service(job))
     out.append(work)
-    return out
+    return [_owned(job, obj) for obj in out]
+
+
+def _owned(job: JobRef, obj: dict[str, Any]) -> dict[str, Any]:
+    # Owner references by hand rather than kopf.adopt: adopt also copies the owner's labels, and an Argo CD
+    # tracking label copied onto children would make Argo CD prune them as strays. Rendered without a uid
+    # (`ftj render`), there is no owner to name.
+    if job.uid:
+        obj["metadata"]["ownerReferences"] = [owner_reference(job.name, job.uid)]
+    return obj
 
 
 # The merge streams tensor by tensor (peak RSS ~0.7 GiB for a 1.5B model, docs/benchmarks.md): a few GiB suffice.
@@ -450,7 +481,7 @@ def merge_uri(spec: FineTuneJobSpec) -> str:
 
 def merge_job(job: JobRef, settings: Settings) -> dict[str, Any]:
     """The Job that merges the trained adapter into the full-precision base: same image and storage, on CPU."""
-    job = JobRef(job.name, job.namespace, effective_spec(job.spec, settings))
+    job = JobRef(job.name, job.namespace, effective_spec(job.spec, settings), job.uid)
     spec = job.spec
     merge = spec.output.merge
     volumes, mounts = _volumes(job)
@@ -490,23 +521,30 @@ def merge_job(job: JobRef, settings: Settings) -> dict[str, Any]:
     }
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(job, f"{job.name}-merge", component="merge"),
-        "spec": {
-            "backoffLimit": 1,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": "merge", "operator": "In", "values": [PERMANENT_EXIT_CODE]},
-                    }
-                ]
+    return _owned(
+        job,
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": _meta(job, f"{job.name}-merge", component="merge"),
+            "spec": {
+                "backoffLimit": 1,
+                "podFailurePolicy": {
+                    "rules": [
+                        {
+                            "action": "FailJob",
+                            "onExitCodes": {
+                                "containerName": "merge",
+                                "operator": "In",
+                                "values": [PERMANENT_EXIT_CODE],
+                            },
+                        }
+                    ]
+                },
+                "template": {"metadata": {"labels": labels(job, "merge")}, "spec": pod},
             },
-            "template": {"metadata": {"labels": labels(job, "merge")}, "spec": pod},
         },
-    }
+    )
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Map the observed children (workload and Pods) to the FineTuneJob's phase, conditions and message: pure functions.
 
-The operator owns phase, conditions, message, times, children and observedGeneration in status; the trainer owns
-progress, checkpoints, resumedFromStep and the training artifacts. Patches built here touch only the operator's keys.
+Status has two writers, each with its own server-side-apply field manager. The operator owns phase, message, its
+conditions (CONDITION_TYPES), times, children, observedGeneration and the adapter/model/merged artifacts; the trainer
+owns progress, checkpoints, resumedFromStep, artifacts.lossPlot and its own conditions (TrainerFailed). What
+`operator_status` builds is the operator's whole part, applied as one document.
 """
 
 from __future__ import annotations
@@ -158,13 +160,18 @@ def observe_merge(merge: dict[str, Any] | None, pods: list[dict[str, Any]], targ
     return Observation("Merging", "Merging", f"merging the adapter into the base model; writing {target}")
 
 
+# Reasons under which the children do not exist (yet): the Created condition is False.
+NOT_CREATED = ("CreatingChildren", "InvalidSpec", "PyTorchJobAPIMissing", "ChildConflict")
+
+
 def conditions(
     old: list[dict[str, Any]] | None, obs: Observation, generation: int | None, now: str
 ) -> list[dict[str, Any]]:
-    """Kubernetes-style conditions for the phase; lastTransitionTime moves only when a status flips."""
-    previous = {c["type"]: c for c in old or []}
+    """The operator's Kubernetes-style conditions for the phase; lastTransitionTime moves only when a status flips.
+    Conditions of other writers (the trainer's) are not in the result: server-side apply leaves them alone."""
+    previous = {c.get("type"): c for c in old or []}
     wanted = {
-        "Created": obs.reason not in ("CreatingChildren", "InvalidSpec", "PyTorchJobAPIMissing"),
+        "Created": obs.reason not in NOT_CREATED,
         "Running": obs.phase == "Running",
         "Merging": obs.phase == "Merging",
         "Succeeded": obs.phase == "Succeeded",
@@ -187,34 +194,56 @@ def conditions(
         if generation is not None:
             cond["observedGeneration"] = generation
         out.append(cond)
-    # Conditions that others own (the trainer's TrainerFailed) are kept as they are.
-    return out + [c for c in old or [] if c.get("type") not in CONDITION_TYPES]
+    return out
 
 
-def status_patch(
-    old_status: dict[str, Any] | None, obs: Observation, generation: int | None, now: str | None = None
+def operator_status(
+    old_status: dict[str, Any] | None,
+    obs: Observation,
+    generation: int | None,
+    *,
+    children: list[dict[str, Any]] | None = None,
+    artifacts: dict[str, Any] | None = None,
+    now: str | None = None,
 ) -> dict[str, Any]:
-    """The operator's part of status for an observation; times are set once and kept."""
+    """The operator's whole part of status for an observation. Times are set once and kept; children and artifacts
+    recorded earlier are kept when this observation has none to say (server-side apply would drop an owned field
+    that the next apply leaves out)."""
     now = now or now_rfc3339()
     old = old_status or {}
-    patch: dict[str, Any] = {
+    out: dict[str, Any] = {
         "phase": obs.phase,
         "message": obs.message,
         "conditions": conditions(old.get("conditions"), obs, generation, now),
     }
     if generation is not None:
-        patch["observedGeneration"] = generation
-    if obs.phase in ("Initializing", "Running", "Merging", *TERMINAL) and not old.get("startTime"):
-        patch["startTime"] = now
-    if obs.phase in TERMINAL and not old.get("completionTime"):
-        patch["completionTime"] = now
-    return patch
+        out["observedGeneration"] = generation
+    start = old.get("startTime") or (now if obs.phase in ("Initializing", "Running", "Merging", *TERMINAL) else None)
+    if start:
+        out["startTime"] = start
+    done = old.get("completionTime") or (now if obs.phase in TERMINAL else None)
+    if done:
+        out["completionTime"] = done
+    refs = children if children is not None else old.get("children")
+    if refs:
+        out["children"] = refs
+    kept = {k: v for k, v in (old.get("artifacts") or {}).items() if k in OPERATOR_ARTIFACTS}
+    owned = {**kept, **(artifacts or {})}
+    if owned:
+        out["artifacts"] = owned
+    return out
 
 
-def changed(old_status: dict[str, Any] | None, patch: dict[str, Any]) -> bool:
-    """Whether applying the patch would change anything (avoids write storms on every event)."""
-    old = old_status or {}
-    return any(old.get(k) != v for k, v in patch.items())
+# The artifacts the operator reports; lossPlot is the trainer's (only it knows whether the plot was written).
+OPERATOR_ARTIFACTS = ("adapter", "model", "merged")
+
+
+def changed(old_status: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether applying the operator's status would change anything (avoids write storms on every event)."""
+    old = dict(old_status or {})
+    old["conditions"] = [c for c in old.get("conditions") or [] if c.get("type") in CONDITION_TYPES]
+    old["artifacts"] = {k: v for k, v in (old.get("artifacts") or {}).items() if k in OPERATOR_ARTIFACTS} or None
+    return any(old.get(k) != v for k, v in new.items())
 
 
 def invalid_spec(errors: list[str]) -> Observation:

@@ -3,7 +3,9 @@ and server-side dry-run of every rendered object."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from kubernetes.client.rest import ApiException
 
 from finetune_operator import k8s
 from finetune_operator.cli import render_file
+from support import testbin
 from support.processes import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +32,12 @@ EXAMPLES = sorted(
 
 def _handled(log: str, name: str) -> bool:
     """Whether the operator whose log this is created the job's children."""
-    return bool(re.search(rf"/{name}\] Handler 'ensure' succeeded", log))
+    return bool(re.search(rf"/{name}: created ConfigMap/", log))
+
+
+def _condition_reason(cluster: Cluster, name: str) -> str | None:
+    conds = {c["type"]: c for c in (cluster.get(name).get("status") or {}).get("conditions") or []}
+    return conds.get("Created", {}).get("reason")
 
 
 @pytest.mark.usefixtures("workloads")
@@ -44,7 +52,7 @@ def test_two_replicas_never_both_act(cluster: Cluster, run_operator: Callable[..
     cluster.wait_pods("while-first-leads", 1)
     wait_until(lambda: _handled(first.log(10**8), "while-first-leads"), timeout=30, what="the leader to handle the job")
     assert not _handled(second.log(10**8), "while-first-leads")
-    assert "Handler" not in second.log()  # the standby has not started handling anything at all
+    assert ": created " not in second.log()  # the standby has not created anything at all
 
     first.stop()  # a clean stop releases the Lease; the standby takes over
     second.wait_alive(timeout=60)
@@ -54,6 +62,25 @@ def test_two_replicas_never_both_act(cluster: Cluster, run_operator: Callable[..
     cluster.wait_pods("after-failover", 1)
     wait_until(lambda: _handled(second.log(10**8), "after-failover"), timeout=30, what="the new leader to act")
     assert len(cluster.batch.list_namespaced_job(cluster.ns).items) == 2
+
+
+@pytest.mark.usefixtures("workloads")
+def test_a_frozen_leader_stops_before_a_standby_takes_over(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
+    env = operator_env(cluster.ns)
+    first = run_operator(namespaces=[cluster.ns], env=env).start()
+    second = run_operator(namespaces=[cluster.ns], env=env).start(wait=False)
+    os.kill(first.pid, signal.SIGSTOP)  # a leader that stalls (a frozen node, a long GC) without losing its lease
+    try:
+        cluster.apply(ftj("during-freeze", "job", nodes=1))
+        second.wait_alive(timeout=60)  # the standby took the expired lease
+        wait_until(lambda: _handled(second.log(10**8), "during-freeze"), timeout=30, what="the new leader to act")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    # Woken after its renew deadline, the old leader stops itself instead of acting beside the new one.
+    wait_until(lambda: not first.running(), timeout=30, what="the frozen leader to stop itself")
+    assert not _handled(first.log(10**8), "during-freeze")
+    assert "not renewed within" in first.log(10**8) or "lost lease" in first.log(10**8)
+    assert len(cluster.batch.list_namespaced_job(cluster.ns).items) == 1
 
 
 def test_missing_kubeflow_api_gives_an_explanatory_condition(tmp_path: Path, control_plane: Any) -> None:
@@ -85,6 +112,21 @@ def test_missing_kubeflow_api_gives_an_explanatory_condition(tmp_path: Path, con
                 assert cluster.get("needs-kubeflow")["status"]["phase"] == "Pending"
                 events = cluster.events("needs-kubeflow")
                 assert any(e.reason == "PyTorchJobAPIMissing" and e.type == "Warning" for e in events)
+
+                # The training operator is installed later: the waiting job is picked up without a restart.
+                plane.apply_crd_files([testbin.training_operator_crd()])
+                wait_until(
+                    lambda: cluster.custom.get_namespaced_custom_object(
+                        "kubeflow.org", "v1", "team", "pytorchjobs", "needs-kubeflow"
+                    ),
+                    timeout=60,
+                    what="the PyTorchJob once its API is served",
+                )
+                wait_until(
+                    lambda: _condition_reason(cluster, "needs-kubeflow") not in ("PyTorchJobAPIMissing", None),
+                    timeout=30,
+                    what="the condition to move on",
+                )
     finally:
         plane.stop()
 

@@ -3,7 +3,7 @@
 Argo CD evaluates health checks with gopher-lua, a Lua 5.1: here the Lua runs in lupa's Lua 5.1 runtime with
 the libraries Argo CD leaves out (io, os, require, ...) removed, gets the object as the global `obj`, and must
 return {status=, message=}. The sample FineTuneJobs carry status exactly as the operator writes it
-(finetune_operator.status.status_patch), one per phase of the API.
+(finetune_operator.status.operator_status), one per phase of the API.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from finetune_operator.api import PHASES, validate_document
-from finetune_operator.status import Observation, status_patch
+from finetune_operator.status import Observation, operator_status
 from support.requirements import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def finetunejob(phase: str | None, message: str = "", generation: int = 1, **sta
         "spec": {"model": {"uri": "s3://models/base/"}},
     }
     if phase is not None:
-        written = status_patch(None, Observation(phase, "Reason", message or f"{phase} message"), generation)
+        written = operator_status(None, Observation(phase, "Reason", message or f"{phase} message"), generation)
         obj["status"] = {**written, **status}
     return obj
 

@@ -280,3 +280,46 @@ def test_merge_job_runs_on_cpu_with_the_runs_storage() -> None:
     assert pod["automountServiceAccountToken"] is False
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert {e["name"] for e in container["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pvc_outputs_are_mounted_read_write_and_inputs_read_only(backend: str) -> None:
+    from finetune_operator.render import merge_job
+
+    job = _job(
+        {
+            "model": {"uri": "pvc://models/qwen"},
+            "datasets": [{"uri": "pvc://shared/data/train.json"}],
+            "output": {"uri": "pvc://runs/demo/", "merge": {"uri": "pvc://shared/merged/demo/"}},
+            "distribution": {"backend": backend, "nodes": 2, "procsPerNode": 1},
+        }
+    )
+    want = {"models": True, "runs": False, "shared": False}  # shared holds an input and an output: read-write
+    for pod in [
+        *(t["spec"] for t in _pod_templates(children(job, Settings())[-1])),
+        merge_job(job, Settings())["spec"]["template"]["spec"],
+    ]:
+        volumes = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert {c: v["persistentVolumeClaim"]["readOnly"] for c, v in volumes.items()} == want
+        for claim, read_only in want.items():
+            mount = mounts[volumes[claim]["name"]]
+            assert (mount["mountPath"], mount["readOnly"]) == (f"/mnt/pvc/{claim}", read_only)
+
+
+def test_pytorchjob_replicas_restart_only_on_retryable_exit_codes() -> None:
+    job = _job({"distribution": {"backend": "pytorchjob", "nodes": 3, "procsPerNode": 1}})
+    replicas = children(job, Settings())[-1]["spec"]["pytorchReplicaSpecs"]
+    assert {r["restartPolicy"] for r in replicas.values()} == {"ExitCode"}
+
+
+def test_children_are_controlled_by_the_finetunejob_uid() -> None:
+    job = _job()
+    owned = JobRef(job.name, job.namespace, job.spec, uid="1234")
+    for obj in children(owned, Settings()):
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert (ref["uid"], ref["controller"], ref["kind"]) == ("1234", True, "FineTuneJob")
+    assert all("ownerReferences" not in o["metadata"] for o in children(job, Settings()))
+    (template,) = _pod_templates(children(owned, Settings())[-1])
+    env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+    assert env["FTJ_JOB_UID"] == "1234"

@@ -65,11 +65,11 @@ explains each rule; tests/helm/test_helm_rbac.py compares them with what the ope
 API server saw it do.
 */}}
 {{- define "finetune-operator.rules" -}}
-# Watch FineTuneJobs (kopf), read them, write kopf's bookkeeping annotations, delete finished ones (TTL).
+# Watch FineTuneJobs (kopf event handlers only: no annotations, no finalizers), read them, delete finished ones (TTL).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
-# Write status; "get" as well because the per-job trainer Role grants get+patch on it, and RBAC only lets the
+  verbs: ["get", "list", "watch", "delete"]
+# Write status (server-side apply of the operator's fields); "get" as well because the per-job trainer Role grants get+patch on it, and RBAC only lets the
 # operator grant what it holds.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
@@ -80,7 +80,7 @@ API server saw it do.
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
 # Children: the trainer ConfigMap, the per-job ServiceAccount, the headless Service of the Job backend.
-# "get" reads back a child that already exists (creates are idempotent).
+# "get" reads each child before it is created, and checks its controller (a same-named object is never adopted).
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts", "services"]
   verbs: ["get", "create"]
