@@ -6,7 +6,6 @@ returns the existing object, and transient trouble surfaces as `TransientError` 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -148,11 +147,11 @@ def apply_status(
     body = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": {"name": name}, "status": status}
     query = [("fieldManager", manager), ("force", "true")]
     try:
-        # A JSON document is YAML; the client sends a str body as it is.
+        # The client sends an apply patch as JSON, which is YAML.
         result: dict[str, Any] = _call(
             "PATCH",
             path(API_VERSION_FULL, KIND, namespace, name, "status"),
-            json.dumps(body),
+            body,
             "application/apply-patch+yaml",
             query,
         )

@@ -80,7 +80,9 @@ def test_recreated_job_waits_for_the_old_runs_children_and_then_uses_only_its_ow
     message = _condition(waiting, "Created")["message"]
     assert "ConfigMap/regit-config" in message
     assert old["metadata"]["uid"] in message
-    assert any(e.reason == "ChildConflict" for e in cluster.events("regit"))
+    wait_until(
+        lambda: any(e.reason == "ChildConflict" for e in cluster.events("regit")), timeout=10, what="the Warning Event"
+    )
     assert _gone(lambda: cluster.batch.read_namespaced_job("regit", cluster.ns))  # no workload on the old config
 
     cluster.core.patch_namespaced_config_map("regit-config", cluster.ns, {"metadata": {"finalizers": None}})
@@ -284,7 +286,7 @@ def _apply_as_trainer(cluster: Cluster, name: str, status: dict[str, Any]) -> No
         "PATCH",
         query_params=[("fieldManager", "finetune-trainer"), ("force", "true")],
         header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-        body=json.dumps(body),
+        body=body,
         auth_settings=["BearerToken"],
         response_type="object",
     )
