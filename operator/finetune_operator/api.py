@@ -172,6 +172,14 @@ class FineTuneJobStatus(Model):
     resumed_from_step: int | None = None
     artifacts: Artifacts | None = None
     children: list[ChildRef] | None = None
+    failed_replicas: list[str] | None = Field(
+        None,
+        max_length=1001,
+        description=(
+            "PyTorchJob backend: uids of replica pods that failed with a retryable exit code, counted against "
+            "runPolicy.backoffLimit (the training operator does not count them under restartPolicy ExitCode)."
+        ),
+    )
     observed_generation: int | None = None
     start_time: str | None = None
     completion_time: str | None = None

@@ -229,11 +229,13 @@ def convert(
             conv.not_carried.append(f"val_size: {val_size} (a sample count); valSize is a fraction below 1")
     template = take("template")
     if template:
+        # Every LLaMA-Factory template name is one here too, with the same prompt text and trained tokens.
         if template in TEMPLATES:
             spec["template"] = template
         else:
-            spec["template"] = "auto"
-            conv.not_carried.append(f"template: {template!r} is not built in; using the tokenizer's own (auto)")
+            conv.errors.append(
+                f"template: {template!r} is not a LLaMA-Factory text template; use one of {', '.join(TEMPLATES[1:])}"
+            )
 
     # --- training
     training: dict[str, Any] = {}

@@ -114,7 +114,8 @@ def _parent_changed(namespace: str | None, labels: Mapping[str, str]) -> None:
 
 
 @kopf.on.event("v1", "pods", labels=CHILD)
-def pod_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+def pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    reconcile.note_pod(dict(body))
     _parent_changed(namespace, labels)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +47,7 @@ _client: client.ApiClient | None = None
 # passed to another (it was frozen, say) never writes again; see finetune_operator.leader.
 write_guard: Callable[[], None] | None = None
 OPERATOR_MANAGER = "finetune-operator"
+EVENT_ATTEMPTS = 3
 
 
 def api_client() -> client.ApiClient:
@@ -235,7 +237,15 @@ def post_event(involved: dict[str, Any], kind: str, reason: str, message: str, c
         "lastTimestamp": now,
         "count": 1,
     }
-    try:
-        _call("POST", path("v1", "Event", meta["namespace"]), event)
-    except (ApiException, TransientError) as exc:
-        log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+    for attempt in range(EVENT_ATTEMPTS):
+        try:
+            _call("POST", path("v1", "Event", meta["namespace"]), event)
+            return
+        except TransientError as exc:  # e.g. 429 while the API server (re)initialises: worth a short retry
+            if attempt + 1 == EVENT_ATTEMPTS:
+                log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+            else:
+                time.sleep(0.5 * (attempt + 1))
+        except ApiException as exc:
+            log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+            return

@@ -18,6 +18,7 @@ from typing import Any
 from finetune_operator import k8s, metrics
 from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec, validate_spec
 from finetune_operator.render import (
+    CONTAINER,
     JOB_LABEL,
     QUEUE_LABEL,
     JobRef,
@@ -29,11 +30,13 @@ from finetune_operator.settings import Settings
 from finetune_operator.status import (
     TERMINAL,
     Observation,
+    backoff_exceeded,
     changed,
     invalid_spec,
     observe,
     observe_merge,
     operator_status,
+    transient_failures,
 )
 
 log = logging.getLogger(__name__)
@@ -100,14 +103,56 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
     _converge_suspension(workload, spec)
     pods = [] if kids.fresh_workload else _owned_pods(namespace, name, "trainer", workload)
     obs = observe(workload, pods, spec.distribution.nodes, spec.run_policy.suspend)
+    failed: list[str] | None = None
+    if workload["kind"] == "PyTorchJob":
+        failed, over = _count_transient_failures(status, workload, pods, spec)
+        if over is not None:
+            obs = over
+            _stop(workload)
     artifacts: dict[str, Any] = {}
     if obs.phase == "Succeeded":
         artifacts = training_artifacts(spec)
         if spec.merge_enabled():
             obs, merged = _follow_merge(job, settings)
             artifacts.update(merged)
-    _record(body, obs, events, children=kids.refs, artifacts=artifacts)
+    _record(body, obs, events, children=kids.refs, artifacts=artifacts, failed_replicas=failed)
     return None
+
+
+# Transient failures of PyTorchJob replicas seen in Pod events, whose Pods the training operator deletes at once:
+# workload uid -> pod uids. Status keeps them across operator restarts (status.failedReplicas).
+_transient: dict[str, set[str]] = {}
+
+
+def note_pod(pod: dict[str, Any]) -> None:
+    """Called for every Pod event: remember a replica's transient failure, which its Pod may not outlive."""
+    if (pod.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/component") != "trainer":
+        return
+    owner = k8s.controller_uid(pod)
+    for uid in transient_failures([pod], CONTAINER):
+        if owner:
+            _transient.setdefault(owner, set()).add(uid)
+
+
+def _count_transient_failures(
+    status: dict[str, Any], workload: dict[str, Any], pods: list[dict[str, Any]], spec: FineTuneJobSpec
+) -> tuple[list[str], Observation | None]:
+    """runPolicy.backoffLimit for the PyTorchJob backend: under restartPolicy ExitCode the training operator
+    replaces a replica that failed with a retryable code without counting it, so the operator counts."""
+    seen = _transient.get(workload["metadata"].get("uid") or "", set())
+    failures = set(status.get("failedReplicas") or []) | set(transient_failures(pods, CONTAINER)) | seen
+    limit = spec.run_policy.backoff_limit
+    over = backoff_exceeded(len(failures), limit) if len(failures) > limit else None
+    return sorted(failures)[: limit + 1], over
+
+
+def _stop(workload: dict[str, Any]) -> None:
+    """Suspend a workload whose run has failed for good: its Pods go, the object stays for inspection."""
+    meta = workload["metadata"]
+    patch = (
+        {"spec": {"runPolicy": {"suspend": True}}} if workload["kind"] == "PyTorchJob" else {"spec": {"suspend": True}}
+    )
+    k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], patch)
 
 
 def _record(
@@ -117,11 +162,14 @@ def _record(
     *,
     children: list[dict[str, Any]] | None = None,
     artifacts: dict[str, Any] | None = None,
+    failed_replicas: list[str] | None = None,
 ) -> None:
     """Apply the operator's status when it changed; one Event per phase change."""
     meta = body["metadata"]
     old = body.get("status") or {}
-    new = operator_status(old, obs, meta.get("generation"), children=children, artifacts=artifacts)
+    new = operator_status(
+        old, obs, meta.get("generation"), children=children, artifacts=artifacts, failed_replicas=failed_replicas
+    )
     if changed(old, new):
         k8s.apply_status(meta["namespace"], meta["name"], new)
     if old.get("phase") != obs.phase:

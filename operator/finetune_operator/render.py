@@ -17,6 +17,9 @@ from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
 from finetune_operator.settings import Settings
 from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
 from finetune_trainer.deepspeed import deepspeed_config
+
+# The trainer exits with PERMANENT_EXIT_CODE for errors no restart can fix (bad data, bad config, another run's output).
+from finetune_trainer.errors import PERMANENT_EXIT_CODE
 from finetune_trainer.storage import DEFAULT_PVC_ROOT
 
 CONTAINER = "pytorch"  # the Kubeflow training operator requires this container name
@@ -52,10 +55,6 @@ def container_security() -> dict[str, Any]:
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
     }
-
-
-# The trainer exits with this code for errors no restart can fix (bad data, bad config); see finetune_trainer.errors.
-PERMANENT_EXIT_CODE = 3
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from typing import Any
 TERMINAL = ("Succeeded", "Failed")
 # Waiting reasons of a container that no amount of waiting fixes without a person.
 STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
+# Failure reasons that say only that something failed.
+GENERIC_REASONS = ("Error", "Failed", "PodFailurePolicy", "PyTorchJobFailed")
 CONDITION_TYPES = ("Created", "Running", "Merging", "Succeeded", "Failed", "Suspended")
 
 
@@ -106,10 +108,15 @@ def observe(
     if _true(conds, "Failed"):
         failed = conds["Failed"]
         problem = pod_problem(pods)
-        if problem is not None and problem.phase == "Failed":
-            return problem
         reason = failed.get("reason") or "Failed"
-        return Observation("Failed", reason, f"{kind} {child['metadata']['name']}: {failed.get('message') or reason}")
+        text = f"{kind} {child['metadata']['name']}: {failed.get('message') or reason}"
+        if problem is not None and problem.phase == "Failed":
+            # The pod's own reason (the trainer's DataError, OOMKilled) says more than the workload's, unless the
+            # pod only says "Error" and the workload knows why it gave up (BackoffLimitExceeded, DeadlineExceeded).
+            if problem.reason in GENERIC_REASONS and reason not in GENERIC_REASONS:
+                return Observation("Failed", reason, f"{text}; last failure: {problem.message}")
+            return problem
+        return Observation("Failed", reason, text)
     spec = child.get("spec") or {}
     child_suspended = (spec.get("runPolicy") or {}).get("suspend") if kind == "PyTorchJob" else spec.get("suspend")
     if suspend_requested or child_suspended or _true(conds, "Suspended"):
@@ -204,6 +211,7 @@ def operator_status(
     *,
     children: list[dict[str, Any]] | None = None,
     artifacts: dict[str, Any] | None = None,
+    failed_replicas: list[str] | None = None,
     now: str | None = None,
 ) -> dict[str, Any]:
     """The operator's whole part of status for an observation. Times are set once and kept; children and artifacts
@@ -227,6 +235,9 @@ def operator_status(
     refs = children if children is not None else old.get("children")
     if refs:
         out["children"] = refs
+    failed = failed_replicas if failed_replicas is not None else old.get("failedReplicas")
+    if failed:
+        out["failedReplicas"] = failed
     kept = {k: v for k, v in (old.get("artifacts") or {}).items() if k in OPERATOR_ARTIFACTS}
     owned = {**kept, **(artifacts or {})}
     if owned:
@@ -244,6 +255,34 @@ def changed(old_status: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     old["conditions"] = [c for c in old.get("conditions") or [] if c.get("type") in CONDITION_TYPES]
     old["artifacts"] = {k: v for k, v in (old.get("artifacts") or {}).items() if k in OPERATOR_ARTIFACTS} or None
     return any(old.get(k) != v for k, v in new.items())
+
+
+def transient_failures(pods: list[dict[str, Any]], container: str) -> list[str]:
+    """Uids of Pods whose `container` failed with a retryable exit code (128 or above): what the training operator
+    restarts under restartPolicy ExitCode without counting it against backoffLimit."""
+    out = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Failed":
+            continue
+        for cs in status.get("containerStatuses") or []:
+            code = ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")
+            if cs.get("name") == container and code is not None and code >= RETRYABLE_MIN:
+                out.append(str(pod["metadata"]["uid"]))
+    return out
+
+
+# The training operator's restartPolicy ExitCode restarts exit codes 128-255 and fails on 1-127.
+RETRYABLE_MIN = 128
+
+
+def backoff_exceeded(failures: int, limit: int) -> Observation:
+    return Observation(
+        "Failed",
+        "BackoffLimitExceeded",
+        f"{failures} replica failure(s) that a restart could fix, more than runPolicy.backoffLimit ({limit}) allows; "
+        "the last checkpoint is kept, and a new FineTuneJob with the same spec resumes from it",
+    )
 
 
 def invalid_spec(errors: list[str]) -> Observation:

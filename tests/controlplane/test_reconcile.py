@@ -15,6 +15,7 @@ import pytest
 from ftjtest import GROUP, JOB_LABEL, PLURAL, VERSION, Cluster, ftj, operator_env
 from kubernetes import client
 
+from finetune_trainer.errors import RETRYABLE_EXIT_CODE
 from support.kwok import drive_pod
 from support.processes import wait_until
 
@@ -244,24 +245,26 @@ def test_a_permanent_failure_is_never_retried(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_transient_failure_is_retried_then_succeeds(
+def test_transient_failures_are_retried_up_to_the_backoff_limit(
     request: pytest.FixtureRequest, cluster: Cluster, operator: Any, backend: str
 ) -> None:
     _needs(request, backend)
     name = f"flaky-{backend}"
-    cluster.apply(ftj(name, backend, nodes=1, runPolicy={"backoffLimit": 3}))
-    (pod,) = cluster.wait_pods(name, 1)
-    # 143: what the launcher exits with for anything a restart may fix (finetune_trainer.launch).
-    drive_pod(cluster.core, cluster.ns, pod.metadata.name, "Failed", exit_code=143, reason="Error")
+    cluster.apply(ftj(name, backend, nodes=1, runPolicy={"backoffLimit": 1}))
+    (first,) = cluster.wait_pods(name, 1)
+    # What the launcher exits with for anything a restart may fix.
+    drive_pod(cluster.core, cluster.ns, first.metadata.name, "Failed", exit_code=RETRYABLE_EXIT_CODE, reason="Error")
 
     def replacement() -> Any:
-        pods = [p for p in cluster.pods(name, "Running") if p.metadata.uid != pod.metadata.uid]
+        pods = [p for p in cluster.pods(name, "Running") if p.metadata.uid != first.metadata.uid]
         return pods[0] if pods else None
 
     second = wait_until(replacement, timeout=90, what="a replacement pod after a transient failure")
     assert cluster.get(name)["status"]["phase"] != "Failed"
-    drive_pod(cluster.core, cluster.ns, second.metadata.name, "Succeeded")
-    cluster.wait_phase(name, "Succeeded", timeout=90)
+    drive_pod(cluster.core, cluster.ns, second.metadata.name, "Failed", exit_code=RETRYABLE_EXIT_CODE, reason="Error")
+    failed = cluster.wait_phase(name, "Failed", timeout=90)
+    assert _condition(failed, "Failed")["reason"] == "BackoffLimitExceeded"
+    wait_until(lambda: not cluster.pods(name, "Running"), timeout=60, what="no replica left running")
 
 
 def test_one_event_per_phase_change_on_a_many_node_job(cluster: Cluster, operator: Any) -> None:
