@@ -8,6 +8,7 @@ one level-triggered function per job with ownership by uid and server-side-apply
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from kubernetes import client
 
 from finetune_trainer.errors import RETRYABLE_EXIT_CODE
 from support.kwok import drive_pod
-from support.processes import wait_until
+from support.processes import free_port, wait_until
 
 pytestmark = pytest.mark.usefixtures("workloads")
 HOLD = "ftj.test/hold"
@@ -216,7 +217,8 @@ def test_finished_jobs_never_train_again_across_a_restart(cluster: Cluster, run_
         wait_until(
             lambda n=name: _gone(lambda: cluster.batch.read_namespaced_job(n, cluster.ns)), timeout=30, what="Job gone"
         )
-    with run_operator(namespaces=[cluster.ns], env=env):
+    port = free_port()
+    with run_operator(namespaces=[cluster.ns], env={**env, "FTJ_METRICS_PORT": str(port)}):
         # A job applied after the restart shows the operator has listed and handled everything before it.
         cluster.apply(ftj("witness", "job", nodes=1))
         cluster.wait_pods("witness", 1)
@@ -226,6 +228,11 @@ def test_finished_jobs_never_train_again_across_a_restart(cluster: Cluster, run_
             assert not cluster.pods(name, "Running")
         assert cluster.get("finished")["status"]["phase"] == "Succeeded"
         assert cluster.get("broken")["status"]["phase"] == "Failed"
+        # The restarted operator counts the jobs that finished before it started.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert 'finetune_jobs{phase="Succeeded"} 1.0' in text
+        assert 'finetune_jobs{phase="Failed"} 1.0' in text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
