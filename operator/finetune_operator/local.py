@@ -314,8 +314,9 @@ class LocalRun:
         if report.returncode == 0:
             kind = "adapter" if spec.method.uses_adapter else "model"
             lines.append(f"  {kind + ':':<12} {_local_path(out)}/")
-            if spec.output.plot_loss:
-                lines.append(f"  {'loss plot:':<12} {_local_path(out)}/loss.png")
+            plot = report.artifacts.get("lossPlot")  # the trainer reports it only once the plot is written
+            if plot:
+                lines.append(f"  {'loss plot:':<12} {_local_path(plot)}")
             lines.append(f"  {'checkpoints:':<12} {_local_path(out)}/checkpoints/")
         elif report.checkpoints:  # a failed run names only what it left behind
             newest = report.checkpoints[-1].get("step")

@@ -1,10 +1,12 @@
-"""Multi-process training through the container entry point (`python -m finetune_trainer.launch` -> torchrun):
-two nodes over gloo on loopback with the environment each workload backend renders, and DeepSpeed ZeRO-2 on CPU
-with a SIGTERM in the middle, every rank's shards uploaded and restored."""
+"""Multi-process training through the container's command (`python -m finetune_trainer.launch --torchrun ...`, with
+the operator's rendered torchrun arguments expanded from the environment each workload backend provides, as the
+kubelet does): two nodes over gloo on loopback, and DeepSpeed ZeRO-2 on CPU with a SIGTERM in the middle, every
+rank's shards uploaded and restored."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -24,10 +26,11 @@ from trainer.tinymodels import (
     write_model,
 )
 
+from finetune_operator.render import LAUNCH, torchrun_args
 from finetune_trainer.checkpoints import list_checkpoints
+from finetune_trainer.errors import RETRYABLE_EXIT_CODE
 from finetune_trainer.storage import LocalStorage
 
-LAUNCH = [PYTHON, "-m", "finetune_trainer.launch"]
 METHOD = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target": "all"}}
 
 
@@ -35,6 +38,17 @@ METHOD = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "targe
 def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("sources")
     return write_model(root / "model"), write_dataset(root / "train.jsonl", n=32)
+
+
+# The rendered args of each backend (finetune_operator.render.pytorchjob / indexed_job): $(VAR) references.
+RENDERED = {
+    "pytorchjob": torchrun_args(
+        "$(PET_NODE_RANK)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", "$(PET_NNODES)", "$(PET_NPROC_PER_NODE)"
+    ),
+    "job": torchrun_args(
+        "$(JOB_COMPLETION_INDEX)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", "$(PET_NNODES)", "$(PET_NPROC_PER_NODE)"
+    ),
+}
 
 
 def _node_env(backend: str, node: int, port: int) -> dict[str, str]:
@@ -61,6 +75,13 @@ def _node_env(backend: str, node: int, port: int) -> dict[str, str]:
     }
 
 
+def _command(args: list[str], env: dict[str, str], config: Path) -> list[str]:
+    """The container's command with its args expanded from `env` as the kubelet does, reading `config`."""
+    expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in args]
+    expanded[expanded.index("--config") + 1] = str(config)
+    return [PYTHON, *LAUNCH[1:], *expanded]
+
+
 def _write_node_configs(tmp_path: Path, sources: tuple[Path, Path], **fields: object) -> list[Path]:
     model, data = sources
     paths = []
@@ -85,8 +106,8 @@ def _launch_nodes(
     procs, logs = [], []
     for node in (0, 1):
         logs.append(tmp_path / f"{tag}-node{node}.log")
-        env = trainer_env(**_node_env(backend, node, port), FTJ_SHUTDOWN_TIMEOUT="120")
-        procs.append(spawn([*LAUNCH, "--config", str(configs[node])], env, logs[-1]))
+        env = trainer_env(**_node_env(backend, node, port))
+        procs.append(spawn(_command(RENDERED[backend], env, configs[node]), env, logs[-1]))
     return procs, logs
 
 
@@ -105,7 +126,7 @@ def test_two_nodes_train_over_gloo_with_the_indexed_job_environment(tmp_path: Pa
     codes = list(wait_all(procs, timeout=420))
     texts = [log.read_text(errors="replace") for log in logs]
     assert codes == [0, 0], f"exit codes {codes}{_tails(logs)}"
-    assert "--node-rank 1 --master-addr 127.0.0.1" in texts[1]
+    assert "--node_rank=1 --master_addr=127.0.0.1" in texts[1]
     records = progress_lines(texts[0])
     assert sorted(losses_by_step(records)) == [1, 2, 3, 4]
     assert records[-1]["totalSteps"] == 4
@@ -145,7 +166,7 @@ def test_deepspeed_zero2_on_two_nodes_saves_on_sigterm_to_one_node_and_resumes_e
     # Only node 1's Pod is evicted: the kubelet signals its main process, torchrun, which forwards it.
     procs[1].send_signal(signal.SIGTERM)
     codes = list(wait_all(procs, timeout=240))
-    assert 0 not in codes, f"a preempted run must not look successful: {codes}{_tails(logs)}"
+    assert codes == [RETRYABLE_EXIT_CODE] * 2, f"a preempted run is restarted, not done: {codes}{_tails(logs)}"
     assert "SIGTERM: saving a checkpoint" in logs[1].read_text(errors="replace")
     listing = list_checkpoints(LocalStorage(), output.as_uri())
     assert len(listing.complete) == 1, _tails(logs)
@@ -189,8 +210,9 @@ def test_deepspeed_zero3_loads_partitioned_and_exports_the_gathered_full_model(
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     log = tmp_path / "zero3.log"
-    env = trainer_env(FTJ_NPROC_PER_NODE="2")  # one node, two processes: the local backend
-    (code,) = wait_all([spawn([*LAUNCH, "--config", str(path)], env, log)], timeout=420)
+    env = trainer_env()
+    args = torchrun_args("0", "127.0.0.1", str(free_port()), "1", "2")  # one node, two processes, as `ftj run`
+    (code,) = wait_all([spawn(_command(args, env, path), env, log)], timeout=420)
     assert code == 0, _tails([log])
     base = load_file(str(model / "model.safetensors"))
     trained = load_file(str(tmp_path / "out" / "model.safetensors"))

@@ -1,9 +1,12 @@
-"""The container entry point turns each workload backend's environment into the same torchrun command, and the
-rendered DeepSpeed JSON is one the Hugging Face integration completes (no "auto" left)."""
+"""The container entry point runs the operator's rendered torchrun arguments and exits 3 for permanent failures and
+one retryable code for every other one; the rendered DeepSpeed JSON is one the Hugging Face integration completes
+(no "auto" left)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -12,96 +15,14 @@ import pytest
 
 from finetune_trainer.config import DeepSpeedSpec
 from finetune_trainer.deepspeed import deepspeed_config
-from finetune_trainer.launch import LaunchError, LaunchPlan, plan_from_env, torchrun_argv
-
-CONFIG = "/etc/finetune/trainer.json"
-TAIL = ["--max-restarts", "0", "--shutdown-timeout", "300", "-m", "finetune_trainer", "train", "--config", CONFIG]
+from finetune_trainer.errors import PERMANENT_EXIT_CODE, RETRYABLE_EXIT_CODE
+from support.processes import wait_until
 
 
-def _argv(env: dict[str, str]) -> list[str]:
-    return torchrun_argv(plan_from_env(env), CONFIG, python="python")
-
-
-def _multi(rank: int) -> list[str]:
-    return [
-        "python", "-m", "torch.distributed.run", "--nnodes", "3", "--nproc-per-node", "4", "--node-rank", str(rank),
-        "--master-addr", "ft-0.ft", "--master-port", "23456", *TAIL,
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize("rank", [0, 2])
-def test_pytorchjob_and_indexed_job_environments_give_the_same_torchrun_command(rank: int) -> None:
-    # What the Kubeflow training operator v1 sets in replica `rank` (MASTER_*, WORLD_SIZE, RANK and the PET_ set).
-    pytorchjob = {
-        "PET_NNODES": "3",
-        "PET_NODE_RANK": str(rank),
-        "PET_NPROC_PER_NODE": "4",
-        "PET_MASTER_ADDR": "ft-0.ft",
-        "PET_MASTER_PORT": "23456",
-        "MASTER_ADDR": "ft-0.ft",
-        "MASTER_PORT": "23456",
-        "WORLD_SIZE": "12",
-        "RANK": str(rank),
-    }
-    # What an Indexed Job Pod gets: JOB_COMPLETION_INDEX from Kubernetes, the PET_ values from the operator.
-    indexed = {
-        "JOB_COMPLETION_INDEX": str(rank),
-        "PET_NNODES": "3",
-        "PET_NPROC_PER_NODE": "4",
-        "PET_MASTER_ADDR": "ft-0.ft",
-        "PET_MASTER_PORT": "23456",
-    }
-    indexed_ftj = {
-        "JOB_COMPLETION_INDEX": str(rank),
-        "FTJ_NNODES": "3",
-        "FTJ_NPROC_PER_NODE": "4",
-        "FTJ_MASTER_ADDR": "ft-0.ft",
-        "FTJ_MASTER_PORT": "23456",
-    }
-    assert plan_from_env(pytorchjob).backend == "pytorchjob"
-    assert plan_from_env(indexed).backend == "job"
-    assert _argv(pytorchjob) == _argv(indexed) == _argv(indexed_ftj) == _multi(rank)
-
-
-def test_one_node_runs_a_standalone_rendezvous() -> None:
-    assert plan_from_env({}) == LaunchPlan("local", 1, "1", 0, None, 29500)
-    argv = _argv({"PET_NNODES": "1", "PET_NPROC_PER_NODE": "8", "PET_MASTER_ADDR": "x", "PET_NODE_RANK": "0"})
-    assert argv[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node"]
-    assert argv[7] == "8"
-    assert argv[8:] == TAIL
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        (
-            {"PET_NNODES": "2", "PET_NODE_RANK": "1"},
-            "PET_MASTER_ADDR or MASTER_ADDR must be set when there are 2 nodes",
-        ),
-        ({"JOB_COMPLETION_INDEX": "0", "PET_MASTER_ADDR": "m"}, "PET_NNODES or FTJ_NNODES must be set"),
-        ({"JOB_COMPLETION_INDEX": "2", "PET_NNODES": "2", "PET_MASTER_ADDR": "m"}, "node rank 2 is out of range"),
-        ({"PET_NNODES": "two", "PET_NODE_RANK": "0"}, "PET_NNODES must be an integer, got 'two'"),
-        ({"FTJ_NPROC_PER_NODE": "0"}, "FTJ_NPROC_PER_NODE must be a positive integer, got '0'"),
-        ({"PET_NNODES": "2", "PET_NODE_RANK": "0", "MASTER_ADDR": "m", "MASTER_PORT": "70000"}, "<= 65535"),
-    ],
-)
-def test_a_bad_environment_is_refused_naming_the_variable(env: dict[str, str], message: str) -> None:
-    with pytest.raises(LaunchError, match=message):
-        plan_from_env(env)
-
-
-def test_launch_module_prints_the_command_without_importing_torch() -> None:
-    env = {"PATH": "/usr/bin:/bin", "JOB_COMPLETION_INDEX": "1", "PET_NNODES": "2", "PET_MASTER_ADDR": "m-0.m"}
-    code = (
-        "import sys, runpy; sys.argv = ['launch', '--dry-run', '--config', 'c.json'];"
-        "runpy.run_module('finetune_trainer.launch', run_name='__main__');"
-        "assert 'torch' not in sys.modules, 'launch imported torch'"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    argv = json.loads(out.stdout)
-    assert argv[argv.index("--node-rank") + 1] == "1"
-    assert argv[argv.index("--master-addr") + 1] == "m-0.m"
-    assert argv[-2:] == ["--config", "c.json"]
+def test_the_launcher_does_not_import_torch() -> None:
+    # It only waits for torchrun; torch in the launcher process would cost every replica memory for nothing.
+    code = "import sys, finetune_trainer.launch; assert 'torch' not in sys.modules, 'launch imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _autos(value: Any, path: str = "") -> list[str]:
@@ -163,19 +84,79 @@ def _supervised(tmp_path: Any, script: str, report: dict[str, str] | None) -> in
     ("script", "report", "expected"),
     [
         ("raise SystemExit(0)", None, 0),
-        ("raise SystemExit(1)", {"reason": "DataError", "message": "train.jsonl line 7"}, 3),
-        ("raise SystemExit(1)", {"reason": "InvalidConfig", "message": "template"}, 3),
-        ("raise SystemExit(1)", {"reason": "StorageError", "message": "s3 timeout"}, 1),
-        ("raise SystemExit(1)", None, 1),
-        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", None, 137),
+        ("raise SystemExit(1)", {"reason": "DataError", "message": "train.jsonl line 7"}, PERMANENT_EXIT_CODE),
+        ("raise SystemExit(1)", {"reason": "InvalidConfig", "message": "template"}, PERMANENT_EXIT_CODE),
+        ("raise SystemExit(1)", {"reason": "OutputInUse", "message": "s3://runs/x/"}, PERMANENT_EXIT_CODE),
+        ("raise SystemExit(1)", {"reason": "StorageError", "message": "s3 timeout"}, RETRYABLE_EXIT_CODE),
+        ("raise SystemExit(1)", None, RETRYABLE_EXIT_CODE),
+        ("raise SystemExit(143)", None, RETRYABLE_EXIT_CODE),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", None, RETRYABLE_EXIT_CODE),
     ],
-    ids=["success", "data-error", "invalid-config", "transient", "no-report", "killed"],
+    ids=["success", "data-error", "invalid-config", "output-in-use", "transient", "no-report", "preempted", "killed"],
 )
-def test_launcher_turns_permanent_failures_into_exit_3(
+def test_launcher_exits_3_for_permanent_failures_and_one_retryable_code_for_the_rest(
     tmp_path: Any, script: str, report: dict[str, str] | None, expected: int
 ) -> None:
     # torchrun itself always exits 1 on a worker failure; the worker's termination report decides.
     assert _supervised(tmp_path, script, report) == expected
+
+
+def test_the_exit_codes_mean_the_same_to_both_backends() -> None:
+    # PyTorchJob restartPolicy ExitCode: 1-127 fail the job, 128-255 restart the replica; 129-192 also read as
+    # "killed by signal N", which the launcher's own code must never be taken for.
+    assert 1 <= PERMANENT_EXIT_CODE <= 127
+    assert 128 + 64 < RETRYABLE_EXIT_CODE <= 255
+
+
+def _launch_rendered(tmp_path: Any, program: list[str], **env: str) -> subprocess.Popen[str]:
+    """The launcher with the operator's rendered torchrun arguments (one node, one process) running `program`."""
+    from finetune_operator.render import LAUNCH, torchrun_args
+
+    args = torchrun_args("0", "127.0.0.1", str(_free_port()), "1", "1")
+    args = [*args[: args.index("-m")], *program]
+    return subprocess.Popen(
+        [sys.executable, *LAUNCH[1:], *args],
+        env={**os.environ, "FTJ_TERMINATION_LOG": str(tmp_path / "termination.json"), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_through_torchrun_a_crash_is_retryable_and_an_invalid_config_permanent(tmp_path: Any) -> None:
+    crash = tmp_path / "crash.py"
+    crash.write_text("raise RuntimeError('NCCL error: unhandled system error')\n")
+    proc = _launch_rendered(tmp_path, [str(crash)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == RETRYABLE_EXIT_CODE, out
+    assert f"torchrun exited 1, reason unreported: exit {RETRYABLE_EXIT_CODE} (retryable)" in out
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"uri": "ftp://x"}}))
+    proc = _launch_rendered(tmp_path, ["-m", "finetune_trainer", "train", "--config", str(config)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PERMANENT_EXIT_CODE, out
+    assert json.loads((tmp_path / "termination.json").read_text())["reason"] == "InvalidConfig"
+
+
+def test_a_sigterm_to_the_launcher_ends_the_workers_and_exits_retryable(tmp_path: Any) -> None:
+    started = tmp_path / "started"
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(120)\n")
+    proc = _launch_rendered(tmp_path, [str(worker)])
+    wait_until(lambda: started.exists() or proc.poll() is not None, timeout=60, what="the worker to start")
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)  # what the kubelet sends a preempted Pod
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == RETRYABLE_EXIT_CODE, out
 
 
 def test_launcher_runs_the_rendered_torchrun_arguments(tmp_path: Any) -> None:

@@ -83,6 +83,17 @@ def test_quickstart_trains_merges_and_reports(quickstart: Path) -> None:
     assert _progress(quickstart / "work-lora" / "node-0.log") == []
     assert (run / "adapter_model.safetensors").read_bytes() == adapter
 
+    # Another spec on the same output is refused before anything is trained, naming the run that owns it.
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["training"]["learningRate"] = doc["spec"]["training"].get("learningRate", 1e-4) * 2
+    other = quickstart / "qs-lora-other.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    refused = _run(other, quickstart / "work-lora-other")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "FAILED (OutputInUse)" in refused.stdout
+    assert f"output.uri file://{run}/ already holds another run" in refused.stdout
+    assert (run / "adapter_model.safetensors").read_bytes() == adapter
+
     # `ftj merge` does the same merge by hand, here with small shards.
     again = quickstart / "merged-by-hand"
     merge = subprocess.run(

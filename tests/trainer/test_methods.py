@@ -185,6 +185,37 @@ def test_eval_loss_is_reported_every_eval_steps(tmp_path: Path, model_dir: Path,
     assert new_values == [2, 4]
 
 
+@pytest.mark.parametrize(
+    ("plot_loss", "logging_steps", "plotted"),
+    [(True, 1, True), (True, 50, False), (False, 1, False)],
+    ids=["plotted", "nothing-logged", "plot-off"],
+)
+def test_the_loss_plot_is_reported_only_when_it_was_written_and_uploaded(
+    tmp_path: Path, model_dir: Path, data_file: Path, plot_loss: bool, logging_steps: int, plotted: bool
+) -> None:
+    from finetune_trainer.recipe import run
+
+    out = tmp_path / "out"
+    config = make_config(
+        tmp_path,
+        model_uri=model_dir.as_uri(),
+        data_uri=data_file.as_uri(),
+        training={"maxSteps": 2, "loggingSteps": logging_steps},
+        output={"uri": out.as_uri(), "plotLoss": plot_loss},
+    )
+    # The run reports the plot, and so does a restarted Pod that finds the outputs complete.
+    reported = []
+    for _ in range(2):
+        stream = io.StringIO()
+        status = run(config, reporter=ProgressReporter("tiny", stream=stream)).status
+        (artifacts,) = progress_lines(stream.getvalue(), event="artifacts")
+        assert artifacts["adapter"] == out.as_uri() + "/"
+        reported.append((status, artifacts.get("lossPlot")))
+    assert (out / "loss.png").is_file() == plotted
+    plot = (out / "loss.png").as_uri() if plotted else None
+    assert reported == [("finished", plot), ("already-complete", plot)]
+
+
 def test_unknown_lora_target_fails_with_the_models_linear_module_names(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 

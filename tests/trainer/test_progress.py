@@ -1,5 +1,6 @@
-"""Progress reporting: rank 0 patches its own FineTuneJob's status on a real kube-apiserver with a service-account
-token limited to that object's status, exactly as in a Pod; outside a cluster it only logs JSON lines."""
+"""Progress reporting: rank 0 server-side applies its part of its own FineTuneJob's status on a real kube-apiserver
+with a service-account token limited to that object's status, exactly as in a Pod, beside the operator's applies of
+its own part; outside a cluster it only logs JSON lines."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from finetune_trainer.config import API_GROUP, API_VERSION
-from finetune_trainer.progress import FAILURE_CONDITION, ProgressReporter, StatusClient
+from finetune_trainer.config import API_GROUP, API_VERSION, KIND, PLURAL
+from finetune_trainer.progress import FAILURE_CONDITION, FIELD_MANAGER, ProgressReporter, StatusClient
 
 SPEC = {
     "model": {"uri": "s3://models/tiny/"},
@@ -64,25 +65,60 @@ def _pod_credentials(control_plane: Any, k8s_api: Any, namespace: str, job: str,
     }
 
 
-def test_rank0_patches_progress_checkpoints_and_a_failure_into_its_own_finetunejob(
+def _create_jobs(k8s_api: Any, namespace: str, *names: str) -> None:
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(k8s_api)
+    for name in names:
+        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": {"name": name}, "spec": SPEC}
+        api.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, body)
+
+
+def _operator_apply(k8s_api: Any, namespace: str, name: str, status: dict[str, Any]) -> None:
+    """What the operator does: apply its whole part of the status as field manager finetune-operator."""
+    body = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "status": status,
+    }
+    k8s_api.call_api(
+        f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+        "PATCH",
+        query_params=[("fieldManager", "finetune-operator"), ("force", "true")],
+        header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+        body=body,
+        auth_settings=["BearerToken"],
+        response_type="object",
+    )
+
+
+def _status(k8s_api: Any, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    obj = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+def _reporter(env: dict[str, str]) -> tuple[ProgressReporter, io.StringIO]:
+    status = StatusClient.in_cluster("tiny", None, env)
+    assert status is not None
+    stream = io.StringIO()
+    return ProgressReporter("tiny", status, min_interval=0.1, stream=stream), stream
+
+
+RUNNING = {"type": "Running", "status": "True", "reason": "PodsRunning", "message": "2/2 replicas"}
+
+
+def test_rank0_applies_progress_checkpoints_and_a_failure_into_its_own_finetunejob(
     control_plane: Any, k8s_api: Any, namespace: str, tmp_path: Path
 ) -> None:
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    api = client.CustomObjectsApi(k8s_api)
-    for name in ("tiny", "neighbour"):
-        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}}
-        api.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "finetunejobs", {**body, "spec": SPEC})
-    operator_condition = {"type": "Running", "status": "True", "reason": "PodsRunning", "message": "2/2 replicas"}
-    api.patch_namespaced_custom_object_status(
-        API_GROUP,
-        API_VERSION,
-        namespace,
-        "finetunejobs",
-        "tiny",
-        {"status": {"phase": "Running", "conditions": [operator_condition]}},
-    )
+    _create_jobs(k8s_api, namespace, "tiny", "neighbour")
+    _operator_apply(k8s_api, namespace, "tiny", {"phase": "Running", "conditions": [RUNNING]})
     env = _pod_credentials(control_plane, k8s_api, namespace, "tiny", tmp_path)
 
     status = StatusClient.in_cluster("config-name-is-overridden", None, env)
@@ -99,7 +135,7 @@ def test_rank0_patches_progress_checkpoints_and_a_failure_into_its_own_finetunej
     reporter.artifacts(adapter="s3://runs/tiny/", loss_plot="s3://runs/tiny/loss.png")
     reporter.flush()
 
-    got = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "finetunejobs", "tiny")["status"]
+    got = _status(k8s_api, namespace, "tiny")
     progress = got["progress"]
     assert {k: progress[k] for k in ("step", "totalSteps", "loss", "learningRate", "evalLoss", "summary")} == {
         "step": 5,
@@ -115,27 +151,93 @@ def test_rank0_patches_progress_checkpoints_and_a_failure_into_its_own_finetunej
     assert [c["step"] for c in got["checkpoints"]] == [10], "retention's deletions leave the list"
     assert got["checkpoints"][0]["uri"] == "s3://runs/tiny/checkpoints/step-10/"
     assert got["resumedFromStep"] == 3
-    assert got["artifacts"] == {"adapter": "s3://runs/tiny/", "lossPlot": "s3://runs/tiny/loss.png"}
+    assert got["artifacts"] == {"lossPlot": "s3://runs/tiny/loss.png"}, "the adapter is the operator's to report"
     assert got["phase"] == "Running", "the trainer must not touch the operator's fields"
 
     reporter.failure("DataError", "s3://data/train.jsonl line 7: not valid JSON")
-    got = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "finetunejobs", "tiny")["status"]
+    got = _status(k8s_api, namespace, "tiny")
     by_type = {c["type"]: c for c in got["conditions"]}
     assert by_type["Running"]["reason"] == "PodsRunning", "the operator's condition survives"
     assert by_type[FAILURE_CONDITION]["reason"] == "DataError"
     assert by_type[FAILURE_CONDITION]["message"] == "s3://data/train.jsonl line 7: not valid JSON"
+    assert got["resumedFromStep"] == 3
     reporter.close()
 
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["event"] for line in lines][:3] == ["resumed", "progress", "progress"]
     assert lines[-1]["event"] == "failed"
+    assert {"event": "artifacts", "adapter": "s3://runs/tiny/"}.items() <= lines[-2].items(), "the log has it all"
+
+    # Each writer owns its own fields, by server-side apply.
+    obj = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, "tiny"
+    )
+    status_fields = [m for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"]
+    managers = {(m["manager"], m["operation"]) for m in status_fields}
+    assert managers == {(FIELD_MANAGER, "Apply"), ("finetune-operator", "Apply")}
 
     # The token reaches this one object's status and nothing else.
-    neighbour = StatusClient(status.name, namespace, status.api.api_client)
-    neighbour.name = "neighbour"
+    neighbour = StatusClient("neighbour", namespace, status.api_client)
     with pytest.raises(ApiException) as denied:
-        neighbour.patch({"progress": {"step": 1}})
+        neighbour.apply({"progress": {"step": 1}})
     assert denied.value.status == 403
+
+
+def test_a_trainer_condition_and_the_checkpoint_list_survive_the_operators_applies(
+    control_plane: Any, k8s_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    _create_jobs(k8s_api, namespace, "tiny")
+    reporter, _ = _reporter(_pod_credentials(control_plane, k8s_api, namespace, "tiny", tmp_path))
+    reporter.checkpoint(4, "s3://runs/tiny/checkpoints/step-4/", 0.5)
+    reporter.failure("StorageError", "s3://runs/tiny/: connection reset")
+
+    # The operator applies its part again and again, knowing nothing of the trainer's fields.
+    for phase, condition in (("Running", RUNNING), ("Failed", {"type": "Failed", "status": "True", "reason": "X"})):
+        _operator_apply(k8s_api, namespace, "tiny", {"phase": phase, "conditions": [condition]})
+        got = _status(k8s_api, namespace, "tiny")
+        assert got["phase"] == phase
+        assert {c["type"] for c in got["conditions"]} == {condition["type"], FAILURE_CONDITION}
+        assert [c["step"] for c in got["checkpoints"]] == [4]
+
+    # ...and the trainer's next apply keeps the operator's condition.
+    reporter.report(step=5, total_steps=10, loss=0.4)
+    reporter.flush()
+    got = _status(k8s_api, namespace, "tiny")
+    assert {c["type"] for c in got["conditions"]} == {"Failed", FAILURE_CONDITION}
+    assert got["progress"]["step"] == 5
+    reporter.close()
+
+
+def test_a_restarted_trainer_keeps_the_checkpoints_and_progress_of_the_pod_before_it(
+    control_plane: Any, k8s_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    _create_jobs(k8s_api, namespace, "tiny")
+    env = _pod_credentials(control_plane, k8s_api, namespace, "tiny", tmp_path)
+    first, _ = _reporter(env)
+    first.report(step=8, total_steps=20, loss=0.7)
+    first.checkpoint(8, "s3://runs/tiny/checkpoints/step-8/", 0.7)
+    first.failure("TrainerError", "NCCL watchdog timeout")
+    first.close()
+
+    # The next Pod fails before it has looked at storage: its apply must not wipe what the first one reported.
+    second, _ = _reporter(env)
+    second.failure("DataError", "s3://data/train.jsonl line 7: not valid JSON")
+    second.close()
+    got = _status(k8s_api, namespace, "tiny")
+    assert [c["step"] for c in got["checkpoints"]] == [8]
+    assert got["progress"]["step"] == 8
+    (failed,) = [c for c in got["conditions"] if c["type"] == FAILURE_CONDITION]
+    assert failed["reason"] == "DataError"
+
+    # A Pod that resumes and trains replaces the earlier attempt's failure: the trainer is no longer failed.
+    third, _ = _reporter(env)
+    third.resumed(8)
+    third.flush()
+    third.close()
+    got = _status(k8s_api, namespace, "tiny")
+    assert FAILURE_CONDITION not in {c["type"] for c in got.get("conditions") or []}
+    assert [c["step"] for c in got["checkpoints"]] == [8]
+    assert got["resumedFromStep"] == 8
 
 
 def test_outside_a_cluster_progress_is_only_logged() -> None:

@@ -3,10 +3,11 @@
 Layout under the run's output URI:
     checkpoints/step-<N>/<files>               what the Hugging Face Trainer saved locally (checkpoint-<N>/), with
                                                DeepSpeed's per-rank shards (global_step<N>/...) from every node
-    checkpoints/step-<N>/.nodes/node-<k>.json  node k's list of files it uploaded (path, size, sha256) and the id
-                                               of the attempt (run) that wrote them
+    checkpoints/step-<N>/.nodes/node-<k>.json  node k's list of files it uploaded (path, size, sha256), the id
+                                               of the attempt that wrote them and the run record (identity.py)
     checkpoints/step-<N>/manifest.json         written LAST by global rank 0, once every node's list is in: the
-                                               union of the files; its presence is what makes a checkpoint complete
+                                               union of the files and the run record; its presence is what makes a
+                                               checkpoint complete
 Resume takes the newest complete checkpoint whose listed files are all present with their sizes; anything without
 a manifest is an interrupted upload and is ignored (and deleted once a newer checkpoint is complete). Retention
 keeps the newest `keep` complete checkpoints and deletes an older one only after a newer one is complete, manifest
@@ -167,6 +168,7 @@ class CheckpointUploader:
         on_complete: Callable[[int, str, float | None], None] | None = None,
         keep_local: int = 1,
         attempt: str = "",
+        run: dict[str, Any] | None = None,
     ) -> None:
         self.storage = storage
         self.output_uri = output_uri
@@ -177,6 +179,7 @@ class CheckpointUploader:
         self.on_complete = on_complete
         self.keep_local = keep_local
         self.attempt = attempt  # the same on every rank of this run; records of earlier runs do not count
+        self.run = run  # the run record (finetune_trainer.identity) every record and manifest carries
         self.completed: list[int] = []
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -224,7 +227,9 @@ class CheckpointUploader:
         names = [f["path"] for f in files]
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda n: self.storage.upload_file(job.local_dir / n, join_uri(uri, n)), names))
-        node_record = {"node": self.ranks.node_rank, "attempt": self.attempt, "files": files}
+        node_record: dict[str, Any] = {"node": self.ranks.node_rank, "attempt": self.attempt, "files": files}
+        if self.run is not None:
+            node_record["run"] = self.run
         record_uri = join_uri(uri, f"{NODES_DIR}/node-{self.ranks.node_rank}.json")
         self.storage.write_bytes(record_uri, json.dumps(node_record).encode())
         size = sum(f["size"] for f in files)
@@ -257,6 +262,8 @@ class CheckpointUploader:
             "files": [merged[k] for k in sorted(merged)],
             **job.extra,
         }
+        if self.run is not None:
+            manifest["run"] = self.run
         self.storage.write_bytes(join_uri(uri, MANIFEST), json.dumps(manifest, indent=1).encode())
         self.completed.append(job.step)
         log.info("checkpoint %s complete (%d file(s))", uri, len(merged))

@@ -2,8 +2,10 @@
 
 `train` runs the recipe on this rank (standalone, or as one process of torchrun; see finetune_trainer.launch for
 the container entry point). The config path defaults to $FTJ_CONFIG. Exit codes: 0 done, 143 preempted after a
-checkpoint was saved, 1 failed (the reason goes to the FineTuneJob status and to the container's termination
-message), 2 invalid configuration. `merge` runs the adapter merge Job (see finetune_trainer.merge.command).
+checkpoint was saved, PERMANENT_EXIT_CODE (3) for a failure no restart can fix (invalid config, bad data, an
+output that belongs to another run), RETRYABLE_EXIT_CODE (200) for any other failure; the reason goes to the
+FineTuneJob status and to the container's termination message. `merge` runs the adapter merge Job (see
+finetune_trainer.merge.command).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import ValidationError
 
 from finetune_trainer.config import TrainerConfig, format_validation_error
 from finetune_trainer.distenv import Ranks
-from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, ConfigError
+from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, RETRYABLE_EXIT_CODE, ConfigError
 
 log = logging.getLogger("finetune_trainer")
 
@@ -99,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_termination_message(reason, message)
         if reporter is not None:
             reporter.failure(reason, message)
-        return PERMANENT_EXIT_CODE if reason in PERMANENT_REASONS else 1
+        return PERMANENT_EXIT_CODE if reason in PERMANENT_REASONS else RETRYABLE_EXIT_CODE
     finally:
         if reporter is not None:
             reporter.close()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-# Exit code of a failure no restart can fix (bad data, bad config, an adapter that does not fit): the operator's
-# Job podFailurePolicy fails the Job at once on it instead of retrying. Other failures exit 1 and are retried.
+# Exit codes of the container (finetune_trainer.launch), the contract with the workload that restarts it:
+# PERMANENT_EXIT_CODE  a failure no restart can fix (bad data, bad config, an output that belongs to another run, an
+#                      adapter that does not fit). The Job backend's podFailurePolicy fails the Job at once on it; on
+#                      the PyTorchJob backend (restartPolicy: ExitCode) it is below 128, which fails the job as well.
+# RETRYABLE_EXIT_CODE  every other failure: a crash, a signal, torchrun's own failure, an NCCL or storage error.
+#                      128 or above, so that restartPolicy: ExitCode restarts the replica (within backoffLimit), and
+#                      above 128 + 64 so that it is never mistaken for "killed by signal N"; the log says what it was.
 PERMANENT_EXIT_CODE = 3
-PERMANENT_REASONS = frozenset({"DataError", "InvalidConfig", "MergeError"})
+RETRYABLE_EXIT_CODE = 200
+PERMANENT_REASONS = frozenset({"DataError", "InvalidConfig", "MergeError", "OutputInUse"})
 
 
 class TrainerError(Exception):
@@ -30,3 +36,9 @@ class MergeError(TrainerError):
     """An adapter cannot be merged: it is missing, does not fit the base, or the output is taken."""
 
     reason = "MergeError"
+
+
+class OutputInUseError(TrainerError):
+    """output.uri already holds checkpoints or final outputs of another run (another run fingerprint)."""
+
+    reason = "OutputInUse"

@@ -1,16 +1,21 @@
 """Live progress: one JSON log line per logging step, and (in a cluster) the FineTuneJob's status.
 
-Global rank 0 owns a ProgressReporter. In a cluster (KUBERNETES_SERVICE_HOST set) it merge-patches the status
-subresource of its own FineTuneJob with the Pod's service-account token, touching only the fields the trainer owns:
+Global rank 0 owns a ProgressReporter. In a cluster (KUBERNETES_SERVICE_HOST set) it writes its part of its own
+FineTuneJob's status subresource with server-side apply (field manager `finetune-trainer`), using the Pod's
+service-account token. The operator applies its own, disjoint part (phase, message, its conditions, children,
+artifacts.adapter/model/merged, times) as `finetune-operator`; status.conditions is a map list keyed by `type`,
+so each writer's conditions survive the other's applies. The trainer owns:
     status.progress         {step, totalSteps, epoch, loss, learningRate, evalLoss, tokensPerSecond, etaSeconds,
                              updatedAt, summary: "step/totalSteps"}
     status.checkpoints      [{step, uri, loss, time}], newest first, at most MAX_CHECKPOINT_RECORDS
     status.resumedFromStep  the step this run resumed from
-    status.artifacts        {adapter | model, lossPlot} once the final outputs are uploaded
-and, when the trainer fails, one condition of type TrainerFailed (reason = the error's reason, e.g. DataError),
-written with the object's resourceVersion so that the operator's own conditions are never lost.
+    status.artifacts.lossPlot  once the loss plot has been written and uploaded
+    status.conditions[type=TrainerFailed]  when the trainer fails (reason = the error's reason, e.g. DataError)
+An apply sets exactly the fields it carries for its manager (an owned field left out is removed), so the reporter
+keeps all of them in memory and sends them all every time, seeded from the object when it starts: a restarted Pod
+keeps the checkpoint list and progress of the attempts before it (an earlier attempt's TrainerFailed goes away).
 The job is named by FTJ_JOB_NAME / FTJ_NAMESPACE (else the config's jobName / namespace, else the service account's
-namespace). Patches go out from a background thread, at most one every few seconds with the newest values, and a
+namespace). Applies go out from a background thread, at most one every few seconds with the newest values, and a
 failing API server never stops training.
 """
 
@@ -26,14 +31,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from finetune_trainer.config import API_GROUP, API_VERSION, Progress
+from pydantic import ValidationError
+
+from finetune_trainer.config import API_GROUP, API_VERSION, KIND, PLURAL, Progress
 
 log = logging.getLogger(__name__)
 
-PLURAL = "finetunejobs"
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_CHECKPOINT_RECORDS = 10
 FAILURE_CONDITION = "TrainerFailed"
+FIELD_MANAGER = "finetune-trainer"
+RETRY_SECONDS = 1.0  # after a failed apply
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
 
 
 def now_rfc3339() -> str:
@@ -41,14 +50,12 @@ def now_rfc3339() -> str:
 
 
 class StatusClient:
-    """Reads and merge-patches one FineTuneJob's status subresource."""
+    """Reads one FineTuneJob's status subresource and server-side applies the trainer's part of it."""
 
     def __init__(self, name: str, namespace: str, api_client: Any) -> None:
-        from kubernetes import client
-
         self.name = name
         self.namespace = namespace
-        self.api = client.CustomObjectsApi(api_client)
+        self.api_client = api_client
 
     @classmethod
     def in_cluster(
@@ -80,21 +87,46 @@ class StatusClient:
             return None
         return cls(name, ns, client.ApiClient(configuration))
 
-    def patch(self, status: dict[str, Any], resource_version: str | None = None) -> None:
-        body: dict[str, Any] = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
-        self.api.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, self.namespace, PLURAL, self.name, body)
+    @property
+    def path(self) -> str:
+        return f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{self.namespace}/{PLURAL}/{self.name}/status"
+
+    def apply(self, status: dict[str, Any]) -> None:
+        """Server-side apply `status` as the trainer's whole part of the status (force: the trainer alone writes
+        these fields; forcing takes them over from an older trainer's merge patches)."""
+        body = {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "status": status,
+        }
+        # The generated patch_namespaced_custom_object_status always sends merge-patch; apply needs its own type.
+        self.api_client.call_api(
+            self.path,
+            "PATCH",
+            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            header_params={"Content-Type": APPLY_CONTENT_TYPE, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
+        )
 
     def get(self) -> dict[str, Any]:
-        obj: dict[str, Any] = self.api.get_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, self.namespace, PLURAL, self.name
+        obj: dict[str, Any] = self.api_client.call_api(
+            self.path,
+            "GET",
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
         )
         return obj
 
 
 class ProgressReporter:
-    """Rank 0's progress output: JSON lines on `stream` and, with a StatusClient, the FineTuneJob status."""
+    """Rank 0's progress output: JSON lines on `stream` and, with a StatusClient, the trainer's part of the
+    FineTuneJob status (kept whole in memory, see the module docstring)."""
 
     def __init__(
         self,
@@ -110,103 +142,150 @@ class ProgressReporter:
         self.stream = stream or sys.stdout
         self.progress = Progress()
         self.checkpoints: dict[int, dict[str, Any]] = {}
-        self._pending: dict[str, Any] = {}
+        self.resumed_from: int | None = None
+        self.loss_plot: str | None = None
+        self.conditions: dict[str, dict[str, Any]] = {}
+        self._reported: set[str] = set()  # owned fields set by this process (seeding never overrides them)
+        self._seeded = False
+        self._dirty = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
         self._closed = False
         self._last_sent = 0.0
+        self._failing = False
+        self._flush_until = 0.0
         self._warned = 0.0
         self._thread: threading.Thread | None = None
         if status is not None:
-            self._thread = threading.Thread(target=self._send_loop, name="status-patch", daemon=True)
+            self._thread = threading.Thread(target=self._send_loop, name="status-apply", daemon=True)
             self._thread.start()
 
     # -- what the training loop reports -------------------------------------------------------------------------
 
     def report(self, **fields: Any) -> Progress:
-        """Update progress (Progress field names, snake_case), print one JSON line, queue a status patch."""
-        data = self.progress.model_dump()
-        data.update({k: v for k, v in fields.items() if v is not None})
-        data["updated_at"] = now_rfc3339()
-        total = data.get("total_steps")
-        data["summary"] = f"{data['step']}/{total}" if total else str(data["step"])
-        self.progress = Progress.model_validate(data)
-        wire = self.progress.to_wire()
+        """Update progress (Progress field names, snake_case), print one JSON line, queue a status apply."""
+        with self._lock:
+            data = self.progress.model_dump()
+            data.update({k: v for k, v in fields.items() if v is not None})
+            data["updated_at"] = now_rfc3339()
+            total = data.get("total_steps")
+            data["summary"] = f"{data['step']}/{total}" if total else str(data["step"])
+            self.progress = Progress.model_validate(data)
+            self._reported.add("progress")
+            wire = self.progress.to_wire()
         self._print({"event": "progress", "job": self.job_name, **wire})
-        self._queue({"progress": wire})
+        self._changed()
         return self.progress
 
     def resumed(self, step: int) -> None:
+        with self._lock:
+            self.resumed_from = step
+            self._reported.add("resumedFromStep")
         self._print({"event": "resumed", "job": self.job_name, "resumedFromStep": step})
-        self._queue({"resumedFromStep": step}, urgent=True)
+        self._changed(urgent=True)
 
     def seed_checkpoints(self, records: list[dict[str, Any]]) -> None:
-        """Start from the checkpoints already in storage (after a restart), without reporting yet."""
-        for record in records:
-            self.checkpoints[int(record["step"])] = record
+        """Start from the complete checkpoints in storage (after a restart): they replace whatever the status
+        listed, since storage is the truth (retention may have deleted some since)."""
+        with self._lock:
+            self.checkpoints = {int(r["step"]): r for r in records}
+            self._reported.add("checkpoints")
+        self._changed()
 
     def checkpoint(self, step: int, uri: str, loss: float | None, deleted: list[int] | tuple[int, ...] = ()) -> None:
         """A checkpoint became complete (and retention deleted `deleted`)."""
-        for old in deleted:
-            self.checkpoints.pop(old, None)
         record: dict[str, Any] = {"step": step, "uri": uri, "time": now_rfc3339()}
         if loss is not None:
             record["loss"] = loss
-        self.checkpoints[step] = record
-        newest = [self.checkpoints[s] for s in sorted(self.checkpoints, reverse=True)][:MAX_CHECKPOINT_RECORDS]
+        with self._lock:
+            for old in deleted:
+                self.checkpoints.pop(old, None)
+            self.checkpoints[step] = record
+            self._reported.add("checkpoints")
         self._print({"event": "checkpoint", "job": self.job_name, **record})
-        self._queue({"checkpoints": newest}, urgent=True)
+        self._changed(urgent=True)
 
     def already_complete(self, output_uri: str) -> None:
         """The final outputs of an earlier attempt are complete: this one trains nothing (log line only)."""
         self._print({"event": "already-complete", "job": self.job_name, "output": output_uri})
 
     def artifacts(self, **uris: str) -> None:
-        """Final outputs: adapter/model/lossPlot URIs."""
+        """Final outputs (adapter/model/lossPlot URIs) for the log; of these the trainer's status part holds only
+        lossPlot: the operator reports the adapter or model once the workload succeeded."""
         wire = {_camel(k): v for k, v in uris.items() if v}
         self._print({"event": "artifacts", "job": self.job_name, **wire})
-        self._queue({"artifacts": wire}, urgent=True)
+        if "lossPlot" in wire:
+            with self._lock:
+                self.loss_plot = wire["lossPlot"]
+                self._reported.add("lossPlot")
+            self._changed(urgent=True)
 
     def failure(self, reason: str, message: str) -> None:
-        """Report a failure as a TrainerFailed condition (optimistic concurrency on resourceVersion)."""
+        """Report a failure as the TrainerFailed condition and wait (briefly) until it is applied."""
         self._print({"event": "failed", "job": self.job_name, "reason": reason, "message": message})
-        if self.status is None:
-            return
+        condition = {
+            "type": FAILURE_CONDITION,
+            "status": "True",
+            "reason": reason,
+            "message": message[:30000],
+            "lastTransitionTime": now_rfc3339(),
+        }
+        with self._lock:
+            self.conditions[FAILURE_CONDITION] = condition
+        self._changed(urgent=True)
         self.flush()
-        for _ in range(5):
-            try:
-                current = self.status.get()
-                existing = (current.get("status") or {}).get("conditions") or []
-                conditions = [c for c in existing if c.get("type") != FAILURE_CONDITION]
-                conditions.append(
-                    {
-                        "type": FAILURE_CONDITION,
-                        "status": "True",
-                        "reason": reason,
-                        "message": message[:30000],
-                        "lastTransitionTime": now_rfc3339(),
-                    }
-                )
-                self.status.patch({"conditions": conditions}, current["metadata"]["resourceVersion"])
-                return
-            except Exception as exc:
-                if getattr(exc, "status", None) != 409:
-                    log.warning("could not report the failure to the FineTuneJob status: %s", exc)
-                    return
+
+    def owned_status(self) -> dict[str, Any]:
+        """Every status field the trainer owns, as applied (fields it has no value for are left out)."""
+        with self._lock:
+            status: dict[str, Any] = {}
+            if "progress" in self._reported:
+                status["progress"] = self.progress.to_wire()
+            if self.checkpoints:
+                newest = sorted(self.checkpoints, reverse=True)[:MAX_CHECKPOINT_RECORDS]
+                status["checkpoints"] = [self.checkpoints[s] for s in newest]
+            if self.resumed_from is not None:
+                status["resumedFromStep"] = self.resumed_from
+            if self.loss_plot:
+                status["artifacts"] = {"lossPlot": self.loss_plot}
+            if self.conditions:
+                status["conditions"] = list(self.conditions.values())
+            return status
+
+    def seed(self, current: Mapping[str, Any]) -> None:
+        """Take the trainer's fields from the object's current status (`current` = the object), except those this
+        process has reported already and an earlier attempt's failure (this attempt is running again)."""
+        found = current.get("status") or {}
+        with self._lock:
+            if "progress" not in self._reported and isinstance(found.get("progress"), dict):
+                try:
+                    self.progress = Progress.model_validate(found["progress"])
+                    self._reported.add("progress")
+                except ValidationError as exc:
+                    log.info("not keeping the unreadable status.progress: %s", exc)
+            if "checkpoints" not in self._reported and isinstance(found.get("checkpoints"), list):
+                for record in found["checkpoints"]:
+                    if isinstance(record, dict) and isinstance(record.get("step"), int):
+                        self.checkpoints[record["step"]] = record
+            if "resumedFromStep" not in self._reported and isinstance(found.get("resumedFromStep"), int):
+                self.resumed_from = found["resumedFromStep"]
+            plot = (found.get("artifacts") or {}).get("lossPlot")
+            if "lossPlot" not in self._reported and isinstance(plot, str):
+                self.loss_plot = plot
+            self._seeded = True
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Send what is pending now and wait for it (end of training, before exit)."""
+        """Send what is pending now and wait for it (a failure, the end of training, before exit)."""
         if self._thread is None:
             return
-        with self._lock:
-            self._last_sent = 0.0
-        self._wake.set()
         deadline = time.monotonic() + timeout
+        with self._lock:
+            self._flush_until = deadline
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._pending and self._idle.is_set():
+                if not self._dirty and self._idle.is_set():
                     return
             self._wake.set()
             time.sleep(0.05)
@@ -223,14 +302,21 @@ class ProgressReporter:
         self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
         self.stream.flush()
 
-    def _queue(self, patch: dict[str, Any], urgent: bool = False) -> None:
+    def _changed(self, urgent: bool = False) -> None:
         if self.status is None:
             return
         with self._lock:
-            self._pending.update(patch)
+            self._dirty = True
             if urgent:
                 self._last_sent = 0.0
         self._wake.set()
+
+    def _due(self) -> bool:
+        if not self._dirty:
+            return False
+        now = time.monotonic()
+        wait = RETRY_SECONDS if self._failing else 0.0 if now < self._flush_until else self.min_interval
+        return now - self._last_sent >= wait
 
     def _send_loop(self) -> None:
         assert self.status is not None
@@ -238,18 +324,22 @@ class ProgressReporter:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             with self._lock:
-                due = self._pending and time.monotonic() - self._last_sent >= self.min_interval
-                if not due:
+                if not self._due():
                     continue
-                patch, self._pending = self._pending, {}
+                self._dirty = False
                 self._idle.clear()
             try:
-                self.status.patch(patch)
+                if not self._seeded:
+                    # Before the first apply: an apply without the checkpoints an earlier Pod listed would drop them.
+                    self.seed(self.status.get())
+                self.status.apply(self.owned_status())
+                self._failing = False
             except Exception as exc:
-                with self._lock:  # keep the newest values for the next try
-                    self._pending = {**patch, **self._pending}
+                with self._lock:  # try again with the newest values
+                    self._dirty = True
+                    self._failing = True
                 if time.monotonic() - self._warned > 60:
-                    log.warning("status patch of FineTuneJob %s failed: %s", self.status.name, exc)
+                    log.warning("status apply of FineTuneJob %s failed: %s", self.status.name, exc)
                     self._warned = time.monotonic()
             finally:
                 with self._lock:

@@ -33,6 +33,8 @@ from finetune_trainer.checkpoints import (
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.deepspeed import deepspeed_config
 from finetune_trainer.distenv import Ranks
+from finetune_trainer.errors import OutputInUseError
+from finetune_trainer.identity import RunIdentity, check_checkpoints, check_record
 from finetune_trainer.progress import ProgressReporter, StatusClient
 from finetune_trainer.storage import Storage, join_uri, open_storage
 
@@ -76,6 +78,7 @@ class FineTuneRecipe:
         if reporter is None and self.ranks.is_main:
             reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
         self.reporter = reporter
+        self.identity = RunIdentity.of(config)
         self.resume: CheckpointRef | None = None
         self.attempt = ""
         self.resume_dir: Path | None = None
@@ -91,9 +94,21 @@ class FineTuneRecipe:
 
     # -- setup -------------------------------------------------------------------------------------------------
 
-    def already_complete(self) -> bool:
-        """The final outputs of this run are in storage (a restarted Pod after success must not train again)."""
-        return self.storage.read_bytes(join_uri(self.output_uri, MANIFEST)) is not None
+    def final_manifest(self) -> dict[str, Any] | None:
+        """The manifest of this run's final outputs, if they are complete in storage (a restarted Pod after success
+        must not train again); OutputInUseError if they are another run's."""
+        uri = join_uri(self.output_uri, MANIFEST)
+        raw = self.storage.read_bytes(uri)
+        if raw is None:
+            return None
+        try:
+            manifest = json.loads(raw)
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):
+            manifest = {}  # complete all the same: it is written last, as before
+        check_record(self.identity, self.output_uri, uri, manifest)
+        return manifest
 
     def setup(self) -> None:
         """Resolve the checkpoint to resume from, fetch the model, build args, model, data and the Trainer."""
@@ -153,6 +168,7 @@ class FineTuneRecipe:
                 keep=self.config.output.checkpoints.keep,
                 job_name=self.config.job_name,
                 attempt=self.attempt,
+                run=self.identity.record(),
                 on_complete=self._checkpoint_complete if self.ranks.is_main else None,
             )
         self.preemption = PreemptionCallback(self.ranks)
@@ -244,15 +260,22 @@ class FineTuneRecipe:
         return str(rendered)
 
     def _agree_on_resume(self) -> CheckpointRef | None:
-        """Global rank 0 picks the newest complete checkpoint and names this attempt; every rank takes both (a
-        checkpoint may complete while the ranks look, so they must not each look for themselves).
+        """Global rank 0 checks that the checkpoints in storage are this run's, picks the newest complete one and
+        names this attempt; every rank takes the verdict (a checkpoint may complete while the ranks look, so they
+        must not each look for themselves).
 
         Incomplete checkpoints newer than the choice are leftovers of an earlier attempt that this one will reach
         again; rank 0 deletes them first, and node records carry the attempt id, so that a stale record of another
         node can never complete a new checkpoint."""
         choice: CheckpointRef | None = None
         attempt = ""
+        other_run = ""  # OutputInUseError's message: every rank fails with it
         if self.ranks.is_main:
+            try:
+                check_checkpoints(self.storage, self.output_uri, self.identity)
+            except OutputInUseError as exc:
+                other_run = str(exc)
+        if self.ranks.is_main and not other_run:
             choice = latest_complete(self.storage, self.output_uri)
             attempt = uuid.uuid4().hex
             start = choice.step if choice else 0
@@ -264,9 +287,11 @@ class FineTuneRecipe:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
-                box: list[Any] = [choice, attempt]
+                box: list[Any] = [choice, attempt, other_run]
                 dist.broadcast_object_list(box, src=0)
-                choice, attempt = box
+                choice, attempt, other_run = box
+        if other_run:
+            raise OutputInUseError(other_run)
         self.attempt = attempt
         return choice
 
@@ -329,9 +354,8 @@ class FineTuneRecipe:
         if not self.ranks.is_main:
             return  # only rank 0 uploads; the others must not sit in a collective while it does
         trainer.state.save_to_json(str(self.final_dir / "trainer_state.json"))
-        plot = None
-        if self.config.output.plot_loss:
-            plot = plot_loss(trainer.state.log_history, self.final_dir / LOSS_PLOT, title=self.config.job_name)
+        if self.config.output.plot_loss:  # no file when nothing was logged: see report_artifacts
+            plot_loss(trainer.state.log_history, self.final_dir / LOSS_PLOT, title=self.config.job_name)
         files = describe_files(self.final_dir)
         for entry in files:
             self.storage.upload_file(self.final_dir / entry["path"], join_uri(self.output_uri, entry["path"]))
@@ -342,18 +366,23 @@ class FineTuneRecipe:
             "step": int(trainer.state.global_step),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": files,
+            "run": self.identity.record(),
         }
         self.storage.write_bytes(join_uri(self.output_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
         log.info("final outputs uploaded to %s (%d files)", self.output_uri, len(files))
         apply_retention(self.storage, self.output_uri, self.config.output.checkpoints.keep)
-        self.report_artifacts(plot is not None)
+        self.report_artifacts(manifest)
 
-    def report_artifacts(self, with_plot: bool = True) -> None:
+    def report_artifacts(self, manifest: dict[str, Any]) -> None:
+        """Report the final outputs that `manifest` lists: the loss plot only with plotLoss on and only if it was
+        written and uploaded (a run that logged no loss has none)."""
         if self.reporter is None:
             return
         kind = "adapter" if self.config.method.uses_adapter else "model"
-        plot = join_uri(self.output_uri, LOSS_PLOT) if with_plot else None
-        self.reporter.artifacts(**{kind: self.output_uri}, loss_plot=plot or "")
+        listed = {str(f.get("path")) for f in manifest.get("files") or [] if isinstance(f, dict)}
+        written = self.config.output.plot_loss and LOSS_PLOT in listed
+        plot = join_uri(self.output_uri, LOSS_PLOT) if written else ""
+        self.reporter.artifacts(**{kind: self.output_uri}, loss_plot=plot)
 
     def _barrier(self) -> None:
         if not self.ranks.distributed:
@@ -385,11 +414,12 @@ def run(config: TrainerConfig, **kwargs: Any) -> RunResult:
     """The whole recipe for this rank."""
     recipe = FineTuneRecipe(config, **kwargs)
     try:
-        if recipe.already_complete():
+        final = recipe.final_manifest()
+        if final is not None:
             log.info("the outputs of %s are already complete: nothing to do", recipe.output_uri)
             if recipe.ranks.is_main and recipe.reporter is not None:
                 recipe.reporter.already_complete(recipe.output_uri)
-                recipe.report_artifacts()
+                recipe.report_artifacts(final)
             return RunResult("already-complete", 0)
         recipe.setup()
         result = recipe.train()

@@ -18,13 +18,11 @@ from pathlib import Path
 
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.distenv import Ranks
-from finetune_trainer.errors import ConfigError, MergeError
+from finetune_trainer.errors import PERMANENT_EXIT_CODE, ConfigError, MergeError
 from finetune_trainer.merge.remote import MergeRequest, merge_from_storage
 from finetune_trainer.storage import join_uri
 
 log = logging.getLogger("finetune_trainer")
-
-EXIT_PERMANENT = 3
 
 
 def default_cache_dir(config: TrainerConfig | None) -> Path:
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         message = str(exc) or type(exc).__name__
         log.error("%s: %s", reason, message, exc_info=not hasattr(exc, "reason"))
         write_termination_message(reason, message)
-        return EXIT_PERMANENT if isinstance(exc, MergeError | ConfigError) else 1
+        return PERMANENT_EXIT_CODE if isinstance(exc, MergeError | ConfigError) else 1
     log.info("%s", report.summary())
     print(json.dumps({"event": "merged", **dataclasses.asdict(report)}), flush=True)
     return 0
