@@ -26,6 +26,10 @@ test: venv testbin lint ## Lint, then run the whole test suite (the README's tes
 test-unit: venv ## Run only the pure unit tests (no servers, no torch training)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+.PHONY: test-e2e
+test-e2e: venv testbin ## Run only the e2e tier: FineTuneJobs that really train, driven with kubectl (see docs/testing.md)
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: venv ## ruff lint + format check, mypy
 	$(VENV_BIN)/ruff check .
@@ -59,3 +63,8 @@ pins: venv ## Regenerate the container images' pinned requirements from pyprojec
 .PHONY: image-requirements
 image-requirements: venv ## Install each image's requirements into a clean venv and import them (~6 min)
 	FTJ_TEST_IMAGE_REQUIREMENTS=1 $(PY) -m pytest tests/images/test_image_requirements.py $(PYTEST_ARGS)
+
+.PHONY: lf-reference
+lf-reference: venv ## Regenerate tests/parity/lf_reference.json.gz and data/lf_templates.py with LLaMA-Factory itself (own venv)
+	LLAMAFACTORY_VERBOSITY=WARN $$(tests/parity/lf_venv.sh) tests/parity/generate.py
+	$(VENV_BIN)/ruff format trainer-image/finetune_trainer/data/lf_templates.py

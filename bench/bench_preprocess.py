@@ -6,7 +6,13 @@ a cold build_datasets (read, convert, shuffle, template, tokenize, mask, pack, w
 template/packing combination (best of --repeat runs, each into a fresh cache), then a warm call that loads the cache.
 For scale it also times the Rust tokenizer alone on the same rendered texts: the floor for any preprocessing.
 
+With --lf it also runs LLaMA-Factory's own SFT preprocessing (its alpaca converter and SupervisedDatasetProcessor,
+one process, on the same records, tokenizer, template and cutoff) from the reference venv (tests/parity/lf_venv.sh),
+alternating with ours in the same run, and prints both rates and the ratio. LLaMA-Factory is timed on in-memory
+rows without writing its Arrow cache; ours end to end (file read to written cache), so the ratio is conservative.
+
     ~/.cache/finetune-operator/venv/bin/python bench/bench_preprocess.py [--samples 20000] [--cutoff 1024] [--repeat 2]
+    ~/.cache/finetune-operator/venv/bin/python bench/bench_preprocess.py --lf --templates qwen --workers 1,2
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +83,7 @@ def main() -> None:
     parser.add_argument("--templates", default="auto,qwen", help="comma-separated templates to time")
     parser.add_argument("--repeat", type=int, default=2, help="cold runs per combination; the fastest counts")
     parser.add_argument("--workers", default="1,auto", help="comma-separated worker counts (auto = the default)")
+    parser.add_argument("--lf", action="store_true", help="also time LLaMA-Factory's preprocessing (reference venv)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
@@ -87,7 +95,8 @@ def main() -> None:
     print(f"{args.samples} alpaca records, {data.stat().st_size / 1e6:.1f} MB JSON; tokenizer vocab {len(tokenizer)}")
     print(f"CPU: {os.cpu_count()} cores visible; cutoff_len {args.cutoff}")
 
-    texts = [get_template("qwen", tokenizer).render(conversation).text for conversation in conversations(rows)]
+    qwen = get_template("qwen", tokenizer)
+    texts = ["".join(p for m in qwen.render(c).messages for p in m if isinstance(p, str)) for c in conversations(rows)]
     floor = min(
         _time(lambda: tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)) for _ in range(2)
     )
@@ -102,6 +111,9 @@ def main() -> None:
         for packing in (True, False)
         for workers in args.workers.split(",")
     ]
+    if args.lf:
+        compare_with_lf(args, work, data, tokenizer)
+        return
     for template, packing, workers in combinations:
         cold = float("inf")
         for attempt in range(args.repeat):
@@ -126,6 +138,44 @@ def main() -> None:
             f"{template:8} {packing!s:7} {workers:7} {cold:7.2f} {stats.samples / cold:10.0f} "
             f"{stats.tokens / cold:10.0f} {stats.rows:6d} {warm:7.2f}"
         )
+
+
+def compare_with_lf(args: argparse.Namespace, work: Path, data: Path, tokenizer: object) -> None:
+    lf_python = subprocess.run(
+        [str(REPO / "tests" / "parity" / "lf_venv.sh")], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    tokenizer_dir = work / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)  # type: ignore[attr-defined]
+    for template in args.templates.split(","):
+        ours: dict[str, float] = {}
+        theirs = float("inf")
+        for attempt in range(args.repeat):
+            for workers in args.workers.split(","):
+                config = TrainerConfig.model_validate(
+                    {
+                        "model": {"uri": "file:///models/bench"},
+                        "datasets": [{"uri": data.as_uri()}],
+                        "output": {"uri": "file:///out"},
+                        "template": template,
+                        "cache_dir": str(work / f"cache-lf-{template}-{workers}-{attempt}"),
+                        "training": {"cutoff_len": args.cutoff, "packing": False},
+                    }
+                )
+                started = time.perf_counter()
+                bundle = build_datasets(config, tokenizer, workers=None if workers == "auto" else int(workers))
+                rate = bundle.stats.samples / (time.perf_counter() - started)
+                ours[workers] = max(ours.get(workers, 0.0), rate)
+            env = {**os.environ, "LLAMAFACTORY_VERBOSITY": "ERROR", "TOKENIZERS_PARALLELISM": "true"}
+            worker = REPO / "tests" / "parity" / "lf_bench_worker.py"
+            command = [lf_python, str(worker), str(tokenizer_dir), str(data), template, str(args.cutoff)]
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+            theirs = min(theirs, result["seconds"])
+            lf_rate = result["samples"] / theirs
+        for workers, rate in ours.items():
+            print(
+                f"{template}: ours {workers} worker(s) {rate:.0f} samples/s; LLaMA-Factory 1 process {lf_rate:.0f} "
+                f"samples/s; ratio {rate / lf_rate:.2f}x"
+            )
 
 
 if __name__ == "__main__":

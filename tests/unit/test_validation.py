@@ -77,7 +77,7 @@ CASES = [
     ("missing model", "spec.model", _DELETE, "spec.model", "required field is missing"),
     ("missing output", "spec.output", _DELETE, "spec.output", "required field is missing"),
     ("unknown method", "spec.method", {"type": "rlhf"}, "spec.method.type", "'rlhf'"),
-    ("unknown template", "spec.template", "vicuna", "spec.template", "'vicuna'"),
+    ("unknown template", "spec.template", "vicuna-9", "spec.template", "'vicuna-9'"),
     (
         "both eval sources",
         "spec.evalDatasets",

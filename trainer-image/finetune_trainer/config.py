@@ -7,6 +7,8 @@ torch: the operator image does not carry the training stack.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -22,8 +24,12 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from finetune_trainer.data.lf_templates import TEMPLATES as LF_TEMPLATES
+
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
 
 # Bounds keep the CRD's CEL cost estimates finite; they are far above any real use.
 MAX_URI = 2048
@@ -182,7 +188,16 @@ class DatasetSpec(Model):
         return []
 
 
-TEMPLATES = ("auto", "default", "alpaca", "chatml", "qwen", "llama3")
+# "auto" (the tokenizer's own chat template) or a LLaMA-Factory template by its name (those that run on text).
+TEMPLATES = ("auto", *sorted(name for name, spec in LF_TEMPLATES.items() if spec["text_only"]))
+
+
+def _known_template(value: str) -> str:
+    if value not in TEMPLATES:
+        raise ValueError(
+            f"unknown template {value!r}; use auto or a LLaMA-Factory template: {', '.join(TEMPLATES[1:])}"
+        )
+    return value
 
 
 # --- method -----------------------------------------------------------------------------------------------------
@@ -401,8 +416,10 @@ class RunSpec(Model):
         None, max_length=MAX_LIST, description="Evaluation datasets; exclusive with valSize."
     )
     val_size: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the training data.")
-    template: Literal["auto", "default", "alpaca", "chatml", "qwen", "llama3"] = Field(
-        "auto", description="Chat template; auto uses the tokenizer's own."
+    template: Annotated[str, AfterValidator(_known_template)] = Field(
+        "auto",
+        description="Chat template: a LLaMA-Factory template name, or auto for the tokenizer's own.",
+        json_schema_extra={"enum": list(TEMPLATES)},
     )
     method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
@@ -428,6 +445,51 @@ class TrainerConfig(RunSpec):
     namespace: str | None = Field(None, max_length=MAX_NAME, description="FineTuneJob namespace (in a cluster).")
     deepspeed_config_path: str | None = Field(None, description="Path of the rendered DeepSpeed JSON.")
     cache_dir: str = Field("/scratch/cache", description="Node-local cache for downloads and tokenized data.")
+
+
+# --- run identity -----------------------------------------------------------------------------------------------
+
+# Run identity covers the fields of RunSpec (TrainerConfig's own additions, job name, namespace and mount paths, say
+# who runs it and where things are on this machine) except these: how storage is reached, and settings that change
+# neither the trained weights nor where they go. A FineTuneJob re-created with only these changed (GitOps delete and
+# re-apply, another S3 endpoint or keys, other retention, merge or reporting settings) resumes its own checkpoints.
+# Everything else (model, datasets, evalDatasets, valSize, template, method, the other training fields, deepspeed,
+# output.uri) defines the run; a field added to RunSpec is run-defining unless it is listed here.
+NOT_RUN_DEFINING: dict[str, Any] = {
+    "storage": True,  # endpoint, region, addressing style, credentials
+    "output": {
+        "checkpoints": True,  # retention (keep)
+        "merge": True,  # what happens after training
+        "plot_loss": True,  # a report
+    },
+    "training": {
+        "logging_steps": True,  # how often progress is reported,
+        "save_steps": True,  # checkpointed,
+        "eval_steps": True,  # and evaluated
+    },
+}
+
+
+def run_definition(config: RunSpec) -> dict[str, Any]:
+    """The run-defining part of `config` as canonical JSON data: camelCase, fields at their default left out (so a
+    value written out and the same value left to its default agree, and a trainer that adds a field with a default
+    still recognises an older run), output.uri with one trailing slash. An optional object set to all defaults stays
+    as {}: `deepspeed: {}` (ZeRO-2) is not the run without deepspeed (DDP)."""
+    data = config.model_dump(
+        mode="json", by_alias=True, include=set(RunSpec.model_fields), exclude=NOT_RUN_DEFINING, exclude_defaults=True
+    )
+    for key, part in NOT_RUN_DEFINING.items():
+        if isinstance(part, dict) and data.get(key) == {}:
+            del data[key]  # emptied by the exclusions above: the same as left to its defaults
+    data["output"] = {"uri": config.output.uri.rstrip("/") + "/"}
+    return data
+
+
+def run_fingerprint(config: RunSpec) -> str:
+    """sha256 (hex) of run_definition(config): equal for every attempt and re-creation of the same run, different
+    when anything that defines it differs. Checkpoint and final manifests record it; see finetune_trainer.identity."""
+    canonical = json.dumps(run_definition(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class Progress(Model):

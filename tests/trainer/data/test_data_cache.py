@@ -96,7 +96,8 @@ def test_a_waiting_rank_gives_up_after_its_timeout(tmp_path: Path, tokenizer: An
 def test_a_waiting_rank_raises_the_main_ranks_data_error(
     tmp_path: Path, tokenizer: Any, make_config: MakeConfig
 ) -> None:
-    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "word " * 40, "output": "5"}])
+    row = {"instruction": "word " * 300, "output": "The answer is five, as everybody knows."}
+    data = write_jsonl(tmp_path / "a.jsonl", [row])
     config = make_config(data, training={"cutoff_len": 16})
     with pytest.raises(DataError):
         build_datasets(config, tokenizer, local_rank=0)

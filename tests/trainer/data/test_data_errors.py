@@ -84,7 +84,9 @@ def test_an_empty_file_and_an_empty_prefix_are_errors(tmp_path: Path, tokenizer:
 
 
 def test_nothing_left_after_truncation_is_an_error(tmp_path: Path, tokenizer: Any, make_config: MakeConfig) -> None:
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "word " * 40, "output": "5"}])
+    # The cutoff is shared in proportion: a long prompt leaves this response less than one token of it.
+    row = {"instruction": "word " * 300, "output": "The answer is five, as everybody knows."}
+    path = write_jsonl(tmp_path / "a.jsonl", [row])
     with pytest.raises(DataError, match=r"no train samples left after tokenization .*no trainable tokens left"):
         build_datasets(make_config(path, training={"cutoff_len": 16}), tokenizer)
 
@@ -122,3 +124,11 @@ def test_auto_without_a_chat_template_is_refused(tmp_path: Path, base_tokenizer:
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD])
     with pytest.raises(ConfigError, match="template 'auto' uses the tokenizer's chat_template, but this tokenizer has"):
         build_datasets(make_config(path, template="auto"), base_tokenizer)
+
+
+def test_a_multimodal_template_is_refused_with_the_reason() -> None:
+    # The config refuses the name already (not in TEMPLATES); the data layer says why for a direct caller.
+    from finetune_trainer.data.templates import get_template
+
+    with pytest.raises(ConfigError, match="template 'paligemma' is multimodal"):
+        get_template("paligemma", build_tokenizer(chat_template=None))

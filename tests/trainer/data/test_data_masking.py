@@ -1,11 +1,10 @@
-"""Loss masking: labels are exactly the model turns' tokens (end-of-turn token included) for alpaca, sharegpt
-multi-turn and tool-calling data, under the tokenizer's own template and the named ones; train_on_prompt,
-mask_history and truncation at cutoff_len.
+"""Loss masking: labels are exactly the model turns' tokens (end-of-turn token and what the template writes after
+it included, as in LLaMA-Factory) for alpaca, sharegpt multi-turn and tool-calling data, under the tokenizer's own
+template and LLaMA-Factory's named ones; train_on_prompt, mask_history and truncation at cutoff_len.
 
 Expected ids and labels are built independently of the code under test: the test writes the rendered text out by
-hand as (piece, trainable) pairs, tokenizes each piece on its own and concatenates. The pieces meet at special
-tokens, newlines or punctuation, where the byte-level BPE never merges across, so that equals tokenizing the whole
-text. The first token never carries a label (nothing precedes it).
+hand as (piece, trainable) pairs, tokenizes each piece on its own and concatenates, as LLaMA-Factory does.
+(tests/trainer/data/test_lf_parity.py compares with LLaMA-Factory itself; these tests show the behaviour.)
 """
 
 from __future__ import annotations
@@ -20,20 +19,20 @@ from trainer.tiny import CHATML_TEMPLATE, build_tokenizer
 
 from finetune_trainer.data import build_datasets
 from finetune_trainer.data.conversation import Conversation, Turn
-from finetune_trainer.data.encode import Masking, encode
+from finetune_trainer.data.encode import Masking, encode, infer_seqlen
 from finetune_trainer.data.templates import get_template
 
 IGNORE = -100
 
 
-def expected(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+def expected(tokenizer: Any, pieces: list[tuple[str | int, bool]]) -> tuple[list[int], list[int]]:
+    """(text or token id, trainable) pieces → ids and labels; each text tokenized on its own."""
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in pieces:
-        part = tokenizer.encode(text, add_special_tokens=False)
+        part = [text] if isinstance(text, int) else tokenizer.encode(text, add_special_tokens=False)
         ids += part
         labels += part if trainable else [IGNORE] * len(part)
-    labels[0] = IGNORE
     return ids, labels
 
 
@@ -62,17 +61,16 @@ def test_alpaca_labels_are_each_response_and_its_end_token_under_the_tokenizers_
         tokenizer,
         [
             ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
-            ("Hello there.<|im_end|>", True),
-            ("\n<|im_start|>user\nAdd 2 and 3.\nPlease.<|im_end|>\n<|im_start|>assistant\n", False),
-            ("The answer is 5.<|im_end|>", True),
-            ("\n", False),
+            ("Hello there.<|im_end|>\n", True),
+            ("<|im_start|>user\nAdd 2 and 3.\nPlease.<|im_end|>\n<|im_start|>assistant\n", False),
+            ("The answer is 5.<|im_end|>\n", True),
         ],
     )
     assert row["input_ids"] == ids
     assert row["labels"] == labels
 
 
-def test_alpaca_under_the_named_alpaca_template_ends_the_response_with_eos(
+def test_alpaca_under_the_named_alpaca_template_trains_eos_and_the_blank_line_after_it(
     tmp_path: Path, base_tokenizer: Any, make_config: MakeConfig
 ) -> None:
     data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add 2 and 3.", "output": "5"}])
@@ -81,14 +79,49 @@ def test_alpaca_under_the_named_alpaca_template_ends_the_response_with_eos(
     ids, labels = expected(
         base_tokenizer,
         [
-            (f"{system}\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n", False),
-            ("5<|endoftext|>", True),
-            ("\n\n", False),
+            (f"{system}\n\n", False),
+            ("### Instruction:\nAdd 2 and 3.\n\n### Response:\n", False),
+            ("5", True),
+            (0, True),  # EOS, id 0
+            ("\n\n", True),
         ],
     )
+    assert base_tokenizer.eos_token_id == 0
     assert row["input_ids"] == ids
     assert row["labels"] == labels
-    assert row["labels"][-3] == base_tokenizer.eos_token_id
+
+
+def test_default_template_takes_an_eos_with_id_0(tmp_path: Path, base_tokenizer: Any, make_config: MakeConfig) -> None:
+    data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi", "output": "Hello."}])
+    row = only_row(make_config(data, template="default"), base_tokenizer)
+    eos = base_tokenizer.eos_token_id
+    assert eos == 0
+    pieces: list[tuple[str | int, bool]] = [
+        ("Human: Hi", False),
+        (eos, False),
+        ("\nAssistant:", False),
+        ("Hello.", True),
+        (eos, True),
+        ("\n", True),
+    ]
+    ids, labels = expected(base_tokenizer, pieces)
+    assert row["input_ids"] == ids
+    assert row["labels"] == labels
+
+
+def test_llama3_takes_bos_from_the_tokenizer_and_writes_none_without_one(
+    tmp_path: Path, make_config: MakeConfig
+) -> None:
+    data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi", "output": "Hello."}])
+    tokenizer = build_tokenizer(llama3=True, chat_template=None)
+    assert tokenizer.bos_token is None
+    row = only_row(make_config(data, template="llama3"), tokenizer)
+    header = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    pieces: list[tuple[str | int, bool]] = [(header, False), ("Hello.<|eot_id|>", True)]
+    assert row["input_ids"] == expected(tokenizer, pieces)[0]
+    tokenizer.bos_token = "<|begin_of_text|>"
+    row = only_row(make_config(data, template="llama3", cache=tmp_path / "other"), tokenizer)
+    assert row["input_ids"] == [tokenizer.convert_tokens_to_ids("<|begin_of_text|>"), *expected(tokenizer, pieces)[0]]
 
 
 SHAREGPT = {
@@ -116,18 +149,17 @@ def sharegpt_config(tmp_path: Path, make_config: MakeConfig, template: str, **tr
     return make_config(spec, template=template, training=training)
 
 
-def chatml_multi_turn(assistant: tuple[bool, bool, bool]) -> list[tuple[str, bool]]:
+def chatml_multi_turn(assistant: tuple[bool, bool, bool]) -> list[tuple[str | int, bool]]:
     return [
         (
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n",
             False,
         ),
-        ("Hello.<|im_end|>", assistant[0]),
-        ("\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", False),
-        ("Paris.<|im_end|>", assistant[1]),
-        ("\n<|im_start|>user\nAnd of Germany?<|im_end|>\n<|im_start|>assistant\n", False),
-        ("Berlin.<|im_end|>", assistant[2]),
-        ("\n", False),
+        ("Hello.<|im_end|>\n", assistant[0]),
+        ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Paris.<|im_end|>\n", assistant[1]),
+        ("<|im_start|>user\nAnd of Germany?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Berlin.<|im_end|>\n", assistant[2]),
     ]
 
 
@@ -154,10 +186,16 @@ def test_train_on_prompt_labels_every_token(tmp_path: Path, tokenizer: Any, make
     row = only_row(sharegpt_config(tmp_path, make_config, "auto", train_on_prompt=True), tokenizer)
     ids, _ = expected(tokenizer, chatml_multi_turn((True, True, True)))
     assert row["input_ids"] == ids
-    assert row["labels"] == [IGNORE, *ids[1:]]
+    assert row["labels"] == ids
 
 
-TOOLS = [{"name": "get_weather", "description": "Weather of a city", "parameters": {"city": {"type": "string"}}}]
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+]
 TOOL_CHAT = {
     "conversations": [
         {"from": "human", "value": "Weather in Berlin?"},
@@ -180,10 +218,9 @@ def test_tool_call_turns_are_labeled_and_tool_results_are_not(
         [
             (f"<|im_start|>system\nTools: {json.dumps(TOOLS)}<|im_end|>\n", False),
             ("<|im_start|>user\nWeather in Berlin?<|im_end|>\n<|im_start|>assistant\n", False),
-            (f"<tool_call>{call}</tool_call><|im_end|>", True),
-            ("\n<|im_start|>tool\nsunny, 21 degrees<|im_end|>\n<|im_start|>assistant\n", False),
-            ("It is sunny.<|im_end|>", True),
-            ("\n", False),
+            (f"<tool_call>{call}</tool_call><|im_end|>\n", True),
+            ("<|im_start|>tool\nsunny, 21 degrees<|im_end|>\n<|im_start|>assistant\n", False),
+            ("It is sunny.<|im_end|>\n", True),
         ],
     )
     assert row["input_ids"] == ids
@@ -194,24 +231,52 @@ def test_tool_calls_under_the_named_default_template(
     tmp_path: Path, base_tokenizer: Any, make_config: MakeConfig
 ) -> None:
     data = write_jsonl(tmp_path / "tools.jsonl", [TOOL_CHAT])
-    row = only_row(make_config(data, template="default"), base_tokenizer)
-    call = json.dumps({"name": "get_weather", "arguments": {"city": "Berlin"}})
+    row = only_row(make_config(data, template="default", training={"cutoff_len": 1024}), base_tokenizer)
     tools = (
-        f"You can call these tools:\n{json.dumps(TOOLS)}\n"
-        'To call one, answer with a JSON object {"name": <tool name>, "arguments": <arguments object>}.'
+        "You have access to the following tools:\n"
+        "> Tool Name: get_weather\nTool Description: Weather of a city\nTool Args:\n"
+        "  - city (string, required): \n\n"
+        "Use the following format if using a tool:\n```\n"
+        "Action: tool name (one of [get_weather])\n"
+        "Action Input: the input to the tool, in a JSON format representing the kwargs "
+        '(e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n'
     )
     ids, labels = expected(
         base_tokenizer,
         [
-            (f"System: {tools}\nHuman: Weather in Berlin?\nAssistant:", False),
-            (f" {call}<|endoftext|>", True),
-            ("\nObservation: sunny, 21 degrees\nAssistant:", False),
-            (" It is sunny.<|endoftext|>", True),
+            (f"System: {tools}", False),
+            (0, False),
             ("\n", False),
+            ("Human: Weather in Berlin?", False),
+            (0, False),
+            ("\nAssistant:", False),
+            ('Action: get_weather\nAction Input: {"city": "Berlin"}', True),
+            (0, True),
+            ("\n", True),
+            ("Human: sunny, 21 degrees", False),
+            (0, False),
+            ("\nAssistant:", False),
+            ("It is sunny.", True),
+            (0, True),
+            ("\n", True),
         ],
     )
     assert row["input_ids"] == ids
     assert row["labels"] == labels
+
+
+def test_qwen_writes_tools_and_calls_in_qwens_own_format(
+    tmp_path: Path, base_tokenizer: Any, make_config: MakeConfig
+) -> None:
+    data = write_jsonl(tmp_path / "tools.jsonl", [TOOL_CHAT])
+    row = only_row(make_config(data, template="qwen", training={"cutoff_len": 1024}), base_tokenizer)
+    text = base_tokenizer.decode(row["input_ids"])
+    wrapped = json.dumps({"type": "function", "function": TOOLS[0]})
+    assert f"<tools>\n{wrapped}\n</tools>" in text
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Berlin"}})
+    trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE]
+    assert base_tokenizer.decode(trained) == f"<tool_call>\n{call}\n</tool_call><|im_end|>\nIt is sunny.<|im_end|>\n"
+    assert "<|im_start|>user\n<tool_response>\nsunny, 21 degrees\n</tool_response><|im_end|>" in text
 
 
 def test_a_chat_template_without_end_of_turn_tokens_gets_eos_after_each_reply(
@@ -224,30 +289,53 @@ def test_a_chat_template_without_end_of_turn_tokens_gets_eos_after_each_reply(
     tokenizer = build_tokenizer(chat_template=plain)
     data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hello world", "output": "I am fine."}])
     row = only_row(make_config(data, template="auto"), tokenizer)
-    # The reply's first token " I" carries the space of the generation prompt: it is what the model must produce.
+    # The generation prompt's space is prompt: pieces are tokenized on their own, as LLaMA-Factory does. What the
+    # template writes after the reply (its newline) goes with the reply, as the newline after <|im_end|> does.
     ids, labels = expected(
-        tokenizer, [("user: Hello world\nassistant:", False), (" I am fine.<|endoftext|>", True), ("\n", False)]
+        tokenizer, [("user: Hello world\nassistant: ", False), ("I am fine.<|endoftext|>", True), ("\n", True)]
     )
     assert row["input_ids"] == ids
     assert row["labels"] == labels
 
 
-def test_tokenizing_pieces_without_offsets_gives_the_same_labels(tokenizer: Any) -> None:
+def test_the_slow_path_without_a_rust_tokenizer_gives_the_same_ids(tokenizer: Any) -> None:
     conversation = Conversation(
         (Turn("user", "Hello world"), Turn("assistant", "Hello."), Turn("user", "Add 2 and 3"), Turn("assistant", "5")),
         system="Be brief.",
     )
-    rendered = [get_template(name, tokenizer).render(conversation) for name in ("auto", "chatml", "alpaca")]
-    with_offsets = encode(rendered, tokenizer, Masking(512), offsets=True)
-    by_pieces = encode(rendered, tokenizer, Masking(512), offsets=False)
-    for a, b in zip(with_offsets, by_pieces, strict=True):
-        assert not isinstance(a, str)
-        assert not isinstance(b, str)
-        assert a.input_ids.tolist() == b.input_ids.tolist()
-        assert a.labels.tolist() == b.labels.tolist()
+
+    class Slow:  # the transformers call interface only, as a tokenizer without a Rust backend offers
+        def __call__(self, texts: list[str], add_special_tokens: bool) -> Any:
+            return tokenizer(texts, add_special_tokens=add_special_tokens)
+
+    for name in ("auto", "chatml", "alpaca"):
+        template = get_template(name, tokenizer)
+        rendered = [template.render(conversation)]
+        fast = encode(rendered, tokenizer, Masking(512), template)[0]
+        slow = encode(rendered, Slow(), Masking(512), template)[0]
+        assert not isinstance(fast, str)
+        assert not isinstance(slow, str)
+        assert fast.input_ids.tolist() == slow.input_ids.tolist()
+        assert fast.labels.tolist() == slow.labels.tolist()
 
 
-def test_truncation_cuts_at_cutoff_len_and_drops_samples_left_without_labels(
+@pytest.mark.parametrize(
+    ("source", "target", "cutoff", "kept"),
+    [
+        (10, 3, 8, (5, 3)),  # a short response is kept whole, the prompt cut
+        (3, 10, 8, (3, 5)),  # a short prompt is kept whole, the response cut
+        (12, 4, 8, (6, 2)),  # both long: cut in proportion
+        (300, 8, 16, (16, 0)),  # the response's share rounds down to nothing
+        (5, 5, 100, (5, 5)),
+    ],
+)
+def test_infer_seqlen_shares_the_cutoff_as_llamafactory(
+    source: int, target: int, cutoff: int, kept: tuple[int, int]
+) -> None:
+    assert infer_seqlen(source, target, cutoff) == kept
+
+
+def test_truncation_shares_cutoff_len_and_keeps_samples(
     tmp_path: Path, tokenizer: Any, make_config: MakeConfig
 ) -> None:
     words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
@@ -257,24 +345,21 @@ def test_truncation_cuts_at_cutoff_len_and_drops_samples_left_without_labels(
     ]
     data = write_jsonl(tmp_path / "a.jsonl", rows)
     cutoff = 24
-    truncated = dropped = 0
+    truncated = 0
     for row in rows:
         prompt = f"<|im_start|>user\n{row['instruction']}<|im_end|>\n<|im_start|>assistant\n"
-        full = f"{prompt}{row['output']}<|im_end|>\n"
-        prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
-        full_len = len(tokenizer.encode(full, add_special_tokens=False))
-        if prompt_len >= cutoff:
-            dropped += 1
-        elif full_len > cutoff:
-            truncated += 1
-    assert truncated, "the rows must include samples that are cut but keep labels"
-    assert dropped, "the rows must include samples whose prompt alone fills cutoff_len"
+        response = f"{row['output']}<|im_end|>\n"
+        source = len(tokenizer.encode(prompt, add_special_tokens=False))
+        target = len(tokenizer.encode(response, add_special_tokens=False))
+        truncated += source + target > cutoff
+        assert infer_seqlen(source, target, cutoff)[1] > 0
+    assert truncated > 5, "the rows must include samples that are cut"
 
     bundle = build_datasets(make_config(data, template="auto", training={"cutoff_len": cutoff}), tokenizer)
 
     assert bundle.stats.truncated == truncated
-    assert bundle.stats.dropped == dropped
-    assert bundle.stats.samples == len(rows) - dropped
+    assert bundle.stats.dropped == 0
+    assert bundle.stats.samples == len(rows)
     assert max(len(r) for r in bundle.train["input_ids"]) == cutoff
     assert all(any(label != IGNORE for label in r) for r in bundle.train["labels"])
 
@@ -287,7 +372,7 @@ def test_a_template_that_ends_the_conversation_differently_from_a_prefix_still_l
     tokenizer = build_tokenizer(chat_template=footer)
     row = only_row(sharegpt_config(tmp_path, make_config, "auto"), tokenizer)
     pieces = chatml_multi_turn((True, True, True))
-    pieces[-2:] = [("Berlin.<|im_end|>\n<|endoftext|>", True)]
+    pieces[-1:] = [("Berlin.<|im_end|>\n<|endoftext|>", True)]
     ids, labels = expected(tokenizer, pieces)
     assert row["input_ids"] == ids
     assert row["labels"] == labels

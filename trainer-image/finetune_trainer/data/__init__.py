@@ -29,10 +29,37 @@ then keeps samples apart itself (sdpa/eager/flex masks, flash-attention varlen o
 Loss masking, templates and packing are described in `templates`, `encode` and `collate`.
 """
 
-from finetune_trainer.data.build import DataBundle, DataStats, build_datasets, local_resolve
-from finetune_trainer.data.cache import file_fingerprint
-from finetune_trainer.data.conversation import Conversation, Turn
-from finetune_trainer.data.templates import NAMED_TEMPLATES, get_template
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune_trainer.data.build import DataBundle, DataStats, build_datasets, local_resolve
+    from finetune_trainer.data.cache import file_fingerprint
+    from finetune_trainer.data.conversation import Conversation, Turn
+    from finetune_trainer.data.templates import NAMED_TEMPLATES, get_template
+
+# Imported on first use: finetune_trainer.config reads the template names from data.lf_templates, which must not
+# pull in numpy and the rest of the data pipeline (the operator imports the config without them).
+_EXPORTS = {
+    "DataBundle": "build",
+    "DataStats": "build",
+    "build_datasets": "build",
+    "local_resolve": "build",
+    "file_fingerprint": "cache",
+    "Conversation": "conversation",
+    "Turn": "conversation",
+    "NAMED_TEMPLATES": "templates",
+    "get_template": "templates",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "NAMED_TEMPLATES",

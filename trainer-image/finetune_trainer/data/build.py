@@ -262,10 +262,12 @@ def build_datasets(
     Raises ConfigError (template/tokenizer mismatch) and DataError (unreadable or unusable data).
     """
     main = local_rank == 0 if is_local_main is None else is_local_main
-    template = get_template(config.template, tokenizer)
+    training = config.training
+    template = get_template(
+        config.template, tokenizer, mask_history=training.mask_history, train_on_prompt=training.train_on_prompt
+    )
     train_sets = _locate(config.datasets, resolve)
     eval_sets = _locate(config.eval_datasets or [], resolve)
-    training = config.training
     key = cache_key(
         {
             "datasets": _describe(train_sets, fingerprint),

@@ -28,7 +28,7 @@ from finetune_trainer.errors import ConfigError, DataError, TrainerError
 log = logging.getLogger(__name__)
 
 # Bump when the tokenized layout or the meaning of a setting changes, so old caches are not read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MARKER = "COMPLETE"
 # Arrow list offsets are int32: keep each record batch well below 2**31 tokens.
 BATCH_TOKENS = 1 << 26

@@ -23,13 +23,15 @@ class Turn:
 class Conversation:
     """One training sample: an optional system prompt and tool list, then alternating prompt/model turns.
 
-    `tools` is the parsed tool description (a list of JSON-schema dicts in the usual case) or None.
+    `tools` is the parsed tool description (a list of JSON-schema dicts in the usual case) or None; `tools_text`
+    the text it was parsed from, when it came as text (templates that write the tool list as given use it).
     A valid conversation starts on the prompt side and ends with a model turn.
     """
 
     turns: tuple[Turn, ...]
     system: str | None = None
     tools: Any = None
+    tools_text: str | None = None
     origin: str = ""  # file and row, for messages about this sample
 
 

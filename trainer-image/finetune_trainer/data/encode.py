@@ -1,10 +1,14 @@
-"""Rendered conversations → token ids and labels: loss masking and truncation at cutoff_len.
+"""Rendered conversations → token ids and labels, truncated at cutoff_len, as LLaMA-Factory's SFT preprocessing does.
 
-Labels are -100 except on the model turns' tokens (their end-of-turn token included). The whole text is tokenized
-at once, as at inference, and a token is a model token when any of its characters lies in a model-turn span (a fast
-tokenizer's encoding maps characters to tokens). So a token that straddles the boundary, like " I" after
-"Assistant:" with a byte-level BPE whose space belongs to the word, is a target: the model must produce it.
-Tokenizers without offsets fall back to tokenizing the prompt and model pieces separately and concatenating them.
+Every text piece of a rendering is tokenized on its own (without special tokens) and the ids are concatenated, as
+LLaMA-Factory's `Template._encode` does; the pieces of a whole batch go through the Rust tokenizer in one call, each
+distinct piece once. Then, per (prompt, response) pair, its `SupervisedDatasetProcessor._encode_data_example`:
+the cutoff is shared between prompt and response by `infer_seqlen` (turns in order; with mask_history the last turn
+first), prompt tokens get no label, response tokens are their own label (only the last turn's with mask_history),
+and templates with `efficient_eos` label EOS on the first position of each later prompt and end with EOS.
+
+One difference, on purpose: a sample left with no label at all (its response cut away) is dropped and counted,
+where LLaMA-Factory keeps it to train nothing (docs/trainer.md).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from finetune_trainer.data.templates import Rendered
+from finetune_trainer.data.packing import IGNORE
+from finetune_trainer.data.templates import ChatTemplate, Rendered
 
-IGNORE = -100
+__all__ = ["IGNORE", "Encoder", "Masking", "Sample", "encode", "infer_seqlen"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class Masking:
     """Which tokens carry a label, and the longest sample kept."""
 
     cutoff_len: int
-    train_on_prompt: bool = False  # every token labeled (takes precedence over mask_history)
+    train_on_prompt: bool = False  # prompt tokens labeled too
     mask_history: bool = False  # only the last model turn labeled
 
 
@@ -36,110 +41,105 @@ class Sample:
     truncated: bool
 
 
-def _label_spans(rendered: Rendered, masking: Masking) -> Sequence[tuple[int, int]]:
-    if masking.train_on_prompt:
-        return ((0, len(rendered.text)),)
-    if masking.mask_history:
-        return rendered.spans[-1:]
-    return rendered.spans
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """How many prompt and response tokens of a turn fit in `cutoff_len` (LLaMA-Factory's rule).
+
+    A short response is kept whole and the prompt cut; else a short prompt is kept whole and the response cut;
+    else both are cut in proportion to their lengths.
+    """
+    if target_len * 2 < cutoff_len:
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target_len = cutoff_len - source_len
+    else:
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
 
 
 class Encoder:
-    """Encodes batches of rendered conversations for one tokenizer and masking; built once per run."""
+    """Encodes batches of rendered conversations for one tokenizer, template and masking; built once per run."""
 
-    def __init__(self, tokenizer: Any, masking: Masking, *, offsets: bool | None = None) -> None:
+    def __init__(self, tokenizer: Any, masking: Masking, template: ChatTemplate) -> None:
         self.tokenizer = tokenizer
         self.masking = masking
+        self.efficient_eos = template.efficient_eos
+        self.eos = template.eos_token_id
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        use_offsets = backend is not None if offsets is None else offsets
-        if use_offsets and backend is not None and (backend.truncation or backend.padding):
-            # The Rust tokenizer is called directly (the transformers wrapper costs as much as the tokenization);
-            # a tokenizer.json that truncates or pads would do so silently, so use a copy that does neither.
-            from tokenizers import Tokenizer
+        if backend is not None:
+            # The Rust tokenizer is called directly (the transformers wrapper costs as much as the tokenization).
+            # A copy: it must neither truncate nor pad, and it gets the template's stop words as special tokens,
+            # as LLaMA-Factory adds them to the tokenizer (they are in the vocabulary: the template checked).
+            from tokenizers import AddedToken, Tokenizer
 
             backend = Tokenizer.from_str(backend.to_str())
             backend.no_truncation()
             backend.no_padding()
-        self.backend = backend if use_offsets else None
+            if template.special_tokens:
+                backend.add_special_tokens(
+                    [AddedToken(t, special=True, normalized=False) for t in template.special_tokens]
+                )
+        self.backend = backend
+
+    def _ids(self, texts: list[str]) -> dict[str, list[int]]:
+        unique = list(dict.fromkeys(texts))
+        if self.backend is not None:
+            encoded = [e.ids for e in self.backend.encode_batch(unique, add_special_tokens=False)]
+        else:
+            encoded = self.tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+        return dict(zip(unique, encoded, strict=True))
 
     def __call__(self, batch: Sequence[Rendered]) -> list[Sample | str]:
         """Each entry a Sample or, for a sample with no label left, the reason it is dropped."""
-        pairs = (
-            self._by_characters(batch) if self.backend is not None else _by_pieces(batch, self.tokenizer, self.masking)
-        )
-        return [_finish(ids, labels, self.masking.cutoff_len) for ids, labels in pairs]
-
-    def _by_characters(self, batch: Sequence[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
-        assert self.backend is not None
-        encodings = self.backend.encode_batch([r.text for r in batch], add_special_tokens=False)
-        out = []
-        for rendered, encoding in zip(batch, encodings, strict=True):
-            ids = np.array(encoding.ids, dtype=np.int32)
-            labels = np.full(len(ids), IGNORE, dtype=np.int32)
-            for start, end in _label_spans(rendered, self.masking):
-                first, last = _token_range(encoding, start, end, len(rendered.text), len(ids))
-                labels[first:last] = ids[first:last]
-            out.append((ids, labels))
+        ids = self._ids([p for r in batch for m in r.messages for p in m if isinstance(p, str)])
+        out: list[Sample | str] = []
+        for rendered in batch:
+            messages = [[t for p in m for t in (ids[p] if isinstance(p, str) else (p,))] for m in rendered.messages]
+            out.append(self._sample(messages))
         return out
 
-
-def _token_range(encoding: Any, start: int, end: int, text_length: int, count: int) -> tuple[int, int]:
-    """[first, last) of the tokens that cover any character of [start, end).
-
-    Characters a tokenizer maps to no token (some normalizers drop them) are skipped inward from both ends.
-    """
-    first = None
-    for char in range(start, end):
-        first = encoding.char_to_token(char)
-        if first is not None:
-            break
-    if first is None:
-        return 0, 0
-    if end >= text_length:
-        return first, count  # to the very end, also past a last character split over several byte tokens
-    for char in range(end - 1, start - 1, -1):
-        last = encoding.char_to_token(char)
-        if last is not None:
-            return first, last + 1
-    return first, first + 1
-
-
-def encode(
-    batch: Sequence[Rendered], tokenizer: Any, masking: Masking, *, offsets: bool | None = None
-) -> list[Sample | str]:
-    """Encode one batch (see Encoder); `offsets` picks the path (default: character offsets for fast tokenizers)."""
-    return Encoder(tokenizer, masking, offsets=offsets)(batch)
-
-
-def _by_pieces(batch: Sequence[Rendered], tokenizer: Any, masking: Masking) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
-    for rendered in batch:
-        pieces: list[tuple[str, bool]] = []
-        done = 0
-        for start, end in _label_spans(rendered, masking):
-            pieces += [(rendered.text[done:start], False), (rendered.text[start:end], True)]
-            done = end
-        pieces.append((rendered.text[done:], False))
-        pieces = [(text, trainable) for text, trainable in pieces if text]
-        ids_parts = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
-        ids_list: list[int] = []
-        label_list: list[int] = []
-        for (_, trainable), part in zip(pieces, ids_parts, strict=True):
-            ids_list += part
-            label_list += part if trainable else [IGNORE] * len(part)
-        out.append((np.asarray(ids_list, dtype=np.int32), np.asarray(label_list, dtype=np.int32)))
-    return out
+    def _sample(self, messages: list[list[int]]) -> Sample | str:
+        masking = self.masking
+        cutoff = masking.cutoff_len
+        pairs = [(messages[i], messages[i + 1]) for i in range(0, len(messages), 2)]
+        if masking.mask_history:
+            pairs = pairs[::-1]  # the last turns first, as they matter most
+        full = sum(len(s) + len(t) for s, t in pairs)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        eos = self.eos if self.eos is not None else IGNORE
+        total = 1 if self.efficient_eos else 0
+        for turn, (source, target) in enumerate(pairs):
+            if total >= cutoff:
+                break
+            source_len, target_len = infer_seqlen(len(source), len(target), cutoff - total)
+            source, target = source[:source_len], target[:target_len]
+            total += source_len + target_len
+            if masking.train_on_prompt:
+                source_label = source
+            elif self.efficient_eos and turn != 0 and source_len:
+                source_label = [eos] + [IGNORE] * (source_len - 1)
+            else:
+                source_label = [IGNORE] * source_len
+            target_label = [IGNORE] * target_len if masking.mask_history and turn != 0 else target
+            if masking.mask_history:
+                input_ids = source + target + input_ids
+                labels = source_label + target_label + labels
+            else:
+                input_ids += source + target
+                labels += source_label + target_label
+        if self.efficient_eos:
+            input_ids.append(eos)
+            labels.append(eos)
+        truncated = len(input_ids) < full + (1 if self.efficient_eos else 0)
+        labels_array = np.asarray(labels, dtype=np.int32)
+        # Label 0 is never a target (nothing comes before it to predict it from).
+        if not (labels_array[1:] != IGNORE).any():
+            return "no trainable tokens left within cutoffLen" if truncated else "no trainable tokens"
+        return Sample(np.asarray(input_ids, dtype=np.int32), labels_array, truncated)
 
 
-def _finish(ids: np.ndarray, labels: np.ndarray, cutoff_len: int) -> Sample | str:
-    truncated = len(ids) > cutoff_len
-    if truncated:
-        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-    if len(labels):
-        # Nothing precedes the first token, so it is never a target; marking it keeps a packed sample from being
-        # trained to predict its own first token from the previous sample's last one.
-        labels = labels.copy()
-        labels[0] = IGNORE
-    if not (labels != IGNORE).any():
-        return "no trainable tokens left within cutoffLen" if truncated else "no trainable tokens"
-    return Sample(ids, labels, truncated)
+def encode(batch: Sequence[Rendered], tokenizer: Any, masking: Masking, template: ChatTemplate) -> list[Sample | str]:
+    """Encode one batch (see Encoder)."""
+    return Encoder(tokenizer, masking, template)(batch)

@@ -209,8 +209,10 @@ def _sharegpt(row: dict[str, Any], mapping: dict[str, str], tags: DatasetTags, o
     problem = check_turns(tuple(turns))
     if problem:
         raise _BadRowError(problem)
-    tools = _tools(_maybe_json(row.get(mapping["tools"]))) if mapping.get("tools") else None
-    return Conversation(tuple(turns), system=system, tools=tools, origin=origin)
+    raw_tools = row.get(mapping["tools"]) if mapping.get("tools") else None
+    tools = _tools(_maybe_json(raw_tools))
+    tools_text = raw_tools if isinstance(raw_tools, str) and tools is not None else None
+    return Conversation(tuple(turns), system=system, tools=tools, tools_text=tools_text, origin=origin)
 
 
 def convert(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+IGNORE = -100  # the label of a token without loss
+
 
 @dataclass(frozen=True)
 class Rows:
@@ -93,8 +95,11 @@ def pack(samples: Rows, capacity: int, seed: int | None = None) -> Rows:
     index = _gather_index(samples.offsets[order], lengths)
     sample_starts = np.cumsum(lengths) - lengths
     position_ids = (np.arange(len(index)) - np.repeat(sample_starts, lengths)).astype(np.int32)
+    # A sample's first token follows the previous sample's last one in the row: it must not be a target there.
+    labels = samples.labels[index]
+    labels[sample_starts[lengths > 0]] = IGNORE
     row_sizes = np.fromiter((len(members) for members in bins), dtype=np.int64, count=len(bins))
     row_lengths = np.add.reduceat(lengths, np.cumsum(row_sizes) - row_sizes) if len(bins) else row_sizes
     offsets = np.zeros(len(bins) + 1, dtype=np.int64)
     np.cumsum(row_lengths, out=offsets[1:])
-    return Rows(samples.input_ids[index], samples.labels[index], offsets, position_ids)
+    return Rows(samples.input_ids[index], labels, offsets, position_ids)

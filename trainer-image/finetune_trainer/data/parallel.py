@@ -64,7 +64,7 @@ class Chunk:
 class ChunkEncoder:
     def __init__(self, template: ChatTemplate, tokenizer: Any, masking: Masking) -> None:
         self.template = template
-        self.encoder = Encoder(tokenizer, masking)
+        self.encoder = Encoder(tokenizer, masking, template)
 
     def __call__(self, conversations: Sequence[Conversation]) -> Chunk:
         out = Chunk()
@@ -91,7 +91,8 @@ def _start_worker(template: str, tokenizer: Any, masking: Masking) -> None:
     global _worker
     # The processes already share the CPUs; the tokenizer's own thread pool in each would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker = ChunkEncoder(get_template(template, tokenizer), tokenizer, masking)
+    chat = get_template(template, tokenizer, mask_history=masking.mask_history, train_on_prompt=masking.train_on_prompt)
+    _worker = ChunkEncoder(chat, tokenizer, masking)
 
 
 def _run_worker(conversations: Sequence[Conversation]) -> Chunk:

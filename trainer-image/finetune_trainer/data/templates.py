@@ -1,10 +1,12 @@
-"""Chat templates: a Conversation → text plus the character spans of the model's turns (the trainable part).
+"""Chat templates: a Conversation → the pieces of each message, to be tokenized piece by piece as LLaMA-Factory does.
 
-`auto` renders with the tokenizer's own Jinja chat_template and finds each model turn by rendering the conversation
-prefix by prefix (see AutoTemplate). The named templates (default, alpaca, chatml, qwen, llama3) are for base models
-without a chat_template; each is refused when the tokenizer does not carry the special tokens it is built from.
+Named templates are LLaMA-Factory's, by its names, built from its registry transcribed as data (lf_templates.py):
+each message is a list of slots (text with `{{content}}`, a named token, the tokenizer's BOS or EOS), and every text
+piece is tokenized on its own, so the ids are the ones LLaMA-Factory's `Template._encode` gives. A template the
+tokenizer contradicts (a named or `<|...|>` token, or the EOS it needs, that it lacks) is refused. `auto` renders
+with the tokenizer's own Jinja chat_template instead (see AutoTemplate).
 
-Every span ends with an end-of-turn token (the template's own, or EOS), so the model learns to stop.
+A rendering is `Rendered.messages`: prompt and response pieces alternating, one pair per model turn.
 """
 
 from __future__ import annotations
@@ -12,22 +14,30 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from finetune_trainer.data import tools as toolfmt
 from finetune_trainer.data.conversation import MODEL_ROLES, Conversation, Turn
+from finetune_trainer.data.lf_templates import TEMPLATES as LF_TEMPLATES
 from finetune_trainer.errors import ConfigError
 
-NAMED_TEMPLATES = ("default", "alpaca", "chatml", "qwen", "llama3")
+# LLaMA-Factory's templates that run on text; the others need the model's image processor even for text.
+NAMED_TEMPLATES: tuple[str, ...] = tuple(sorted(name for name, spec in LF_TEMPLATES.items() if spec["text_only"]))
+MARKUP = re.compile(r"<\|[^<>|\s]{1,40}\|>")
+# LLaMA-Factory's default (data_args.enable_thinking); reasoning templates then train an empty thought block
+# on answers that carry none.
+ENABLE_THINKING = True
+
+Piece = str | int  # text tokenized on its own, or one token id
 
 
 @dataclass(frozen=True)
 class Rendered:
-    """The text of one conversation and the [start, end) character spans of its model turns, in order."""
+    """A conversation as prompt/response messages, alternating (prompt first); each a tuple of pieces."""
 
-    text: str
-    spans: tuple[tuple[int, int], ...]
+    messages: tuple[tuple[Piece, ...], ...]
 
 
 class RenderError(Exception):
@@ -36,11 +46,14 @@ class RenderError(Exception):
 
 class ChatTemplate(Protocol):
     name: str
+    eos_token_id: int | None
+    efficient_eos: bool
+    special_tokens: tuple[str, ...]  # tokens the encoder must treat as special (LLaMA-Factory adds them)
 
     def render(self, conversation: Conversation) -> Rendered: ...
 
     def fingerprint(self) -> str:
-        """Everything that decides the rendered text, for the tokenized-data cache key."""
+        """Everything that decides the rendered pieces, for the tokenized-data cache key."""
         ...
 
 
@@ -53,205 +66,187 @@ def special_tokens(tokenizer: Any) -> tuple[str, ...]:
     return tuple(sorted((n for n in names if n), key=len, reverse=True))
 
 
-def _single_token_problem(tokenizer: Any, token: str) -> str | None:
-    """Why `token` is not one special token of the tokenizer, or None when it is."""
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    added = getattr(tokenizer, "added_tokens_encoder", {})
-    if len(ids) == 1 and ids[0] != tokenizer.unk_token_id and (token in added or token in special_tokens(tokenizer)):
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of `token` in the vocabulary, or None. Id 0 is an id like any other."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
-    if len(ids) == 1 and ids[0] == tokenizer.unk_token_id:
-        return f"{token!r} is not in its vocabulary"
-    if len(ids) == 1:
-        return f"{token!r} is an ordinary vocabulary entry, not a special token"
-    return f"{token!r} is not one special token (it is split into {len(ids)} tokens)"
+    return int(found)
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    # Templates put BOS in the text only for tokenizers that would add it themselves when encoding plain text.
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+# --- named templates (LLaMA-Factory's) --------------------------------------------------------------------------
 
 
-# --- named templates --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A named template as text pieces; `{content}` marks where a turn's text goes.
-
-    `user` and `observation` end with the header that opens the model's reply, so the whole header is prompt.
-    A model turn is `assistant`/`function` followed by `end` (the end-of-turn token, labeled), then `after`
-    (the separator to the next turn, not labeled).
-    """
-
-    name: str
-    system: str
-    user: str
-    observation: str
-    assistant: str
-    function: str
-    end: str
-    after: str
-    default_system: str | None
-    tools: Callable[[str], str]
-    required: tuple[str, ...]
-
-
-def _fill(piece: str, content: str) -> str:
-    # str.replace, not str.format: training text is full of braces.
-    return piece.replace("{content}", content)
-
-
-def _tools_plain(tools_json: str) -> str:
-    return (
-        "You can call these tools:\n"
-        f"{tools_json}\n"
-        'To call one, answer with a JSON object {"name": <tool name>, "arguments": <arguments object>}.'
-    )
-
-
-def _tools_tagged(tools_json: str) -> str:
-    return (
-        "# Tools\n\nThese functions are available; their signatures are inside <tools></tools>:\n"
-        f"<tools>\n{tools_json}\n</tools>\n\n"
-        'To call a function, reply with <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
-        "</tool_call>"
-    )
-
-
-def _tools_llama3(tools_json: str) -> str:
-    return (
-        "You can call the functions below. To call one, reply with a JSON object of the form "
-        '{"name": <function name>, "arguments": <arguments object>} and nothing else.\n\n'
-        f"{tools_json}"
-    )
-
-
-_EOS = "{eos}"  # filled with the tokenizer's EOS text when the template is built
-
-_CHATML = Layout(
-    name="chatml",
-    system="<|im_start|>system\n{content}<|im_end|>\n",
-    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-    observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
-    assistant="{content}",
-    function="<tool_call>\n{content}\n</tool_call>",
-    end="<|im_end|>",
-    after="\n",
-    default_system=None,
-    tools=_tools_tagged,
-    required=("<|im_start|>", "<|im_end|>"),
-)
-
-LAYOUTS: dict[str, Layout] = {
-    "default": Layout(
-        name="default",
-        system="System: {content}\n",
-        user="Human: {content}\nAssistant:",
-        observation="Observation: {content}\nAssistant:",
-        assistant=" {content}",
-        function=" {content}",
-        end=_EOS,
-        after="\n",
-        default_system=None,
-        tools=_tools_plain,
-        required=(),
-    ),
-    "alpaca": Layout(
-        name="alpaca",
-        system="{content}\n\n",
-        user="### Instruction:\n{content}\n\n### Response:\n",
-        observation="### Observation:\n{content}\n\n### Response:\n",
-        assistant="{content}",
-        function="{content}",
-        end=_EOS,
-        after="\n\n",
-        default_system=(
-            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        ),
-        tools=_tools_plain,
-        required=(),
-    ),
-    "chatml": _CHATML,
-    # Qwen2/2.5 chat models are chatml with this default system prompt.
-    "qwen": replace(
-        _CHATML, name="qwen", default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    ),
-    "llama3": Layout(
-        name="llama3",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user=(
-            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        ),
-        observation=(
-            "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        ),
-        assistant="{content}",
-        function="{content}",
-        end="<|eot_id|>",
-        after="",
-        default_system=None,
-        tools=_tools_llama3,
-        required=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    ),
-}
+def _fill(slots: list[Any], ids: dict[str, int | None], **values: str) -> list[Piece]:
+    """Slots with `{{name}}` replaced (first occurrence, in order, as LLaMA-Factory's StringFormatter does)."""
+    out: list[Piece] = []
+    for slot in slots:
+        if isinstance(slot, str):
+            for name, value in values.items():
+                slot = slot.replace("{{" + name + "}}", value, 1)
+            if slot:
+                out.append(slot)
+        elif "token" in slot:
+            found = ids[slot["token"]]
+            assert found is not None  # checked when the template was built
+            out.append(found)
+        elif (special := ids.get(slot["special"])) is not None:
+            out.append(special)
+    return out
 
 
 class NamedTemplate:
-    """One of LAYOUTS, checked against the tokenizer's special tokens when built."""
+    """One of LLaMA-Factory's templates, checked against the tokenizer when built."""
 
-    def __init__(self, layout: Layout, tokenizer: Any) -> None:
-        problems = [p for token in layout.required if (p := _single_token_problem(tokenizer, token))]
-        end = layout.end
-        if end == _EOS:
-            eos = tokenizer.eos_token
-            if not eos:
-                problems.append("it has no eos_token to end assistant turns with")
-            elif problem := _single_token_problem(tokenizer, eos):
-                problems.append(f"its eos_token: {problem}")
-            end = eos or ""
+    def __init__(self, name: str, tokenizer: Any, *, mask_history: bool = False) -> None:
+        spec = LF_TEMPLATES[name]
+        self.name = name
+        self.spec = spec
+        self.kind: str = spec["kind"]
+        self.efficient_eos: bool = spec["efficient_eos"]
+        # LLaMA-Factory drops the thoughts of earlier turns when it trains on the last one only.
+        self.discard_history_thoughts = mask_history and self.kind in ("reasoning", "glm47")
+        problems: list[str] = []
+        stop_words = list(spec["stop_words"])
+        # LLaMA-Factory's fix_special_tokens: the first stop word replaces EOS (replace_eos); a tokenizer without
+        # EOS gets <|endoftext|>. Neither may be a new token here: that would need resizing the embeddings.
+        eos = tokenizer.eos_token
+        if spec["replace_eos"]:
+            eos = stop_words.pop(0)
+        elif tokenizer.eos_token_id is None:
+            eos = "<|endoftext|>"
+        eos_id = token_id(tokenizer, eos)
+        if eos_id is None:
+            problems.append(
+                f"its EOS would be {eos!r}, which is not in its vocabulary"
+                if eos != tokenizer.eos_token
+                else f"eos_token {eos!r} is not in its vocabulary"
+            )
+        # Markup in the slots and named tokens must be tokens of the vocabulary, or the tokenizer is another family's.
+        # A stop word that is not (Llama 3.0 has no <|eom_id|>) is skipped: LLaMA-Factory adds it as a new token,
+        # which only matters for text that contains it.
+        required: set[str] = set()
+        tokens = set()
+        for key in ("prefix", "system", "user", "assistant", "observation", "function", "tools"):
+            for slot in spec.get(key) or []:
+                if isinstance(slot, dict) and "token" in slot:
+                    tokens.add(slot["token"])
+                elif isinstance(slot, str):
+                    required.update(MARKUP.findall(slot))
+        ids: dict[str, int | None] = {token: token_id(tokenizer, token) for token in tokens | required}
+        missing = sorted(token for token, found in ids.items() if found is None)
+        if missing:
+            problems.append(f"it has no token {', '.join(repr(t) for t in missing)}")
         if problems:
             raise ConfigError(
-                f"template {layout.name!r} does not fit the tokenizer: {'; '.join(problems)}. "
-                "Use template: auto if the model has a chat template, or a template built on this tokenizer's "
-                "special tokens"
+                f"template {name!r} does not fit the tokenizer: {'; '.join(problems)}. Use the template of the "
+                "model's family, or template: auto if the tokenizer has a chat template"
             )
-        self.name = layout.name
-        self.layout = layout
-        self.end = end
-        if layout.name == "llama3":
-            self.prefix = "<|begin_of_text|>"
-        else:
-            self.prefix = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+        ids["bos_token"] = tokenizer.bos_token_id
+        ids["eos_token"] = eos_id
+        self.ids = ids
+        self.eos_token = eos
+        self.eos_token_id = eos_id
+        self.special_tokens = tuple(sorted({eos, *(w for w in stop_words if token_id(tokenizer, w) is not None)}))
 
     def fingerprint(self) -> str:
-        return json.dumps({"name": self.name, "end": self.end, "prefix": self.prefix, "v": 1})
+        date = toolfmt.today() if "llama3" in (self.spec["tools_format"], self.spec["function_format"]) else None
+        payload = {"name": self.name, "spec": self.spec, "ids": self.ids, "date": date, "v": 2}
+        return json.dumps(payload, sort_keys=True, default=str)
+
+    # LLaMA-Factory's Template._encode / Llama2Template._encode, per message.
+    def _messages(self, conversation: Conversation) -> list[list[Piece]]:
+        spec = self.spec
+        system = conversation.system or spec["default_system"]
+        tools = conversation.tools
+        out: list[list[Piece]] = []
+        for index, turn in enumerate(conversation.turns):
+            pieces: list[Piece] = []
+            system_text = ""
+            if index == 0:
+                pieces += _fill(spec["prefix"], self.ids)
+                if system or tools:
+                    tool_text = self._tools_text(conversation) if tools else ""
+                    if self.kind == "llama2":
+                        first = _fill(spec["system"], self.ids, content=system + tool_text)[:1]
+                        system_text = first[0] if first and isinstance(first[0], str) else ""
+                    else:
+                        pieces += _fill(spec["system"], self.ids, content=system + tool_text)
+            if turn.role == "user":
+                if self.kind == "llama2":
+                    pieces += _fill(spec["user"], self.ids, content=system_text + turn.content)
+                else:
+                    pieces += _fill(spec["user"], self.ids, content=turn.content, idx=str(index // 2))
+            elif turn.role == "assistant":
+                pieces += _fill(spec["assistant"], self.ids, content=turn.content)
+            elif turn.role == "observation":
+                pieces += _fill(spec["observation"], self.ids, content=turn.content)
+            else:
+                pieces += _fill(spec["function"], self.ids, content=self._function_text(turn.content))
+            out.append(pieces)
+        return out
+
+    def _tools_text(self, conversation: Conversation) -> str:
+        spec = self.spec
+        try:
+            if spec["tools_format"] is None:  # plain string slots around the tool list as given
+                raw = conversation.tools_text or json.dumps(conversation.tools, ensure_ascii=False)
+                first = _fill(spec["tools"], self.ids, content=raw)[:1]
+                return first[0] if first and isinstance(first[0], str) else ""
+            return toolfmt.format_tools(spec["tools_format"], conversation.tools)
+        except toolfmt.ToolFormatError as exc:
+            raise RenderError(str(exc)) from None
+
+    def _function_text(self, content: str) -> str:
+        """LLaMA-Factory's FunctionFormatter: the calls in the family's format, a leading thought kept."""
+        fmt = self.spec["function_format"]
+        # Llama2Template passes neither thought words nor tool-call words to the function formatter.
+        words = self.kind != "llama2"
+        thought, call = self.spec["thought_words"], self.spec["tool_call_words"]
+        try:
+            match = None
+            if words and call and len(call) == 2:
+                match = re.search(rf"{re.escape(call[0])}(.*?){re.escape(call[1])}", content, re.DOTALL)
+            if match is None:
+                thought_match = None
+                if words and thought and len(thought) == 2:
+                    pattern = rf"{re.escape(thought[0])}(.*?){re.escape(thought[1])}"
+                    thought_match = re.search(pattern, content, re.DOTALL)
+                json_part = content.replace(thought_match.group(0), "") if thought_match else content
+                text = toolfmt.format_calls(fmt, toolfmt.parse_calls(json_part))
+                return thought_match.group(0) + text if thought_match else text
+            leading = content.replace(match.group(0), "")
+            return leading + toolfmt.format_calls(fmt, toolfmt.parse_calls(match.group(1)))
+        except toolfmt.ToolFormatError as exc:
+            raise RenderError(str(exc)) from None
+
+    def _remove_thought(self, content: str) -> str:
+        first, last = self.spec["thought_words"]
+        pattern = re.compile(f"{re.escape(first)}(.*?){re.escape(last)}", re.DOTALL)
+        return re.sub(pattern, "", content).lstrip("\n")
 
     def render(self, conversation: Conversation) -> Rendered:
-        layout = self.layout
-        parts = [self.prefix]
-        system = conversation.system or layout.default_system
-        if conversation.tools:
-            tools_text = layout.tools(json.dumps(conversation.tools, ensure_ascii=False))
-            system = f"{system}\n\n{tools_text}" if system else tools_text
-        if system:
-            parts.append(_fill(layout.system, system))
-        length = sum(map(len, parts))
-        spans = []
-        for turn in conversation.turns:
-            if turn.role in MODEL_ROLES:
-                piece = layout.assistant if turn.role == "assistant" else layout.function
-                body = _fill(piece, turn.content) + self.end
-                spans.append((length, length + len(body)))
-                parts += [body, layout.after]
-                length += len(body) + len(layout.after)
-            else:
-                piece = _fill(layout.user if turn.role == "user" else layout.observation, turn.content)
-                parts.append(piece)
-                length += len(piece)
-        return Rendered("".join(parts), tuple(spans))
+        turns = conversation.turns
+        reasoning = self.kind in ("reasoning", "glm47")
+        if reasoning and self.discard_history_thoughts:
+            turns = tuple(
+                Turn(t.role, self._remove_thought(t.content)) if 0 < i < len(turns) - 2 and i % 2 else t
+                for i, t in enumerate(turns)
+            )
+            conversation = replace(conversation, turns=turns)
+        messages = self._messages(conversation)
+        if reasoning:  # ReasoningTemplate.encode_multiturn: an empty thought where an answer has none
+            first, last = self.spec["thought_words"]
+            empty = last if self.kind == "glm47" else first + last
+            indices = [len(turns) - 2] if self.discard_history_thoughts else range(0, len(turns), 2)
+            for i in indices:
+                content = turns[i + 1].content
+                if first.strip() not in content and last.strip() not in content:
+                    if ENABLE_THINKING:
+                        messages[i + 1] = [empty, *messages[i + 1]]
+                    else:
+                        messages[i] = [*messages[i], empty]
+        return Rendered(tuple(tuple(m) for m in messages))
 
 
 # --- auto: the tokenizer's own chat template --------------------------------------------------------------------
@@ -276,14 +271,18 @@ class AutoTemplate:
 
     For the model turn at message k, `prompt` = render(messages[:k], add_generation_prompt=True) and
     `full` = render(messages[:k+1]); the turn's span starts where the two texts part (so the generation header is
-    prompt) and ends where `full` ends. Trailing whitespace after the turn's last special token (chatml's "\\n"
-    after <|im_end|>) is left to the prompt side; a turn that ends without any special token gets EOS appended.
+    prompt) and ends where `full` ends, so whitespace after the turn's end-of-turn token (chatml's "\\n" after
+    <|im_end|>) is trained, as in LLaMA-Factory's templates; a turn that ends without any special token gets EOS
+    appended.
     Templates that render a conversation's end differently from a prefix's end (a footer after the last message)
     are handled by finding the turn's text, up to its end-of-turn token, in the full rendering after the previous
     span; a turn rendered differently in context (reasoning stripped from history, say) drops the sample.
+    The text between spans is the prompt of the next pair; each piece is tokenized on its own.
     """
 
     name = "auto"
+    efficient_eos = False
+    special_tokens: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: Any) -> None:
         template = tokenizer.chat_template
@@ -292,18 +291,19 @@ class AutoTemplate:
         if not template:
             raise ConfigError(
                 "template 'auto' uses the tokenizer's chat_template, but this tokenizer has none; "
-                f"set template to one of {', '.join(NAMED_TEMPLATES)}"
+                "set template to the LLaMA-Factory name of the model's family (qwen, llama3, mistral, default, ...)"
             )
         self.tokenizer = tokenizer
         self.template: str = template
         self.special = special_tokens(tokenizer)
         self.eos: str | None = tokenizer.eos_token
+        self.eos_token_id: int | None = tokenizer.eos_token_id
         self.tool_calls = self._renders_tool_calls()
         self.tool_role = self._accepts_tool_role()
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.template.encode()).hexdigest()
-        return json.dumps({"name": "auto", "template": digest, "eos": self.eos, "v": 1})
+        return json.dumps({"name": "auto", "template": digest, "eos": self.eos, "v": 2})
 
     def _apply(self, messages: list[dict[str, Any]], tools: Any, generation: bool) -> str:
         text = self.tokenizer.apply_chat_template(
@@ -362,21 +362,23 @@ class AutoTemplate:
                     at = final.find(piece, cursor)
                     if not piece or at < 0:
                         raise RenderError(f"the chat template renders model turn {index + 1} differently in context")
-                    span = (at, at + len(piece))
+                    end = at + len(piece)
+                    end += len(final[end:]) - len(final[end:].lstrip())  # whitespace after it, as on the main path
+                    span = (at, end)
                 found.append(span)
                 cursor = span[1]
         except RenderError:
             raise
         except Exception as exc:  # jinja's TemplateError and whatever the template's raise_exception raises
             raise RenderError(f"the chat template cannot render it: {exc}") from None
-        return self._close_turns(final, found)
+        return self._pairs(*self._close_turns(final, found))
 
     def _through_first_special(self, text: str) -> str:
         ends = [at + len(token) for token in self.special if (at := text.find(token)) >= 0]
         return text[: min(ends)] if ends else text
 
-    def _close_turns(self, text: str, found: list[tuple[int, int]]) -> Rendered:
-        """Trim each span to its end-of-turn token; append EOS where a turn has none."""
+    def _close_turns(self, text: str, found: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        """Append EOS (and end the span there) where a turn does not end with a special token."""
         pieces: list[str] = []
         spans: list[tuple[int, int]] = []
         done = 0
@@ -385,7 +387,7 @@ class AutoTemplate:
             body = text[start:end]
             stripped = body.rstrip()
             if any(stripped.endswith(token) for token in self.special):
-                spans.append((start + shift, start + shift + len(stripped)))
+                spans.append((start + shift, end + shift))
                 continue
             if not self.eos:
                 raise ConfigError(
@@ -398,7 +400,18 @@ class AutoTemplate:
             spans.append((start + shift, cut + shift + len(self.eos)))
             shift += len(self.eos)
         pieces.append(text[done:])
-        return Rendered("".join(pieces), tuple(spans))
+        return "".join(pieces), spans
+
+    @staticmethod
+    def _pairs(text: str, spans: list[tuple[int, int]]) -> Rendered:
+        messages: list[tuple[Piece, ...]] = []
+        done = 0
+        for start, end in spans:
+            messages += [(text[done:start],) if start > done else (), (text[start:end],)]
+            done = end
+        if done < len(text) and messages:  # a footer after the last model turn goes with it
+            messages[-1] = (*messages[-1], text[done:])
+        return Rendered(tuple(messages))
 
 
 def _tool_call_message(content: str) -> dict[str, Any]:
@@ -420,10 +433,23 @@ def _tool_call_message(content: str) -> dict[str, Any]:
     return {"role": "assistant", "content": "", "tool_calls": out}
 
 
-def get_template(name: str, tokenizer: Any) -> ChatTemplate:
-    """The template `name` for `tokenizer`; ConfigError when the tokenizer contradicts it."""
+def get_template(
+    name: str, tokenizer: Any, *, mask_history: bool = False, train_on_prompt: bool = False
+) -> ChatTemplate:
+    """The template `name` for `tokenizer`; ConfigError when the tokenizer or the masking contradicts it."""
     if name == "auto":
         return AutoTemplate(tokenizer)
-    if name not in LAYOUTS:
-        raise ConfigError(f"unknown template {name!r}; use auto or one of {', '.join(NAMED_TEMPLATES)}")
-    return NamedTemplate(LAYOUTS[name], tokenizer)
+    if name in LF_TEMPLATES and name not in NAMED_TEMPLATES:
+        raise ConfigError(
+            f"template {name!r} is multimodal: LLaMA-Factory runs it only with the model's image processor, and "
+            "image data is not supported here"
+        )
+    if name not in LF_TEMPLATES:
+        raise ConfigError(
+            f"unknown template {name!r}; use auto or one of LLaMA-Factory's: {', '.join(NAMED_TEMPLATES)}"
+        )
+    template = NamedTemplate(name, tokenizer, mask_history=mask_history)
+    if train_on_prompt and template.efficient_eos:
+        # LLaMA-Factory refuses this too: such templates label the EOS on the next prompt's first position.
+        raise ConfigError(f"template {name!r} does not support trainOnPrompt")
+    return template
