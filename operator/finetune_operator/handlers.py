@@ -101,29 +101,48 @@ def cleanup(**_: Any) -> None:
 
 # Only event handlers: kopf then keeps no progress or diff-base annotations on the objects and adds no finalizer, so
 # a FineTuneJob costs no writes beyond the operator's own, and an uninstalled operator leaves nothing undeletable.
+# The generation each FineTuneJob was last queued for: a change of status alone (the operator's own writes, the
+# trainer's progress every logging step) needs no reconcile, as controller-runtime's GenerationChangedPredicate.
+_generations: dict[tuple[str, str], int | None] = {}
+
+
 @kopf.on.event(*FTJ)
-def finetunejob_event(name: str, namespace: str | None, **_: Any) -> None:
-    if namespace:
-        QUEUE.add((namespace, name))
+def finetunejob_event(event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+    if not namespace:
+        return
+    key = (namespace, name)
+    kind = event.get("type")
+    if kind == "DELETED":
+        _generations.pop(key, None)
+    else:
+        generation = body.get("metadata", {}).get("generation")
+        if kind == "MODIFIED" and _generations.get(key) == generation:
+            return
+        _generations[key] = generation
+    QUEUE.add(key)
 
 
-def _parent_changed(namespace: str | None, labels: Mapping[str, str]) -> None:
+def _parent_changed(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str]) -> None:
+    # A child appearing is the operator's own doing (or, for Pods, the workload controller's first step, which a
+    # status change follows): only changes and deletions say something new.
     parent = labels.get(JOB_LABEL)
-    if namespace and parent:
+    if namespace and parent and event.get("type") != "ADDED":
         QUEUE.add((namespace, parent))
 
 
 @kopf.on.event("v1", "pods", labels=CHILD)
-def pod_event(body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+def pod_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
+) -> None:
     reconcile.note_pod(dict(body))
-    _parent_changed(namespace, labels)
+    _parent_changed(event, namespace, labels)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD)
-def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    _parent_changed(namespace, labels)
+def job_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _parent_changed(event, namespace, labels)
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD)
-def pytorchjob_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    _parent_changed(namespace, labels)
+def pytorchjob_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _parent_changed(event, namespace, labels)

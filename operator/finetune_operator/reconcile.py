@@ -48,7 +48,7 @@ MISSING_KUBEFLOW = (
 )
 # How soon a job waiting for an old run's children to go away looks again.
 CONFLICT_RECHECK_SECONDS = 5.0
-WORKLOAD_KINDS = ("PyTorchJob", "Job")
+CHILDREN_CREATED = "ChildrenCreated"
 
 # Posts a Kubernetes Event on the FineTuneJob: (body, type, reason, message). The handlers pass k8s.post_event.
 EventSink = Callable[[dict[str, Any], str, str, str], None]
@@ -64,6 +64,8 @@ class Children:
     retry_after: float | None = None
     # The workload was created by this reconcile: it has no Pods yet.
     fresh_workload: bool = False
+    # What this reconcile created, for the Event (Kind/name).
+    created: list[str] = field(default_factory=list)
 
 
 # When each job last had every child read (monotonic seconds): the other reconciles read only its workload.
@@ -115,7 +117,7 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
         if spec.merge_enabled():
             obs, merged = _follow_merge(job, settings)
             artifacts.update(merged)
-    _record(body, obs, events, children=kids.refs, artifacts=artifacts, failed_replicas=failed)
+    _record(body, obs, events, children=kids.refs, artifacts=artifacts, failed_replicas=failed, created=kids.created)
     return None
 
 
@@ -163,8 +165,10 @@ def _record(
     children: list[dict[str, Any]] | None = None,
     artifacts: dict[str, Any] | None = None,
     failed_replicas: list[str] | None = None,
+    created: list[str] | None = None,
 ) -> None:
-    """Apply the operator's status when it changed; one Event per phase change."""
+    """Apply the operator's status when it changed; one Event per phase change (the first one names the children
+    this reconcile created, so a new job costs one Event, not two)."""
     meta = body["metadata"]
     old = body.get("status") or {}
     new = operator_status(
@@ -172,9 +176,13 @@ def _record(
     )
     if changed(old, new):
         k8s.apply_status(meta["namespace"], meta["name"], new)
+    made = "created " + ", ".join(created) if created else ""
     if old.get("phase") != obs.phase:
         warning = obs.phase == "Failed" or obs.reason in ("Unschedulable", "PyTorchJobAPIMissing", "ChildConflict")
-        events(body, "Warning" if warning else "Normal", obs.reason, f"{obs.phase}: {obs.message}")
+        reason, message = (CHILDREN_CREATED, f"{made}; {obs.phase}: {obs.message}") if made else (obs.reason, "")
+        events(body, "Warning" if warning else "Normal", reason, message or f"{obs.phase}: {obs.message}")
+    elif made:
+        events(body, "Normal", CHILDREN_CREATED, made)
     metrics.set_phase(meta["namespace"], meta["name"], obs.phase)
 
 
@@ -240,11 +248,10 @@ def ensure_children(body: dict[str, Any], job: JobRef, settings: Settings, event
     if created:
         _observe_startup(body)
         log.info("%s/%s: created %s", job.namespace, job.name, ", ".join(created))
-        events(body, "Normal", "ChildrenCreated", "created " + ", ".join(created))
     if recreated:
         log.info("%s/%s: recreated %s", job.namespace, job.name, ", ".join(recreated))
         events(body, "Warning", "ChildRecreated", "recreated " + ", ".join(recreated) + " (it had been deleted)")
-    return Children(workload=current[last], refs=refs, fresh_workload=last in missing)
+    return Children(workload=current[last], refs=refs, fresh_workload=last in missing, created=created)
 
 
 def _read(obj: dict[str, Any], namespace: str) -> dict[str, Any] | None:

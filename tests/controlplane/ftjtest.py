@@ -72,8 +72,19 @@ class Cluster:
             pods = self.pods(name, phase)
             return pods if len(pods) == count else None
 
-        found: list[client.V1Pod] = wait_until(probe, timeout=timeout, what=f"{count} {phase} pods of {name}")
+        try:
+            found: list[client.V1Pod] = wait_until(probe, timeout=timeout, what=f"{count} {phase} pods of {name}")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; pods now: {self.describe_pods(name)}") from exc
         return found
+
+    def describe_pods(self, name: str) -> list[str]:
+        """Each pod of the job with its phase and why it is not scheduled, for failure messages."""
+        out = []
+        for pod in self.core.list_namespaced_pod(self.ns, label_selector=f"{JOB_LABEL}={name}").items:
+            waiting = [f"{c.reason}: {c.message}" for c in pod.status.conditions or [] if c.status != "True"]
+            out.append(f"{pod.metadata.name} {pod.status.phase} on {pod.spec.node_name} {waiting}")
+        return out
 
     def events(self, name: str) -> list[client.CoreV1Event]:
         events = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from support.controlplane import KWOK_GPUS_PER_NODE
 from support.kwok import FAKE_NODE_LABEL, GPU_RESOURCE, drive_pod, wait_for_pod_phase
 from support.processes import wait_until
 
@@ -65,7 +66,7 @@ def test_job_pods_are_scheduled_on_gpu_nodes_and_job_completes(k8s_api: client.A
     for pod in pods:
         node = core.read_node(pod.spec.node_name)
         assert node.metadata.labels[FAKE_NODE_LABEL] == "true"
-        assert node.status.allocatable[GPU_RESOURCE] == "8"
+        assert node.status.allocatable[GPU_RESOURCE] == str(KWOK_GPUS_PER_NODE)
         assert pod.status.container_statuses[0].state.running is not None
         drive_pod(core, namespace, pod.metadata.name, "Succeeded")
 

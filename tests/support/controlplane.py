@@ -43,6 +43,7 @@ WEBHOOK_DNS_NAME = f"training-operator.{TRAINING_OPERATOR_NAMESPACE}.svc"
 WEBHOOK_CERT_VALIDITY = datetime.timedelta(days=365)
 # Fixed in the training operator's pkg/cert: where its rotator checks that certificates are mounted.
 WEBHOOK_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+KWOK_GPUS_PER_NODE = 32
 START_TIMEOUT = float(os.environ.get("FTJ_CONTROLPLANE_START_TIMEOUT", "120"))
 
 
@@ -401,7 +402,9 @@ class ControlPlane:
             self.timings["kube-scheduler"] = time.monotonic() - started
             return proc
 
-    def ensure_kwok(self, nodes: int = 2, gpus_per_node: int = 8) -> ManagedProcess:
+    # 32 GPUs a node: a finished test's namespace (and the GPUs its pods hold) is deleted in the background while the
+    # next test runs, so a session needs headroom beyond what one test asks for (up to 8 replicas).
+    def ensure_kwok(self, nodes: int = 2, gpus_per_node: int = KWOK_GPUS_PER_NODE) -> ManagedProcess:
         """Start kwok and register ``nodes`` fake nodes with GPUs; return once every node is Ready."""
         with self._lock:
             if "kwok" in self._processes:
@@ -414,7 +417,9 @@ class ControlPlane:
                     binary,
                     f"--kubeconfig={self.kubeconfig}",
                     f"--config={kwok.STAGES_FILE}",
-                    "--manage-all-nodes=true",
+                    # Only the fake nodes (kwok.fake_node carries this annotation): the e2e tier's node agent plays
+                    # the kubelet of Nodes of its own, which kwok must leave alone.
+                    f"--manage-nodes-with-annotation-selector={kwok.MANAGED_ANNOTATION}={kwok.MANAGED_VALUE}",
                     f"--cidr={POD_CIDR}",
                     "--node-ip=10.240.0.1",
                     f"--server-address=127.0.0.1:{free_port()}",

@@ -1,6 +1,7 @@
 """Fake GPU nodes and test-driven pod lifecycle on kwok.
 
-kwok (``--manage-all-nodes``) plays the kubelet of every Node in the test control plane, following the Stage
+kwok plays the kubelet of the fake Nodes (those annotated ``kwok.x-k8s.io/node: fake``; the e2e tier's node agent
+runs Nodes of its own) in the test control plane, following the Stage
 rules in ``kwok-stages.yaml``. A Pod bound to a fake node becomes Running by itself; a test moves it on by
 setting the annotation ``kwok.ftj.test/phase`` (see :func:`drive_pod`), which kwok turns into a real pod status
 update (phase, container states, exit codes) that controllers observe exactly as they would from a kubelet.
@@ -22,6 +23,9 @@ EXIT_CODE_ANNOTATION = "kwok.ftj.test/exit-code"
 REASON_ANNOTATION = "kwok.ftj.test/reason"
 MESSAGE_ANNOTATION = "kwok.ftj.test/message"
 FAKE_NODE_LABEL = "ftj.test/fake-node"
+# kwok manages only the Nodes with this annotation (--manage-nodes-with-annotation-selector).
+MANAGED_ANNOTATION = "kwok.x-k8s.io/node"
+MANAGED_VALUE = "fake"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 PodPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
@@ -42,7 +46,7 @@ def fake_node(name: str, *, gpus: int = 8, cpu: str = "64", memory: str = "512Gi
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
             },
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "annotations": {MANAGED_ANNOTATION: MANAGED_VALUE, "node.alpha.kubernetes.io/ttl": "0"},
         },
         "spec": {},
         "status": {"capacity": resources, "allocatable": resources},
