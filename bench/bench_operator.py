@@ -11,10 +11,13 @@ Usage: python bench/bench_operator.py [N ...]   (default: 100 500). Not a test; 
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from finetune_operator.render import JobRef, children  # noqa: E402
 from finetune_operator.settings import Settings  # noqa: E402
 from support.controlplane import ControlPlane  # noqa: E402
 from support.operator_runner import OperatorRunner  # noqa: E402
+from support.processes import free_port  # noqa: E402
 
 SPEC: dict[str, Any] = {
     "model": {"uri": "s3://models/base/"},
@@ -62,6 +66,13 @@ def _count_children(api: client.ApiClient, namespace: str) -> int:
     )
 
 
+def _jobs_with_children(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(r"^finetune_children_created_seconds_count (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -87,29 +98,51 @@ def bare_client(api: client.ApiClient, namespace: str, n: int) -> float:
     return time.perf_counter() - start
 
 
+def _requests(plane: ControlPlane) -> Counter[str]:
+    """The API server's request counter (apiserver_request_total) summed by verb and resource."""
+    with plane.api_client() as api:
+        text = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False)[0].data.decode()
+    out: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            out[f"{labels.get('verb')} {labels.get('resource')}"] += int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def run(plane: ControlPlane, workdir: Path, n: int) -> dict[str, float]:
     with plane.api_client() as api:
         core = client.CoreV1Api(api)
         ops_ns, bare_ns = f"bench-op-{n}", f"bench-bare-{n}"
         for ns in (ops_ns, bare_ns):
             core.create_namespace({"metadata": {"name": ns}})
+        metrics_port = free_port()
         env = {
             "FTJ_WATCH_NAMESPACES": ops_ns,
             "FTJ_LEASE_NAMESPACE": ops_ns,
             "FTJ_RESYNC_SECONDS": "3600",
-            "FTJ_METRICS_PORT": "0",
+            "FTJ_METRICS_PORT": str(metrics_port),
         }
         runner = OperatorRunner(plane.kubeconfig, workdir / f"operator-{n}.log", namespaces=[ops_ns], env=env)
         with runner:
             pid = runner.pid
+            before = _requests(plane)
             start = time.perf_counter()
             creator = threading.Thread(target=_create_all, args=(api, ops_ns, n))
             creator.start()
-            while _count_children(api, ops_ns) < n:
-                time.sleep(0.2)
+            # Polled on the operator's own metric (observed once a job's creates have all returned), not by listing
+            # the children: lists of hundreds of objects every few hundred ms would slow the API server it measures.
+            while _jobs_with_children(metrics_port) < n:
+                time.sleep(0.05)
             operator_seconds = time.perf_counter() - start
+            assert _count_children(api, ops_ns) == n, "the metric ran ahead of the objects"
             creator.join()
             rss = _peak_rss_mb(pid)
+            used = _requests(plane) - before
+        # What the operator asked of the API server per job (the bench's own creates and polling lists left out).
+        calls = {k: v / n for k, v in used.items() if not k.startswith(("LIST", "WATCH")) and k != "POST finetunejobs"}
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(calls.items()))
+        print(f"  N={n}: API requests per job: {sum(calls.values()):.1f} ({detail})", file=sys.stderr)
         bare_seconds = bare_client(api, bare_ns, n)
     return {"n": n, "operator_s": operator_seconds, "bare_s": bare_seconds, "rss_mb": rss}
 
