@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors.torch import load_file
 from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
 from transformers import TrainerCallback
 
@@ -37,7 +38,9 @@ class SigtermAt(TrainerCallback):  # type: ignore[misc]
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run(config: Any, sigterm_at: int | None = None) -> tuple[RunResult, FineTuneRecipe, str]:
+def _run(config: Any, sigterm_at: int | None = None, *, export: bool = True) -> tuple[RunResult, FineTuneRecipe, str]:
+    """setup -> train -> finish -> cleanup as the launcher runs it; `export=False` stops before finish(), as a Pod
+    killed (or an export failing) after training ended would."""
     stream = io.StringIO()
     recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=stream))
     try:
@@ -45,7 +48,7 @@ def _run(config: Any, sigterm_at: int | None = None) -> tuple[RunResult, FineTun
         if sigterm_at is not None:
             recipe.trainer.add_callback(SigtermAt(sigterm_at))
         result = recipe.train()
-        if result.status == "finished":
+        if result.status == "finished" and export:
             recipe.finish()
     finally:
         recipe.cleanup()
@@ -102,6 +105,85 @@ def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_unint
     assert after.complete == [6, 8], "retention keeps the newest 2 complete checkpoints"
     assert after.incomplete == [], "the torn checkpoint of the earlier attempt is cleaned up"
     assert json.loads((tmp_path / "b" / "out" / "manifest.json").read_text())["step"] == 8
+
+
+# 40 rows, 4 a batch: 10 steps an epoch. A quarter epoch is 3 steps (ceil(2.5)), ending inside the epoch; 1 epoch
+# ends on the epoch boundary.
+@pytest.mark.parametrize(
+    ("training", "total"),
+    [({"maxSteps": 2}, 2), ({"epochs": 0.25}, 3), ({"epochs": 1}, 10)],
+    ids=["maxSteps", "fractional-epochs", "whole-epochs"],
+)
+def test_a_run_resumed_from_its_final_checkpoint_trains_no_further_step_and_exports_it(
+    tmp_path: Path, sources: tuple[Path, Path], training: dict[str, Any], total: int
+) -> None:
+    model, data = sources
+    config = make_config(
+        tmp_path,
+        model_uri=model.as_uri(),
+        data_uri=data.as_uri(),
+        method=METHOD,
+        training={**TRAINING, "maxSteps": None, "saveSteps": 1000, **training},
+    )
+    storage = LocalStorage()
+    out = tmp_path / "out"
+
+    # Training ends and the checkpoint forced at the last step is complete, but the Pod dies before the export.
+    first, _, first_log = _run(config, export=False)
+    assert first.status == "finished"
+    assert first.step == total
+    assert max(losses_by_step(progress_lines(first_log))) == total
+    assert list_checkpoints(storage, config.output.uri).complete == [total]
+    assert not (out / "manifest.json").exists()
+    final_weights = load_file(out / "checkpoints" / f"step-{total}" / "adapter_model.safetensors")
+
+    resumed, recipe, resume_log = _run(config)
+    assert resumed.status == "finished"
+    assert resumed.resumed_from == total
+    assert resumed.step == total, f"resumed from the final step {total} and trained on to step {resumed.step}"
+    progress = progress_lines(resume_log)
+    assert losses_by_step(progress) == {}, "a step was trained after the final one"
+    assert progress, "the resumed run reported no progress"
+    assert all(r["step"] == total and r["totalSteps"] == total for r in progress), progress
+    assert progress[-1]["summary"] == f"{total}/{total}"
+    assert recipe.trainer.state.global_step == total
+
+    # No checkpoint past the end; the final outputs are the weights of the final checkpoint, with its step.
+    assert list_checkpoints(storage, config.output.uri).complete == [total]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == total
+    exported = load_file(out / "adapter_model.safetensors")
+    assert exported.keys() == final_weights.keys()
+    for name, tensor in final_weights.items():
+        assert exported[name].equal(tensor), name
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == total
+    assert max(e["step"] for e in state["log_history"] if "loss" in e) == total
+    artifacts = progress_lines(resume_log, "artifacts")
+    assert [a.get("adapter") for a in artifacts] == [recipe.output_uri], artifacts
+
+
+def test_an_epochs_run_resumed_mid_way_ends_exactly_at_its_last_step(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    model, data = sources
+    config = make_config(
+        tmp_path,
+        model_uri=model.as_uri(),
+        data_uri=data.as_uri(),
+        method=METHOD,
+        training={**TRAINING, "maxSteps": None, "epochs": 0.5, "saveSteps": 2},  # 5 steps
+    )
+    stopped, _, _ = _run(config, sigterm_at=2)
+    assert stopped.status == "preempted"
+    assert stopped.step in (2, 3)
+    resumed, _, resume_log = _run(config)
+    assert resumed.status == "finished"
+    assert resumed.resumed_from == stopped.step
+    assert resumed.step == 5
+    assert sorted(losses_by_step(progress_lines(resume_log))) == list(range(stopped.step + 1, 6))
+    assert list_checkpoints(LocalStorage(), config.output.uri).complete[-1] == 5
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["step"] == 5
 
 
 def test_resume_takes_the_newest_checkpoint_whose_manifest_and_files_are_complete(tmp_path: Path) -> None:

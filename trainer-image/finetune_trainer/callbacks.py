@@ -1,4 +1,5 @@
-"""Hooks into the Hugging Face Trainer loop: checkpoint upload, preemption, and progress reporting.
+"""Hooks into the Hugging Face Trainer loop: checkpoint upload, preemption, progress reporting, and no training
+past the last step on resume.
 
 The Trainer already saves complete local checkpoints (model or adapter, optimizer, scheduler, every rank's RNG
 state, trainer_state.json with the step the data loader skips to on resume, DeepSpeed shards); these callbacks add
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer.checkpoints import LOCAL_PREFIX
 from finetune_trainer.distenv import Ranks
@@ -33,6 +34,25 @@ def _last_loss(state: TrainerState) -> float | None:
         if "loss" in entry:
             return float(entry["loss"])
     return None
+
+
+class ResumableTrainer(Trainer):  # type: ignore[misc]
+    """The Hugging Face Trainer, except that a run resumed from the checkpoint of its last step trains no step.
+
+    On resume the Trainer skips the epochs and batches the checkpoint had done and starts an epoch over what is left
+    of it; it asks whether max_steps is reached only after a step (DefaultFlowCallback.on_step_end). A checkpoint at
+    the last step (CheckpointCallback forces one, and SIGTERM during the last step saves one) that ends inside an
+    epoch (maxSteps, or epochs that are not whole) therefore trained step max_steps + 1, saved it as a checkpoint and
+    exported it. Here an epoch does not start once max_steps is reached: the Trainer ends as after its last step
+    (train summary, on_train_end), with the model, optimizer and state of the checkpoint loaded, ready to export.
+    """
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if 0 < self.state.max_steps <= self.state.global_step:
+            log.info("the checkpoint is at the last step (%d): nothing left to train", self.state.global_step)
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class CheckpointCallback(TrainerCallback):  # type: ignore[misc]

@@ -113,9 +113,14 @@ class FineTuneRecipe:
     def setup(self) -> None:
         """Resolve the checkpoint to resume from, fetch the model, build args, model, data and the Trainer."""
         import torch
-        from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
+        from transformers import AutoTokenizer, PrinterCallback, set_seed
 
-        from finetune_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback
+        from finetune_trainer.callbacks import (
+            CheckpointCallback,
+            PreemptionCallback,
+            ProgressCallback,
+            ResumableTrainer,
+        )
         from finetune_trainer.data import build_datasets
         from finetune_trainer.methods import apply_method, load_model
 
@@ -177,7 +182,7 @@ class FineTuneRecipe:
         callbacks: list[Any] = [self.checkpoint_callback, self.preemption]
         if self.reporter is not None:
             callbacks.append(ProgressCallback(self.reporter))
-        self.trainer = Trainer(
+        self.trainer = ResumableTrainer(
             model=model,
             args=args,
             train_dataset=self.data.train,
