@@ -16,8 +16,9 @@ fingerprint: Callable[[Path], str] = file_fingerprint, workers: int | None = Non
   downloader plugs in here). A directory means every data file under it.
 * The local main rank tokenizes into `<config.cache_dir>/tokenized/<key>/` (key: file contents, tokenizer, template
   and every setting that changes the result) or reuses a complete entry; the other ranks wait for it on the file
-  system, never in a collective. Large datasets are rendered and tokenized by a pool of `workers` processes
-  (default: from 10k conversations on, with 4 or more CPUs: one per CPU the container may use, up to 16).
+  system, never in a collective. Large datasets are converted, rendered and tokenized by `workers` processes,
+  this one included (default: from 10k records on with 4 or more CPUs, one per CPU the container may use, up to
+  16; see `parallel`).
 * `DataBundle`: `train`, `eval` (memory-mapped `datasets.Dataset`, columns input_ids/labels[/position_ids]),
   `stats`/`eval_stats` (`DataStats`: records, samples, rows, tokens, label_tokens, truncated, dropped,
   drop_reasons), `packed`, `pad_token_id`, `cache_path`, `cache_hit`, and `collator(attn_implementation)`.

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import numpy as np
+
 from finetune_trainer.config import DatasetSpec, TrainerConfig
 from finetune_trainer.data.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
-from finetune_trainer.data.conversation import Conversation
 from finetune_trainer.data.encode import IGNORE, Masking
-from finetune_trainer.data.formats import Drops, convert
+from finetune_trainer.data.formats import Drops, Reader, reader
 from finetune_trainer.data.packing import Rows, pack
-from finetune_trainer.data.parallel import default_workers, encode_all
+from finetune_trainer.data.parallel import Part, PartEncoder, default_workers, encode_parts
 from finetune_trainer.data.readers import list_files, read_file
 from finetune_trainer.data.templates import ChatTemplate, get_template
 from finetune_trainer.errors import DataError, TrainerError
@@ -104,30 +105,102 @@ def _describe(datasets: Sequence[_Dataset], fingerprint: Callable[[Path], str]) 
     return described
 
 
-def _read(datasets: Sequence[_Dataset], drops: Drops) -> tuple[list[Conversation], int]:
-    """All conversations of these datasets, concatenated; a dataset that yields none is a DataError."""
-    conversations: list[Conversation] = []
-    records = 0
+def _readers(datasets: Sequence[_Dataset]) -> list[tuple[_Dataset, list[Reader]]]:
+    """Each dataset with a Reader per file it uses (files past its maxSamples are not read)."""
+    out = []
     for dataset in datasets:
         limit = dataset.spec.max_samples
-        found: list[Conversation] = []
+        found: list[Reader] = []
         read = 0
-        own = Drops()
         for path in dataset.files:
             remaining = None if limit is None else limit - read
             if remaining == 0:
                 break
-            source = read_file(path, dataset.spec.file_type)
-            batch, count = convert(dataset.spec, source, own, remaining)
-            found += batch
-            read += count
-        if not found:
-            detail = f": {read} records, all dropped ({own.summary()}); first: {own.examples[0]}" if read else ""
-            raise DataError(f"dataset {dataset.spec.uri} has no usable samples{detail or ' (no records)'}")
-        drops.merge(own)
-        conversations += found
-        records += read
-    return conversations, records
+            file_reader = reader(dataset.spec, read_file(path, dataset.spec.file_type), remaining)
+            if file_reader is not None:
+                found.append(file_reader)
+                read += file_reader.count
+        out.append((dataset, found))
+    return out
+
+
+@dataclass
+class _Encoded:
+    """The conversations of some datasets, in read order, encoded: per conversation its sample's length (0 where
+    dropped), whether it was truncated, and where its ids and labels are (which part, from where).
+    """
+
+    records: int
+    drops: Drops  # records dropped when read
+    parts: list[Part]
+    part: np.ndarray  # per conversation: its part
+    starts: np.ndarray  # per conversation: where its sample starts in its part's arrays
+    lengths: np.ndarray
+    cut: np.ndarray
+    dropped: dict[int, tuple[str, str]]  # conversation → (reason, origin)
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def join(cls, datasets: Sequence[tuple[_Dataset, list[list[Part]]]]) -> _Encoded:
+        """The parts of these datasets, in order; a dataset that yields no conversation is a DataError."""
+        drops = Drops()
+        records = 0
+        parts: list[Part] = []
+        for dataset, files in datasets:
+            own = Drops()
+            read = found = 0
+            for file_parts in files:
+                for part in file_parts:
+                    for reason, where in part.read_drops:
+                        own.add(reason, where)
+                    read += part.conversations + len(part.read_drops)
+                    found += part.conversations
+                    parts.append(part)
+            if not found:
+                detail = f": {read} records, all dropped ({own.summary()}); first: {own.examples[0]}" if read else ""
+                raise DataError(f"dataset {dataset.spec.uri} has no usable samples{detail or ' (no records)'}")
+            drops.merge(own)
+            records += read
+        dropped: dict[int, tuple[str, str]] = {}
+        offset = 0
+        for part in parts:
+            for index, reason, origin in part.dropped:
+                dropped[offset + index] = (reason, origin)
+            offset += part.conversations
+        sizes = [part.conversations for part in parts]
+        return cls(
+            records,
+            drops,
+            parts,
+            np.repeat(np.arange(len(parts)), sizes),
+            np.concatenate([np.cumsum(part.lengths) - part.lengths for part in parts]),
+            np.concatenate([part.lengths for part in parts]),
+            np.concatenate([part.cut for part in parts]),
+            dropped,
+        )
+
+    def rows(self, order: Sequence[int], drops: Drops) -> tuple[Rows, int]:
+        """The samples of the conversations `order`, in that order, and how many were truncated; the conversations
+        dropped on the way go to `drops`.
+        """
+        for conversation in order:
+            if conversation in self.dropped:
+                drops.add(*self.dropped[conversation])
+        chosen = np.asarray(order, dtype=np.int64)
+        chosen = chosen[self.lengths[chosen] > 0]
+        lengths = self.lengths[chosen]
+        offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        spans = list(zip(self.part[chosen].tolist(), self.starts[chosen].tolist(), lengths.tolist(), strict=True))
+        columns = []
+        for name in ("input_ids", "labels"):
+            arrays = [getattr(part, name) for part in self.parts]
+            pieces = [arrays[p][a : a + n] for p, a, n in spans]
+            columns.append(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32))
+        return Rows(columns[0], columns[1], offsets), int(self.cut[chosen].sum())
 
 
 @dataclass(frozen=True)
@@ -137,7 +210,7 @@ class _Job:
     config: TrainerConfig
     tokenizer: Any
     template: ChatTemplate
-    workers: int | None  # None: decided by the number of conversations
+    workers: int | None  # None: decided by the number of records
 
     @property
     def masking(self) -> Masking:
@@ -145,54 +218,51 @@ class _Job:
         return Masking(training.cutoff_len, training.train_on_prompt, training.mask_history)
 
 
-def _tokenize(job: _Job, conversations: Sequence[Conversation], drops: Drops, label: str) -> tuple[Rows, int]:
-    count = len(conversations)
+def _encode(
+    job: _Job, groups: Sequence[list[tuple[_Dataset, list[Reader]]]]
+) -> list[list[tuple[_Dataset, list[list[Part]]]]]:
+    """Every file of these groups of datasets converted and encoded, in one pass over all processes."""
+    readers = [file_reader for group in groups for _, files in group for file_reader in files]
+    count = sum(file_reader.count for file_reader in readers)
     next_report = [REPORT_EVERY]
 
     def progress(done: int) -> None:
         if next_report[0] <= done < count:
-            log.info("%s: tokenized %d of %d samples", label, done, count)
+            log.info("prepared %d of %d records", done, count)
             next_report[0] += REPORT_EVERY
 
-    ids: list[Any] = []
-    labels: list[Any] = []
-    truncated = 0
     workers = default_workers(count) if job.workers is None else job.workers
-    chunks = encode_all(conversations, job.template, job.tokenizer, job.masking, workers=workers, progress=progress)
-    for chunk in chunks:
-        for reason, origin in chunk.dropped:
-            drops.add(reason, origin)
-        for sample in chunk.samples:
-            ids.append(sample.input_ids)
-            labels.append(sample.labels)
-            truncated += sample.truncated
-    return Rows.from_samples(ids, labels), truncated
+    encoder = PartEncoder(job.template, job.tokenizer, job.masking)
+    parts = iter(encode_parts(encoder, readers, workers, progress))
+    return [[(dataset, [next(parts) for _ in files]) for dataset, files in group] for group in groups]
 
 
-def _prepare_split(
-    job: _Job, conversations: list[Conversation], records: int, drops: Drops, label: str
-) -> tuple[Rows, DataStats]:
-    training = job.config.training
-    samples, truncated = _tokenize(job, conversations, drops, label)
+def _prepare_split(samples: Rows, truncated: int, records: int, drops: Drops, label: str) -> DataStats:
     if len(samples) == 0:
         raise DataError(
             f"no {label} samples left after tokenization ({drops.summary()}); first: "
             f"{drops.examples[0] if drops.examples else 'none'}"
         )
-    # Unpacked samples keep the seeded order of the conversations; packed rows get their own seeded order.
-    rows = pack(samples, training.cutoff_len, seed=training.seed) if training.packing else samples
     stats = DataStats(
         records=records,
         samples=len(samples),
-        rows=len(rows),
-        tokens=len(rows.input_ids),
-        label_tokens=int((rows.labels != IGNORE).sum()),
+        rows=len(samples),
+        tokens=len(samples.input_ids),
+        label_tokens=int((samples.labels != IGNORE).sum()),
         truncated=truncated,
         dropped=drops.total,
         drop_reasons=dict(drops.counts),
     )
     for example in drops.examples:
         log.warning("%s: dropped %s", label, example)
+    return stats
+
+
+def _pack(job: _Job, samples: Rows, stats: DataStats, drops: Drops, label: str) -> Rows:
+    training = job.config.training
+    # Unpacked samples keep the seeded order of the conversations; packed rows get their own seeded order.
+    rows = pack(samples, training.cutoff_len, seed=training.seed) if training.packing else samples
+    stats.rows = len(rows)
     log.info(
         "%s data: %d records, %d samples in %d rows, %d tokens (%d with loss), %d truncated at %d, %d dropped%s",
         label,
@@ -206,7 +276,7 @@ def _prepare_split(
         stats.dropped,
         f" ({drops.summary()})" if stats.dropped else "",
     )
-    return rows, stats
+    return rows
 
 
 def _build(
@@ -214,31 +284,41 @@ def _build(
 ) -> tuple[dict[str, Rows], dict[str, Any]]:
     config = job.config
     seed = config.training.seed
-    drops = Drops()
-    conversations, records = _read(train_sets, drops)
-    random.Random(seed).shuffle(conversations)
-    eval_conversations: list[Conversation] = []
-    eval_drops = Drops()
-    eval_records = 0
+    groups = [_readers(train_sets)]
+    if not config.val_size and eval_sets:
+        groups.append(_readers(eval_sets))
+    encoded = [_Encoded.join(group) for group in _encode(job, groups)]
+    train = encoded[0]
+    # The seeded shuffle of the conversations (it depends only on their number).
+    order = list(range(train.count))
+    random.Random(seed).shuffle(order)
+    records = train.records
+    splits: dict[str, tuple[Rows, int, int, Drops]] = {}
     if config.val_size:
-        count = len(conversations)
+        count = train.count
         if count < 2:
             raise DataError(f"valSize {config.val_size} needs at least 2 samples, the training data has {count}")
         held = min(max(1, round(count * config.val_size)), count - 1)
-        eval_conversations, conversations = conversations[:held], conversations[held:]
         # The held-out records are no longer training records; count them once, under eval.
-        eval_records, records = held, records - held
-    elif eval_sets:
-        eval_conversations, eval_records = _read(eval_sets, eval_drops)
-        random.Random(seed).shuffle(eval_conversations)
-    splits: dict[str, Rows] = {}
+        eval_drops = Drops()
+        splits["eval"] = (*train.rows(order[:held], eval_drops), held, eval_drops)
+        order, records = order[held:], records - held
+    elif len(encoded) > 1:
+        eval_order = list(range(encoded[1].count))
+        random.Random(seed).shuffle(eval_order)
+        eval_drops = encoded[1].drops
+        splits["eval"] = (*encoded[1].rows(eval_order, eval_drops), encoded[1].records, eval_drops)
+    drops = train.drops
+    splits = {"train": (*train.rows(order, drops), records, drops), **splits}
+    rows: dict[str, Rows] = {}
     stats: dict[str, Any] = {}
-    splits["train"], train_stats = _prepare_split(job, conversations, records, drops, "train")
-    stats["train"] = asdict(train_stats)
-    if eval_conversations:
-        splits["eval"], eval_stats = _prepare_split(job, eval_conversations, eval_records, eval_drops, "eval")
-        stats["eval"] = asdict(eval_stats)
-    return splits, stats
+    for label in ("train", "eval"):
+        if label in splits:
+            samples, truncated, split_records, split_drops = splits[label]
+            split_stats = _prepare_split(samples, truncated, split_records, split_drops, label)
+            rows[label] = _pack(job, samples, split_stats, split_drops, label)
+            stats[label] = asdict(split_stats)
+    return rows, stats
 
 
 def build_datasets(
@@ -258,7 +338,8 @@ def build_datasets(
     it); `fingerprint` identifies a local file's contents for the cache key (default: its sha256; a downloader
     that knows ETags and sizes may pass a cheaper one). The local main rank (default: local_rank == 0) builds the
     cache or reuses a complete one; the others wait up to `wait_timeout_s` for it by polling the file system.
-    `workers` processes render and tokenize (default: one for small data, else the CPUs the container may use).
+    `workers` processes render and tokenize, this one included (default: one for small data, else the CPUs the
+    container may use).
     Raises ConfigError (template/tokenizer mismatch) and DataError (unreadable or unusable data).
     """
     main = local_rank == 0 if is_local_main is None else is_local_main

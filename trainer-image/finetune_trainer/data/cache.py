@@ -90,7 +90,7 @@ def _write_rows(rows: Rows, path: Path) -> None:
             offsets = (rows.offsets[start : end + 1] - rows.offsets[start]).astype(np.int32)
             low, high = rows.offsets[start], rows.offsets[end]
             arrays = [
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[low:high].astype(np.int32)))
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values[low:high], dtype=np.int32)))
                 for values in columns.values()
             ]
             writer.write_batch(pa.record_batch(arrays, schema=schema))

@@ -215,6 +215,47 @@ def _sharegpt(row: dict[str, Any], mapping: dict[str, str], tags: DatasetTags, o
     return Conversation(tuple(turns), system=system, tools=tools, tools_text=tools_text, origin=origin)
 
 
+@dataclass(frozen=True)
+class Reader:
+    """How the records of one file become conversations: its format, column mapping and tags, and how many of its
+    records are used (the first `count`, under maxSamples).
+    """
+
+    source: SourceFile
+    fmt: Format
+    mapping: dict[str, str]
+    tags: DatasetTags
+    count: int
+
+    def convert(self, start: int = 0, end: int | None = None) -> tuple[list[Conversation], list[tuple[str, str]]]:
+        """Conversations from records [start, end), and (reason, where) for each record dropped, in order."""
+        source, mapping, tags = self.source, self.mapping, self.tags
+        alpaca = self.fmt == "alpaca"
+        out: list[Conversation] = []
+        dropped: list[tuple[str, str]] = []
+        stop = self.count if end is None else min(end, self.count)
+        for index in range(start, stop):
+            row = source.rows[index]
+            where = source.where(index)
+            try:
+                out.append(_alpaca(row, mapping, where) if alpaca else _sharegpt(row, mapping, tags, where))
+            except _BadRowError as bad:
+                dropped.append((str(bad), where))
+        return out, dropped
+
+
+def reader(spec: DatasetSpec, source: SourceFile, limit: int | None = None) -> Reader | None:
+    """The Reader for the first `limit` records of `source` (all without a limit); None for a file without records.
+
+    A file whose columns do not fit the format raises DataError.
+    """
+    if not source.rows:  # an empty file among others is fine; a dataset with no records at all is not
+        return None
+    fmt, mapping, tags = detect_format(spec, source)
+    count = len(source.rows) if limit is None else min(limit, len(source.rows))
+    return Reader(source, fmt, mapping, tags, count)
+
+
 def convert(
     spec: DatasetSpec, source: SourceFile, drops: Drops, limit: int | None = None
 ) -> tuple[list[Conversation], int]:
@@ -222,15 +263,10 @@ def convert(
 
     Bad rows go to `drops`; a file whose columns do not fit the format raises DataError.
     """
-    if not source.rows:  # an empty file among others is fine; a dataset with no records at all is not
+    found = reader(spec, source, limit)
+    if found is None:
         return [], 0
-    fmt, mapping, tags = detect_format(spec, source)
-    rows = source.rows if limit is None else source.rows[:limit]
-    out: list[Conversation] = []
-    for index, row in enumerate(rows):
-        where = source.where(index)
-        try:
-            out.append(_alpaca(row, mapping, where) if fmt == "alpaca" else _sharegpt(row, mapping, tags, where))
-        except _BadRowError as bad:
-            drops.add(str(bad), where)
-    return out, len(rows)
+    out, dropped = found.convert()
+    for reason, where in dropped:
+        drops.add(reason, where)
+    return out, found.count

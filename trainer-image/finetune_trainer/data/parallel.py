@@ -1,31 +1,47 @@
-"""Rendering and tokenizing conversations in chunks, in this process or in a pool of worker processes.
+"""Converting, rendering and tokenizing records in parts, in this process and, for large data, worker processes.
 
 Only the node's main rank preprocesses while the other ranks wait, so large datasets are spread over the CPUs the
-container may use. Chunks come back in order, so the result does not depend on the number of workers.
+container may use. The work is split into parts (a range of records of one file): each part is converted to
+conversations, rendered and encoded where it is taken up, and only its arrays come back. The caller puts the
+conversations in their seeded order afterwards, so the result does not depend on the number of processes.
+
+Worker processes are forked once the files are parsed: they inherit the records, the template and the encoder, so
+nothing is shipped to them but part numbers, and they start in milliseconds. Fork is safe here because the workers
+run only Python, numpy and the Rust tokenizer's model (single-threaded: tokenizers turns its thread pool off in a
+forked child) — never torch, CUDA or a lock another thread of the parent could hold — and they end with os._exit,
+so none of the parent's exit handlers run in them. Where fork does not exist everything runs in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finetune_trainer.data.conversation import Conversation
-from finetune_trainer.data.encode import Encoder, Masking, Sample
-from finetune_trainer.data.templates import ChatTemplate, Rendered, RenderError, get_template
+from finetune_trainer.data.encode import Encoder, Masking
+from finetune_trainer.data.formats import Reader
+from finetune_trainer.data.templates import ChatTemplate, Rendered, RenderError
 
 log = logging.getLogger("finetune_trainer.data")
 
-CHUNK = 1000
-# Below this many conversations, starting worker processes (a few seconds each) costs more than it saves.
+# Records per part: small enough that the processes finish close together (the last parts are waited for), large
+# enough that a part's arrays are worth a trip through a pipe.
+PART = 250
+# Below this many records, or with fewer CPUs, one process does it all: workers would not pay for themselves (on
+# the 2-CPU development machine, shared with other work, two processes measured slower than one: docs/benchmarks.md).
 PARALLEL_MIN = 10_000
-MAX_WORKERS = 16
 MIN_CPUS = 4
+MAX_WORKERS = 16
 
 
 def available_cpus() -> int:
@@ -40,94 +56,158 @@ def available_cpus() -> int:
     return count
 
 
-def default_workers(conversations: int) -> int:
-    """Worker processes for this many conversations: none for small data or few CPUs.
-
-    One process already keeps every CPU busy while the Rust tokenizer runs (it has its own thread pool), so
-    workers only spread the Python part (rendering, masking); on 2 CPUs that gain is smaller than the cost of
-    starting them and shipping the results back (measured with bench/bench_preprocess.py).
+def default_workers(records: int) -> int:
+    """Processes (this one included) to prepare this many records with: one for small data or few CPUs, else one
+    per CPU.
     """
     cpus = available_cpus()
-    if conversations < PARALLEL_MIN or cpus < MIN_CPUS:
+    if records < PARALLEL_MIN or cpus < MIN_CPUS:
         return 1
     return min(MAX_WORKERS, cpus)
 
 
 @dataclass
-class Chunk:
-    """The result of one chunk: samples kept, and (reason, origin) for each conversation dropped."""
+class Part:
+    """What one range of records became.
 
-    samples: list[Sample] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)
+    `conversations` counts the records converted (the others are in `read_drops` as (reason, where), in order);
+    per conversation, `lengths` (0 where it was dropped) and `cut` (truncated at cutoff_len); the kept samples'
+    ids and labels concatenated; and (conversation index, reason, origin) for each conversation dropped.
+    """
+
+    conversations: int
+    read_drops: list[tuple[str, str]]
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    cut: np.ndarray
+    dropped: list[tuple[int, str, str]] = field(default_factory=list)
 
 
-class ChunkEncoder:
+class PartEncoder:
+    """Converts, renders and encodes ranges of records."""
+
     def __init__(self, template: ChatTemplate, tokenizer: Any, masking: Masking) -> None:
         self.template = template
         self.encoder = Encoder(tokenizer, masking, template)
 
-    def __call__(self, conversations: Sequence[Conversation]) -> Chunk:
-        out = Chunk()
+    def __call__(self, reader: Reader, start: int, end: int) -> Part:
+        conversations, read_drops = reader.convert(start, end)
+        return self.encode(conversations, read_drops)
+
+    def encode(self, conversations: Sequence[Conversation], read_drops: list[tuple[str, str]] | None = None) -> Part:
+        count = len(conversations)
+        dropped: list[tuple[int, str, str]] = []
         rendered: list[Rendered] = []
-        origins: list[str] = []
-        for conversation in conversations:
+        positions: list[int] = []
+        render = self.template.render
+        for index, conversation in enumerate(conversations):
             try:
-                rendered.append(self.template.render(conversation))
-                origins.append(conversation.origin)
+                rendered.append(render(conversation))
+                positions.append(index)
             except RenderError as exc:
-                out.dropped.append((str(exc), conversation.origin))
-        for origin, result in zip(origins, self.encoder(rendered), strict=True):
-            if isinstance(result, str):
-                out.dropped.append((result, origin))
-            else:
-                out.samples.append(result)
-        return out
+                dropped.append((index, str(exc), conversation.origin))
+        encoded = self.encoder(rendered)
+        for index, reason in encoded.dropped:
+            dropped.append((positions[index], reason, conversations[positions[index]].origin))
+        dropped.sort()
+        lengths = np.zeros(count, dtype=np.int64)
+        cut = np.zeros(count, dtype=bool)
+        kept = np.ones(len(positions), dtype=bool)
+        kept[[index for index, _ in encoded.dropped]] = False
+        where = np.asarray(positions, dtype=np.int64)[kept]
+        lengths[where] = encoded.lengths
+        cut[where] = encoded.cut
+        return Part(count, read_drops or [], encoded.input_ids, encoded.labels, lengths, cut, dropped)
 
 
-_worker: ChunkEncoder | None = None
+# What forked workers inherit: the encoder and the readers the part numbers refer to.
+_inherited: tuple[PartEncoder, Sequence[Reader]] | None = None
 
 
-def _start_worker(template: str, tokenizer: Any, masking: Masking) -> None:
-    global _worker
-    # The processes already share the CPUs; the tokenizer's own thread pool in each would oversubscribe them.
+def _run_part(reader_index: int, start: int, end: int) -> Part:
+    assert _inherited is not None
+    encoder, readers = _inherited
+    return encoder(readers[reader_index], start, end)
+
+
+def _start_worker() -> None:
+    # Never the Rust tokenizer's thread pool in a forked worker: its threads did not survive the fork.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    chat = get_template(template, tokenizer, mask_history=masking.mask_history, train_on_prompt=masking.train_on_prompt)
-    _worker = ChunkEncoder(chat, tokenizer, masking)
 
 
-def _run_worker(conversations: Sequence[Conversation]) -> Chunk:
-    assert _worker is not None
-    return _worker(conversations)
+@contextlib.contextmanager
+def _forked_workers(processes: int, inherited: tuple[PartEncoder, Sequence[Reader]]) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `processes` workers forked from this process, which inherit `inherited`."""
+    global _inherited
+    _inherited = inherited
+    # Set while they fork: tokenizers then neither warns about the fork nor runs its thread pool in them, and this
+    # process, sharing the CPUs with them, tokenizes on one thread as they do.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Out of the collector's sight while the workers live: its passes would write to every object the processes
+    # share, and so copy their memory page by page.
+    gc.freeze()
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+        _inherited = None
 
 
-def encode_all(
-    conversations: Sequence[Conversation],
-    template: ChatTemplate,
-    tokenizer: Any,
-    masking: Masking,
-    *,
+def encode_parts(
+    encoder: PartEncoder,
+    readers: Sequence[Reader],
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
-) -> Iterator[Chunk]:
-    """Chunks of encoded conversations, in input order; `workers` > 1 uses that many spawned processes."""
-    chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
-    done = 0
-    if workers <= 1 or len(chunks) <= 1:
-        encode = ChunkEncoder(template, tokenizer, masking)
-        for chunk in chunks:
-            yield encode(chunk)
-            done += len(chunk)
+) -> list[list[Part]]:
+    """For each reader, its records converted and encoded, in parts, in order; `workers` processes, this one included.
+
+    This process works through the parts from the front while the workers take them from the back, two each in
+    flight, so that nobody waits long for anybody at the end.
+    """
+    tasks = [
+        (r, start, min(start + PART, reader.count))
+        for r, reader in enumerate(readers)
+        for start in range(0, reader.count, PART)
+    ]
+    processes = min(workers, len(tasks)) - 1
+    if processes > 0 and "fork" not in multiprocessing.get_all_start_methods():
+        processes = 0
+    results: list[Part | None] = [None] * len(tasks)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if processes > 0:
+            log.info("preparing %d records in %d processes", sum(r.count for r in readers), processes + 1)
+            pool = stack.enter_context(_forked_workers(processes, (encoder, readers)))
+        pending: dict[Future[Part], int] = {}
+        front, back = 0, len(tasks)
+        done = 0
+        while front < back or pending:
+            while pool is not None and len(pending) < 2 * processes and front < back:
+                back -= 1
+                pending[pool.submit(_run_part, *tasks[back])] = back
+            if front < back:
+                results[front] = encoder(readers[tasks[front][0]], *tasks[front][1:])
+                done += tasks[front][2] - tasks[front][1]
+                front += 1
+                finished = [future for future in pending if future.done()]
+            else:
+                finished = list(wait(pending, return_when=FIRST_COMPLETED).done)
+            for future in finished:
+                index = pending.pop(future)
+                results[index] = future.result()
+                done += tasks[index][2] - tasks[index][1]
             if progress:
                 progress(done)
-        return
-    log.info("preprocessing %d conversations in %d worker processes", len(conversations), workers)
-    # spawn, not fork: the parent may already run torch and tokenizer thread pools, which do not survive a fork.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(template.name, tokenizer, masking)
-    ) as pool:
-        for chunk, result in zip(chunks, pool.map(_run_worker, chunks), strict=True):
-            yield result
-            done += len(chunk)
-            if progress:
-                progress(done)
+    grouped: list[list[Part]] = [[] for _ in readers]
+    for (r, _, _), part in zip(tasks, results, strict=True):
+        assert part is not None
+        grouped[r].append(part)
+    return grouped

@@ -77,13 +77,14 @@ def token_id(tokenizer: Any, token: str) -> int | None:
 # --- named templates (LLaMA-Factory's) --------------------------------------------------------------------------
 
 
-def _fill(slots: list[Any], ids: dict[str, int | None], **values: str) -> list[Piece]:
-    """Slots with `{{name}}` replaced (first occurrence, in order, as LLaMA-Factory's StringFormatter does)."""
+SLOT_KEYS = ("prefix", "system", "user", "assistant", "observation", "function", "tools")
+
+
+def _compile(slots: list[Any] | None, ids: dict[str, int | None]) -> tuple[Piece, ...]:
+    """A template's slots with named tokens resolved to ids (a BOS/EOS slot the tokenizer lacks left out)."""
     out: list[Piece] = []
-    for slot in slots:
+    for slot in slots or []:
         if isinstance(slot, str):
-            for name, value in values.items():
-                slot = slot.replace("{{" + name + "}}", value, 1)
             if slot:
                 out.append(slot)
         elif "token" in slot:
@@ -92,6 +93,22 @@ def _fill(slots: list[Any], ids: dict[str, int | None], **values: str) -> list[P
             out.append(found)
         elif (special := ids.get(slot["special"])) is not None:
             out.append(special)
+    return tuple(out)
+
+
+def _fill(slots: tuple[Piece, ...], content: str, idx: str | None = None) -> list[Piece]:
+    """Slots with `{{content}}` (then `{{idx}}`) replaced, the first occurrence of each, as LLaMA-Factory's
+    StringFormatter does: so `{{idx}}` written in the content is replaced where the slot has none before it.
+    """
+    out: list[Piece] = []
+    for slot in slots:
+        if slot.__class__ is str:
+            slot = slot.replace("{{content}}", content, 1)  # type: ignore[union-attr]
+            if idx is not None:
+                slot = slot.replace("{{idx}}", idx, 1)  # type: ignore[union-attr]
+            if not slot:
+                continue
+        out.append(slot)
     return out
 
 
@@ -145,6 +162,7 @@ class NamedTemplate:
         ids["bos_token"] = tokenizer.bos_token_id
         ids["eos_token"] = eos_id
         self.ids = ids
+        self.slots = {key: _compile(spec.get(key), ids) for key in SLOT_KEYS}
         self.eos_token = eos
         self.eos_token_id = eos_id
         self.special_tokens = tuple(sorted({eos, *(w for w in stop_words if token_id(tokenizer, w) is not None)}))
@@ -156,33 +174,35 @@ class NamedTemplate:
 
     # LLaMA-Factory's Template._encode / Llama2Template._encode, per message.
     def _messages(self, conversation: Conversation) -> list[list[Piece]]:
-        spec = self.spec
-        system = conversation.system or spec["default_system"]
+        slots = self.slots
+        system = conversation.system or self.spec["default_system"]
         tools = conversation.tools
+        llama2 = self.kind == "llama2"
         out: list[list[Piece]] = []
         for index, turn in enumerate(conversation.turns):
             pieces: list[Piece] = []
             system_text = ""
             if index == 0:
-                pieces += _fill(spec["prefix"], self.ids)
+                pieces += slots["prefix"]  # as given: LLaMA-Factory fills no value into the prefix
                 if system or tools:
                     tool_text = self._tools_text(conversation) if tools else ""
-                    if self.kind == "llama2":
-                        first = _fill(spec["system"], self.ids, content=system + tool_text)[:1]
+                    if llama2:
+                        first = _fill(slots["system"], system + tool_text)[:1]
                         system_text = first[0] if first and isinstance(first[0], str) else ""
                     else:
-                        pieces += _fill(spec["system"], self.ids, content=system + tool_text)
-            if turn.role == "user":
-                if self.kind == "llama2":
-                    pieces += _fill(spec["user"], self.ids, content=system_text + turn.content)
+                        pieces += _fill(slots["system"], system + tool_text)
+            role = turn.role
+            if role == "user":
+                if llama2:
+                    pieces += _fill(slots["user"], system_text + turn.content)
                 else:
-                    pieces += _fill(spec["user"], self.ids, content=turn.content, idx=str(index // 2))
-            elif turn.role == "assistant":
-                pieces += _fill(spec["assistant"], self.ids, content=turn.content)
-            elif turn.role == "observation":
-                pieces += _fill(spec["observation"], self.ids, content=turn.content)
+                    pieces += _fill(slots["user"], turn.content, str(index // 2))
+            elif role == "assistant":
+                pieces += _fill(slots["assistant"], turn.content)
+            elif role == "observation":
+                pieces += _fill(slots["observation"], turn.content)
             else:
-                pieces += _fill(spec["function"], self.ids, content=self._function_text(turn.content))
+                pieces += _fill(slots["function"], self._function_text(turn.content))
             out.append(pieces)
         return out
 
@@ -191,7 +211,7 @@ class NamedTemplate:
         try:
             if spec["tools_format"] is None:  # plain string slots around the tool list as given
                 raw = conversation.tools_text or json.dumps(conversation.tools, ensure_ascii=False)
-                first = _fill(spec["tools"], self.ids, content=raw)[:1]
+                first = _fill(self.slots["tools"], raw)[:1]
                 return first[0] if first and isinstance(first[0], str) else ""
             return toolfmt.format_tools(spec["tools_format"], conversation.tools)
         except toolfmt.ToolFormatError as exc:
