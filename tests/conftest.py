@@ -46,6 +46,7 @@ MARKERS = {
     "training_operator": "needs the Kubeflow training operator v1 and its PyTorchJob CRD",
     "s3": "needs the real MinIO S3 server built by tests/testbin/build.sh",
     "operator": "runs a kopf operator subprocess against the control plane",
+    "e2e": "Pods really run, under the node agent (tests/e2e; support.nodeagent)",
 }
 # A test that uses one of these fixtures gets the marker, so `-m controlplane` / `-m "not s3"` select tiers.
 _FIXTURE_MARKERS = {
@@ -58,6 +59,7 @@ _FIXTURE_MARKERS = {
     "s3": "s3",
     "minio": "s3",
     "run_operator": "operator",
+    "agent_nodes": "e2e",
 }
 
 T = TypeVar("T")
@@ -212,15 +214,18 @@ def run_operator(
     """Factory for kopf operator subprocesses (``with run_operator(namespaces=[ns]) as op: ...``).
 
     Arguments go to ``support.operator_runner.OperatorRunner`` (``module`` defaults to
-    ``finetune_operator.handlers``). Each operator's log is attached to the test report if the test fails, and any
-    operator still running at teardown is stopped.
+    ``finetune_operator.handlers``, ``kubeconfig`` to the admin's). Each operator's log is attached to the test
+    report if the test fails, and any operator still running at teardown is stopped.
     """
     operator_runner = _support("operator_runner")
     runners: list[OperatorRunner] = []
 
-    def factory(**kwargs: Any) -> OperatorRunner:
+    def factory(*, kubeconfig: Path | None = None, **kwargs: Any) -> OperatorRunner:
         log_path = tmp_path / f"kopf-operator-{len(runners)}.log"
-        runner: OperatorRunner = operator_runner.OperatorRunner(control_plane.kubeconfig, log_path, **kwargs)
+        # kubeconfig: another identity than the admin (the e2e tier runs it as the Helm chart's ServiceAccount).
+        runner: OperatorRunner = operator_runner.OperatorRunner(
+            kubeconfig or control_plane.kubeconfig, log_path, **kwargs
+        )
         runners.append(runner)
         attach_log(request, f"kopf operator log #{len(runners)}", log_path)
         return runner

@@ -316,6 +316,13 @@ def pod_template(
         "containers": [container],
         "volumes": volumes,
     }
+    _schedule(pod, spec)
+    return {"metadata": {"labels": labels(job), "annotations": annotations}, "spec": pod}
+
+
+def _schedule(pod: dict[str, Any], spec: FineTuneJobSpec) -> None:
+    """The job's scheduling constraints and pull secrets, on a training or a merge Pod (tainted or dedicated nodes
+    apply to both)."""
     sched = spec.scheduling
     if sched is not None:
         if sched.node_selector:
@@ -330,7 +337,6 @@ def pod_template(
             pod["schedulerName"] = sched.scheduler_name
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
-    return {"metadata": {"labels": labels(job), "annotations": annotations}, "spec": pod}
 
 
 def _queued(job: JobRef) -> bool:
@@ -518,8 +524,7 @@ def merge_job(job: JobRef, settings: Settings) -> dict[str, Any]:
         "containers": [container],
         "volumes": volumes,
     }
-    if spec.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    _schedule(pod, spec)
     return _owned(
         job,
         {

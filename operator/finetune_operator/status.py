@@ -136,10 +136,18 @@ def observe(
     if not pods:
         return Observation("Pending", "WaitingForPods", f"waiting for {replicas} pod(s) to be created")
     running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    # Replicas that finished while the workload has not yet said Complete: training is ending, not starting over.
+    finished = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Succeeded" and not p["metadata"].get("deletionTimestamp")
+    ]
     restarting = problem.message if problem is not None else ""
-    if len(running) >= replicas:
+    if len(running) + len(finished) >= replicas and running:
         message = f"{replicas} node(s) training" + (f"; last restart: {restarting}" if restarting else "")
         return Observation("Running", "Training", message)
+    if len(finished) >= replicas:
+        return Observation("Running", "Training", f"{replicas} node(s) finished training; waiting for the workload")
     scheduled = [p for p in live if (p.get("spec") or {}).get("nodeName")]
     if live and len(scheduled) == len(live):
         return Observation("Initializing", "StartingContainers", f"{len(running)}/{replicas} pod(s) running")

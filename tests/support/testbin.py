@@ -19,6 +19,7 @@ BUILD_HINT = "bash tests/testbin/build.sh"
 _VERSION_KEYS = {
     "etcd": "ETCD_VERSION",
     "kubernetes": "KUBERNETES_VERSION",
+    "kubectl": "KUBECTL_VERSION",
     "kwok": "KWOK_VERSION",
     "training-operator": "TRAINING_OPERATOR_VERSION",
     "minio": "MINIO_VERSION",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the real servers used by the controlplane and trainer test tiers from their published Go modules:
 # etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1,
-# MinIO and the Helm v3 CLI (the chart tests render and lint with it). Binaries go to a cache outside the
+# MinIO, the Helm v3 CLI (the chart tests render and lint with it) and kubectl (the e2e tier drives the cluster
+# with it, as a user would). Binaries go to a cache outside the
 # repository, one directory per component and version:
 #
 #   ${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}/<component>-<version>/
@@ -10,7 +11,7 @@
 # redone and a finished one is reused. Idempotent: run it as often as you like; only what is missing is built.
 #
 # Usage: bash tests/testbin/build.sh [--force] [component ...]
-#   components: etcd kubernetes kwok training-operator minio helm (default: all)
+#   components: etcd kubernetes kubectl kwok training-operator minio helm (default: all)
 #   --force     rebuild even when the stamp is present
 #   --print-dir print the cache directory and exit
 set -euo pipefail
@@ -20,7 +21,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 
 cache="${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}"
-all_components=(etcd kubernetes kwok training-operator minio helm)
+all_components=(etcd kubernetes kubectl kwok training-operator minio helm)
 
 force=0
 components=()
@@ -29,7 +30,7 @@ for arg in "$@"; do
         --force) force=1 ;;
         --print-dir) echo "$cache"; exit 0 ;;
         -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        etcd|kubernetes|kwok|training-operator|minio|helm) components+=("$arg") ;;
+        etcd|kubernetes|kubectl|kwok|training-operator|minio|helm) components+=("$arg") ;;
         *) echo "build.sh: unknown argument '$arg' (components: ${all_components[*]})" >&2; exit 2 ;;
     esac
 done
@@ -59,6 +60,7 @@ component_version() {
     case "$1" in
         etcd) echo "$ETCD_VERSION" ;;
         kubernetes) echo "$KUBERNETES_VERSION" ;;
+        kubectl) echo "$KUBECTL_VERSION" ;;
         kwok) echo "$KWOK_VERSION" ;;
         training-operator) echo "$TRAINING_OPERATOR_VERSION" ;;
         minio) echo "$MINIO_VERSION" ;;
@@ -71,20 +73,36 @@ build_etcd() {
     (cd "$here/etcd" && go build "${gobuild_flags[@]}" -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3)
 }
 
-build_kubernetes() {
-    local out="$1" v="$KUBERNETES_VERSION" minor
+# What hack/lib/version.sh stamps into release binaries, so clients and servers report the real version.
+kubernetes_ldflags() {
+    local v="$1" minor pkg ldflags="-s -w"
     minor="$(echo "$v" | cut -d. -f2)"
-    # What hack/lib/version.sh stamps into release binaries, so clients see the real server version.
-    local ldflags="-s -w"
-    local pkg
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
         ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
         ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     done
-    (cd "$here/kubernetes" && go build "${gobuild_flags[@]}" -ldflags "$ldflags" -o "$out/" \
+    echo "$ldflags"
+}
+
+build_kubernetes() {
+    local out="$1"
+    (cd "$here/kubernetes" && go build "${gobuild_flags[@]}" -ldflags "$(kubernetes_ldflags "$KUBERNETES_VERSION")" \
+        -o "$out/" \
         k8s.io/kubernetes/cmd/kube-apiserver \
         k8s.io/kubernetes/cmd/kube-controller-manager \
         k8s.io/kubernetes/cmd/kube-scheduler)
+}
+
+# kubectl from the same k8s.io/kubernetes module (the same go.mod), in a component of its own so that adding it
+# never rebuilds the servers; KUBECTL_VERSION must equal KUBERNETES_VERSION (that go.mod pins one release).
+build_kubectl() {
+    local out="$1"
+    if [ "$KUBECTL_VERSION" != "$KUBERNETES_VERSION" ]; then
+        echo "build.sh: KUBECTL_VERSION ($KUBECTL_VERSION) must equal KUBERNETES_VERSION ($KUBERNETES_VERSION)" >&2
+        return 1
+    fi
+    (cd "$here/kubernetes" && go build "${gobuild_flags[@]}" -ldflags "$(kubernetes_ldflags "$KUBECTL_VERSION")" \
+        -o "$out/" k8s.io/kubernetes/cmd/kubectl)
 }
 
 build_kwok() {

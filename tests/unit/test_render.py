@@ -323,3 +323,17 @@ def test_children_are_controlled_by_the_finetunejob_uid() -> None:
     (template,) = _pod_templates(children(owned, Settings())[-1])
     env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
     assert env["FTJ_JOB_UID"] == "1234"
+
+
+def test_the_merge_job_follows_the_jobs_scheduling() -> None:
+    from finetune_operator.render import merge_job
+
+    scheduling = {
+        "nodeSelector": {"pool": "ml"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        "priorityClassName": "batch-low",
+    }
+    pod = merge_job(_job({"scheduling": scheduling}), Settings())["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "ml"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert pod["priorityClassName"] == "batch-low"

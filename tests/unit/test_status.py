@@ -213,3 +213,9 @@ def test_the_operators_conditions_leave_other_writers_out() -> None:
     theirs = {"type": "TrainerFailed", "status": "True", "reason": "DataError", "message": "line 7"}
     conds = conditions([theirs], Observation("Failed", "DataError", "x"), 1, "t")
     assert "TrainerFailed" not in {c["type"] for c in conds}
+
+
+def test_replicas_finishing_before_the_workload_completes_stay_running() -> None:
+    # Pods end one after the other, and the Job or PyTorchJob says Complete only after that: no step back.
+    assert observe(child(), [pod("m", "Succeeded"), pod("w")], 2, False).phase == "Running"
+    assert observe(child(), [pod("m", "Succeeded"), pod("w", "Succeeded")], 2, False).phase == "Running"
