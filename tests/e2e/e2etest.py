@@ -138,23 +138,11 @@ class E2E:
     def finetunejob(self, name: str, *, backend: str = "job", nodes: int = 2, **spec: Any) -> dict[str, Any]:
         """A FineTuneJob over the tiny model and data in this test's bucket: LoRA, fp32 on CPU, a few steps,
         pinned to the agent Nodes; ``spec`` entries replace the defaults (``training`` is merged)."""
+        from trainer.tinymodels import CPU_TRAINING
+
         from support.processes import free_port
 
-        training = {
-            "maxSteps": 6,
-            "learningRate": 5e-3,
-            "lrScheduler": "constant",
-            "perDeviceBatchSize": 4,
-            "gradientAccumulationSteps": 1,
-            "cutoffLen": 64,
-            "packing": False,
-            "precision": "fp32",
-            "gradientCheckpointing": False,
-            "loggingSteps": 1,
-            "saveSteps": 2,
-            "seed": 7,
-            **spec.pop("training", {}),
-        }
+        training = {**CPU_TRAINING, **spec.pop("training", {})}
         body: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "FineTuneJob",

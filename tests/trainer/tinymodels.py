@@ -74,6 +74,23 @@ def write_model(directory: Path, *, arch: str = "llama", seed: int = 0, hidden: 
     return directory
 
 
+# spec.training for a tiny model on the CPU: fp32, no gradient checkpointing, no packing, a few steps.
+CPU_TRAINING: dict[str, Any] = {
+    "maxSteps": 6,
+    "learningRate": 5e-3,
+    "lrScheduler": "constant",
+    "perDeviceBatchSize": 4,
+    "gradientAccumulationSteps": 1,
+    "cutoffLen": 64,
+    "packing": False,
+    "precision": "fp32",
+    "gradientCheckpointing": False,
+    "loggingSteps": 1,
+    "saveSteps": 2,
+    "seed": 7,
+}
+
+
 def config_dict(
     tmp: Path,
     *,
@@ -91,21 +108,7 @@ def config_dict(
         "model": {"uri": model_uri},
         "datasets": [{"uri": data_uri, "format": "alpaca"}],
         "method": method or {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target": "all"}},
-        "training": {
-            "maxSteps": 6,
-            "learningRate": 5e-3,
-            "lrScheduler": "constant",
-            "perDeviceBatchSize": 4,
-            "gradientAccumulationSteps": 1,
-            "cutoffLen": 64,
-            "packing": False,
-            "precision": "fp32",
-            "gradientCheckpointing": False,
-            "loggingSteps": 1,
-            "saveSteps": 1000,
-            "seed": 7,
-            **(training or {}),
-        },
+        "training": {**CPU_TRAINING, "saveSteps": 1000, **(training or {})},
         "output": {"uri": output_uri or (tmp / "out").as_uri(), "checkpoints": {"keep": 2}},
         "cacheDir": str(cache_dir or tmp / "cache"),
         **extra,
