@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("nodeagent")
 
 SANDBOX = Path(__file__).resolve().parent / "podsandbox.py"
+# What stands in for the image: this checkout and the Python environment. A volume mounted over one of their parents
+# (the `/tmp` emptyDir over a checkout cloned under /tmp, say) must not hide them, so the sandbox binds them back.
+KEEP_VISIBLE = sorted({str(Path(__file__).resolve().parents[2]), sys.prefix, sys.base_prefix})
 AGENT_LABEL = "ftj.test/node-agent"
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40
@@ -766,6 +769,7 @@ class PodWorker(threading.Thread):
                 "env": env,
                 "command": command,
                 "workingDir": container.get("workingDir") or "/",
+                "keep": KEEP_VISIBLE,
             },
         )
         log.info("pod %s/%s: started %s: %s", self.namespace, self.pod_name, name, " ".join(command))

@@ -211,6 +211,11 @@ def prepare(spec: dict[str, Any]) -> None:
             host = rootfs.bind(m["source"], m["target"])
         if m.get("readOnly"):
             read_only.append(host)
+    # The host paths that stand in for the image stay visible where a volume covers one of their parents.
+    for path in spec.get("keep") or []:
+        if any(path == m["target"] or path.startswith(m["target"].rstrip("/") + "/") for m in mounts):
+            rootfs.ensure(path, directory=True)
+            rootfs.bind(path, path)
     for host in read_only:
         mount(None, host, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
     hostname = spec["hostname"].encode()
