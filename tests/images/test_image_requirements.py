@@ -133,6 +133,9 @@ def test_trainer_requirements_install_in_a_clean_venv(tmp_path: Path) -> None:
         "pyarrow",
         "finetune_trainer.recipe",
         "finetune_trainer.launch",
+        # The subpackages: a wheel carries only the packages pyproject lists (data and merge were once missing).
+        "finetune_trainer.data",
+        "finetune_trainer.merge",
     ]
     out = _run(python, "-c", f"import {', '.join(modules)}, torch; print(torch.__version__, torch.version.cuda)")
     torch_version, cuda = out.strip().splitlines()[-1].split()  # DeepSpeed prints its own notes first
