@@ -150,11 +150,16 @@ def _count_transient_failures(
 
 def _stop(workload: dict[str, Any]) -> None:
     """Suspend a workload whose run has failed for good: its Pods go, the object stays for inspection."""
+    _suspend(workload, True)
+
+
+def _suspend(workload: dict[str, Any], value: bool) -> None:
+    """Set the workload's suspension (spec.runPolicy.suspend on a PyTorchJob, spec.suspend on a Job)."""
     meta = workload["metadata"]
-    patch = (
-        {"spec": {"runPolicy": {"suspend": True}}} if workload["kind"] == "PyTorchJob" else {"spec": {"suspend": True}}
-    )
-    k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], patch)
+    spec = {"runPolicy": {"suspend": value}} if workload["kind"] == "PyTorchJob" else {"suspend": value}
+    updated = k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], {"spec": spec})
+    if updated is not None:
+        workload.update(updated)
 
 
 def _record(
@@ -284,11 +289,7 @@ def _converge_suspension(workload: dict[str, Any], spec: FineTuneJobSpec) -> Non
         return
     if not want and (workload["metadata"].get("labels") or {}).get(QUEUE_LABEL):
         return
-    patch = {"spec": {"runPolicy": {"suspend": want}}} if is_ptj else {"spec": {"suspend": want}}
-    meta = workload["metadata"]
-    updated = k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], patch)
-    if updated is not None:
-        workload.update(updated)
+    _suspend(workload, want)
 
 
 def training_artifacts(spec: FineTuneJobSpec) -> dict[str, Any]:
