@@ -47,6 +47,9 @@ def _reconcile(key: tuple[str, str]) -> float | None:
     namespace, name = key
     try:
         return reconcile.reconcile(namespace, name, SETTINGS, _event)
+    except k8s.StaleReadError as exc:  # the job changed while it was reconciled (or was re-created): read it again now
+        log.info("reconcile %s/%s: %s; again at once", namespace, name, exc)
+        return 0.0
     except k8s.TransientError as exc:
         metrics.RECONCILE_ERRORS.labels(handler="reconcile").inc()
         log.warning("reconcile %s/%s: %s; again in %ss", namespace, name, exc, TRANSIENT_RETRY_SECONDS)

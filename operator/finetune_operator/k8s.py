@@ -41,6 +41,10 @@ class TransientError(Exception):
     """The API server could not answer now (network, 5xx, 429, conflict); try again later."""
 
 
+class StaleReadError(TransientError):
+    """A write made from a read of an object that has changed since (or was replaced): read again and redo it."""
+
+
 _lock = threading.Lock()
 _client: client.ApiClient | None = None
 # Called before every write. Leader election installs a check here, so that a replica whose lease may already have
@@ -141,12 +145,25 @@ def merge_patch(
 
 
 def apply_status(
-    namespace: str, name: str, status: dict[str, Any], manager: str = OPERATOR_MANAGER
+    namespace: str,
+    name: str,
+    status: dict[str, Any],
+    manager: str = OPERATOR_MANAGER,
+    *,
+    read: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Server-side apply of the FineTuneJob's status as `manager`: the fields given are this manager's from now on,
     fields it set before and leaves out now are removed, and fields other managers own (the trainer's progress,
-    checkpoints and conditions) are never touched. None when the object is gone."""
-    body = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": {"name": name}, "status": status}
+    checkpoints and conditions) are never touched. None when the object is gone.
+
+    `read` is the object the status was computed from: its resourceVersion is the write's precondition, so a status
+    computed from a read that is no longer current raises StaleReadError instead of landing. That includes a FineTuneJob
+    deleted and re-created under the same name since the read (the status subresource ignores a uid in the body, and
+    resourceVersions are never reused)."""
+    metadata: dict[str, Any] = {"name": name}
+    if read is not None:
+        metadata["resourceVersion"] = read["metadata"]["resourceVersion"]
+    body = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": metadata, "status": status}
     query = [("fieldManager", manager), ("force", "true")]
     try:
         # The client sends an apply patch as JSON, which is YAML.
@@ -158,6 +175,10 @@ def apply_status(
             query,
         )
         return result
+    except TransientError as exc:
+        if read is not None and isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 409:
+            raise StaleReadError(f"{namespace}/{name} changed since it was read") from exc
+        raise
     except ApiException as exc:
         if exc.status == 404:
             return None

@@ -180,7 +180,7 @@ def _record(
         old, obs, meta.get("generation"), children=children, artifacts=artifacts, failed_replicas=failed_replicas
     )
     if changed(old, new):
-        k8s.apply_status(meta["namespace"], meta["name"], new)
+        k8s.apply_status(meta["namespace"], meta["name"], new, read=body)
     made = "created " + ", ".join(created) if created else ""
     if old.get("phase") != obs.phase:
         warning = obs.phase == "Failed" or obs.reason in ("Unschedulable", "PyTorchJobAPIMissing", "ChildConflict")

@@ -97,6 +97,35 @@ def test_recreated_job_waits_for_the_old_runs_children_and_then_uses_only_its_ow
     assert _condition(running, "Created")["status"] == "True"
 
 
+def test_a_status_write_for_a_deleted_job_never_lands_on_its_successor(
+    cluster: Cluster, k8s_api: client.ApiClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reconcile that read the old object can still be writing when GitOps has already re-created the name; the old
+    # run's phase landing on the new object would hide the new run's first phase change (and its Event).
+    from finetune_operator import k8s
+
+    monkeypatch.setattr(k8s, "_client", k8s_api)
+    old = cluster.apply(ftj("stale", "job", nodes=1))
+    _delete(cluster, "stale")
+    wait_until(lambda: _gone(lambda: cluster.get("stale")), timeout=30, what="the old FineTuneJob to go")
+    new = cluster.apply(ftj("stale", "job", nodes=1))
+
+    with pytest.raises(k8s.StaleReadError):
+        k8s.apply_status(cluster.ns, "stale", {"phase": "Running"}, read=old)
+    assert "status" not in cluster.get("stale"), "the old run's status must not land on the new object"
+    applied = k8s.apply_status(cluster.ns, "stale", {"phase": "Pending"}, read=new)
+    assert applied is not None
+    assert applied["status"]["phase"] == "Pending"
+    assert applied["metadata"]["uid"] == new["metadata"]["uid"]
+    # Any write since the read (here the trainer's progress) makes the read stale too: the reconcile reads again.
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, cluster.ns, PLURAL, "stale", {"status": {"progress": {"step": 1}}}
+    )
+    with pytest.raises(k8s.StaleReadError):
+        k8s.apply_status(cluster.ns, "stale", {"phase": "Running"}, read=applied)
+    assert cluster.get("stale")["status"]["phase"] == "Pending"
+
+
 def test_orphaned_children_are_never_adopted(cluster: Cluster, operator: Any) -> None:
     cluster.apply(ftj("orphans", "job", nodes=1, training={"learningRate": 0.0001}))
     cluster.wait_pods("orphans", 1)

@@ -240,6 +240,37 @@ def test_a_restarted_trainer_keeps_the_checkpoints_and_progress_of_the_pod_befor
     assert got["resumedFromStep"] == 8
 
 
+@pytest.mark.parametrize("uid_from", ["env", "first-read"])
+def test_an_old_runs_trainer_never_writes_into_the_finetunejob_recreated_under_its_name(
+    control_plane: Any, k8s_api: Any, namespace: str, tmp_path: Path, uid_from: str
+) -> None:
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(k8s_api)
+    _create_jobs(k8s_api, namespace, "tiny")
+    env = _pod_credentials(control_plane, k8s_api, namespace, "tiny", tmp_path)
+    if uid_from == "env":  # what the operator renders
+        env["FTJ_JOB_UID"] = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, "tiny")[
+            "metadata"
+        ]["uid"]
+    reporter, stream = _reporter(env)
+    reporter.report(step=3, total_steps=20, loss=0.9)
+    reporter.flush()
+    assert _status(k8s_api, namespace, "tiny")["progress"]["step"] == 3
+
+    # GitOps deletes and re-creates the job while the old Pod still runs; the operator writes the new one's status.
+    api.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, "tiny")
+    _create_jobs(k8s_api, namespace, "tiny")
+    _operator_apply(k8s_api, namespace, "tiny", {"phase": "Pending"})
+    reporter.checkpoint(5, "s3://runs/tiny/checkpoints/step-5/", 0.5)
+    reporter.failure("TrainerError", "killed")
+    reporter.close()
+
+    got = _status(k8s_api, namespace, "tiny")
+    assert got == {"phase": "Pending"}, "nothing of the old run lands on the new object"
+    assert "failed" in [json.loads(line)["event"] for line in stream.getvalue().splitlines()], "the log still has it"
+
+
 def test_outside_a_cluster_progress_is_only_logged() -> None:
     assert StatusClient.in_cluster("tiny", "default", env={}) is None
     stream = io.StringIO()

@@ -15,8 +15,9 @@ An apply sets exactly the fields it carries for its manager (an owned field left
 keeps all of them in memory and sends them all every time, seeded from the object when it starts: a restarted Pod
 keeps the checkpoint list and progress of the attempts before it (an earlier attempt's TrainerFailed goes away).
 The job is named by FTJ_JOB_NAME / FTJ_NAMESPACE (else the config's jobName / namespace, else the service account's
-namespace). Applies go out from a background thread, at most one every few seconds with the newest values, and a
-failing API server never stops training.
+namespace) and FTJ_JOB_UID: every apply is conditional on the resourceVersion last seen, so nothing lands on a
+FineTuneJob re-created under the same name (see StatusClient). Applies go out from a background thread, at most
+one every few seconds with the newest values, and a failing API server never stops training.
 """
 
 from __future__ import annotations
@@ -49,13 +50,25 @@ def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-class StatusClient:
-    """Reads one FineTuneJob's status subresource and server-side applies the trainer's part of it."""
+class JobReplacedError(Exception):
+    """The FineTuneJob this run reports into was deleted and re-created under its name: the new object is another
+    run's, and this run writes nothing into it."""
 
-    def __init__(self, name: str, namespace: str, api_client: Any) -> None:
+
+class StatusClient:
+    """Reads one FineTuneJob's status subresource and server-side applies the trainer's part of it.
+
+    Every apply carries the resourceVersion of the newest read or write as its precondition. On a conflict (the
+    operator wrote in between) the object is read again and the apply redone, unless the object read is another one:
+    a uid other than `uid` (FTJ_JOB_UID, else the uid of the first read) raises JobReplacedError, so an old run's Pod
+    never writes its progress into the FineTuneJob that GitOps re-created under the same name."""
+
+    def __init__(self, name: str, namespace: str, api_client: Any, uid: str | None = None) -> None:
         self.name = name
         self.namespace = namespace
         self.api_client = api_client
+        self.uid = uid
+        self.resource_version: str | None = None
 
     @classmethod
     def in_cluster(
@@ -85,7 +98,7 @@ class StatusClient:
         except Exception as exc:  # e.g. no token mounted: train anyway, just without status reports
             log.warning("cannot use the service account in %s (%s): progress goes to the log only", token_dir, exc)
             return None
-        return cls(name, ns, client.ApiClient(configuration))
+        return cls(name, ns, client.ApiClient(configuration), uid=env.get("FTJ_JOB_UID") or None)
 
     @property
     def path(self) -> str:
@@ -94,14 +107,23 @@ class StatusClient:
     def apply(self, status: dict[str, Any]) -> None:
         """Server-side apply `status` as the trainer's whole part of the status (force: the trainer alone writes
         these fields; forcing takes them over from an older trainer's merge patches)."""
-        body = {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": KIND,
-            "metadata": {"name": self.name, "namespace": self.namespace},
-            "status": status,
-        }
+        from kubernetes.client.rest import ApiException
+
+        if self.resource_version is None:
+            self.get()
+        try:
+            self._apply(status)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.get()  # raises JobReplacedError when the name now holds another object
+            self._apply(status)
+
+    def _apply(self, status: dict[str, Any]) -> None:
+        metadata = {"name": self.name, "namespace": self.namespace, "resourceVersion": self.resource_version}
+        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": metadata, "status": status}
         # The generated patch_namespaced_custom_object_status always sends merge-patch; apply needs its own type.
-        self.api_client.call_api(
+        result = self.api_client.call_api(
             self.path,
             "PATCH",
             query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
@@ -111,6 +133,7 @@ class StatusClient:
             response_type="object",
             _return_http_data_only=True,
         )
+        self._track(result)
 
     def get(self) -> dict[str, Any]:
         obj: dict[str, Any] = self.api_client.call_api(
@@ -121,7 +144,20 @@ class StatusClient:
             response_type="object",
             _return_http_data_only=True,
         )
+        self._track(obj)
         return obj
+
+    def _track(self, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        uid = meta.get("uid")
+        if self.uid is None:
+            self.uid = uid
+        elif uid != self.uid:
+            raise JobReplacedError(
+                f"FineTuneJob {self.namespace}/{self.name} is now another object (uid {uid}; this run's is "
+                f"{self.uid}): it was deleted and re-created, so this run reports no more status into it"
+            )
+        self.resource_version = meta.get("resourceVersion")
 
 
 class ProgressReporter:
@@ -285,7 +321,7 @@ class ProgressReporter:
             self._flush_until = deadline
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._dirty and self._idle.is_set():
+                if (not self._dirty or self._closed) and self._idle.is_set():
                     return
             self._wake.set()
             time.sleep(0.05)
@@ -334,6 +370,9 @@ class ProgressReporter:
                     self.seed(self.status.get())
                 self.status.apply(self.owned_status())
                 self._failing = False
+            except JobReplacedError as exc:
+                log.warning("%s", exc)
+                self._closed = True
             except Exception as exc:
                 with self._lock:  # try again with the newest values
                     self._dirty = True
