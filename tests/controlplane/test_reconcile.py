@@ -83,7 +83,7 @@ def test_recreated_job_waits_for_the_old_runs_children_and_then_uses_only_its_ow
     assert "ConfigMap/regit-config" in message
     assert old["metadata"]["uid"] in message
     wait_until(
-        lambda: any(e.reason == "ChildConflict" for e in cluster.events("regit")), timeout=10, what="the Warning Event"
+        lambda: any(e.reason == "ChildConflict" for e in cluster.events("regit")), timeout=30, what="the Warning Event"
     )
     assert _gone(lambda: cluster.batch.read_namespaced_job("regit", cluster.ns))  # no workload on the old config
 
