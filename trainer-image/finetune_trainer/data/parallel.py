@@ -17,10 +17,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import mmap
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+import pickle
+import signal
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,46 +125,6 @@ class PartEncoder:
         return Part(count, read_drops or [], encoded.input_ids, encoded.labels, lengths, cut, dropped)
 
 
-# What forked workers inherit: the encoder and the readers the part numbers refer to.
-_inherited: tuple[PartEncoder, Sequence[Reader]] | None = None
-
-
-def _run_part(reader_index: int, start: int, end: int) -> Part:
-    assert _inherited is not None
-    encoder, readers = _inherited
-    return encoder(readers[reader_index], start, end)
-
-
-def _start_worker() -> None:
-    # Never the Rust tokenizer's thread pool in a forked worker: its threads did not survive the fork.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-@contextlib.contextmanager
-def _forked_workers(processes: int, inherited: tuple[PartEncoder, Sequence[Reader]]) -> Iterator[ProcessPoolExecutor]:
-    """A pool of `processes` workers forked from this process, which inherit `inherited`."""
-    global _inherited
-    _inherited = inherited
-    # Set while they fork: tokenizers then neither warns about the fork nor runs its thread pool in them, and this
-    # process, sharing the CPUs with them, tokenizes on one thread as they do.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # Out of the collector's sight while the workers live: its passes would write to every object the processes
-    # share, and so copy their memory page by page.
-    gc.freeze()
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        gc.unfreeze()
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-        _inherited = None
-
-
 def encode_parts(
     encoder: PartEncoder,
     readers: Sequence[Reader],
@@ -169,8 +133,9 @@ def encode_parts(
 ) -> list[list[Part]]:
     """For each reader, its records converted and encoded, in parts, in order; `workers` processes, this one included.
 
-    This process works through the parts from the front while the workers take them from the back, two each in
-    flight, so that nobody waits long for anybody at the end.
+    Every process takes the next part from one shared counter until none is left, so they finish within a part of
+    each other whatever the machine's other load. The forked workers send what they made back once, at the end, over
+    a pipe: nothing in this process (no executor thread, no result queue) competes with its own encoding for the GIL.
     """
     tasks = [
         (r, start, min(start + PART, reader.count))
@@ -180,34 +145,185 @@ def encode_parts(
     processes = min(workers, len(tasks)) - 1
     if processes > 0 and "fork" not in multiprocessing.get_all_start_methods():
         processes = 0
-    results: list[Part | None] = [None] * len(tasks)
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if processes > 0:
-            log.info("preparing %d records in %d processes", sum(r.count for r in readers), processes + 1)
-            pool = stack.enter_context(_forked_workers(processes, (encoder, readers)))
-        pending: dict[Future[Part], int] = {}
-        front, back = 0, len(tasks)
-        done = 0
-        while front < back or pending:
-            while pool is not None and len(pending) < 2 * processes and front < back:
-                back -= 1
-                pending[pool.submit(_run_part, *tasks[back])] = back
-            if front < back:
-                results[front] = encoder(readers[tasks[front][0]], *tasks[front][1:])
-                done += tasks[front][2] - tasks[front][1]
-                front += 1
-                finished = [future for future in pending if future.done()]
-            else:
-                finished = list(wait(pending, return_when=FIRST_COMPLETED).done)
-            for future in finished:
-                index = pending.pop(future)
-                results[index] = future.result()
-                done += tasks[index][2] - tasks[index][1]
+    if processes > 0:
+        log.info("preparing %d records in %d processes", sum(r.count for r in readers), processes + 1)
+        results = _encode_forked(encoder, readers, tasks, processes, progress)
+    else:
+        results, done = [], 0
+        for r, start, end in tasks:
+            results.append(encoder(readers[r], start, end))
+            done += end - start
             if progress:
                 progress(done)
     grouped: list[list[Part]] = [[] for _ in readers]
     for (r, _, _), part in zip(tasks, results, strict=True):
-        assert part is not None
         grouped[r].append(part)
     return grouped
+
+
+Task = tuple[int, int, int]  # (reader index, first record, end)
+
+
+class _Counters:
+    """The next part to take and the records done, shared by this process and the workers it forks."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("fork")
+        self.next = context.Value("q", 0)
+        self.done = context.Value("q", 0)
+
+    def take(self, count: int) -> int | None:
+        with self.next.get_lock():
+            index = int(self.next.value)
+            if index >= count:
+                return None
+            self.next.value = index + 1
+        return index
+
+    def finished(self, records: int) -> int:
+        with self.done.get_lock():
+            self.done.value += records
+            return int(self.done.value)
+
+
+def _work(
+    encoder: PartEncoder,
+    readers: Sequence[Reader],
+    tasks: Sequence[Task],
+    counters: _Counters,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, Part]:
+    made: dict[int, Part] = {}
+    while (index := counters.take(len(tasks))) is not None:
+        r, start, end = tasks[index]
+        made[index] = encoder(readers[r], start, end)
+        done = counters.finished(end - start)
+        if progress:
+            progress(done)
+    return made
+
+
+def _worker(out: int, encoder: PartEncoder, readers: Sequence[Reader], tasks: Sequence[Task], c: _Counters) -> None:
+    """The body of a forked worker: its parts (or its error) into the file `out`, then os._exit."""
+    status = 1
+    try:
+        try:
+            payload: tuple[str, Any] = ("parts", _work(encoder, readers, tasks, c))
+        except BaseException as exc:  # everything goes back to the parent, which raises it
+            payload = ("error", exc)
+        try:
+            _send(out, payload)
+        except Exception:  # an error that cannot be pickled: its text then
+            _send(out, ("error", RuntimeError(f"{type(payload[1]).__name__}: {payload[1]}")))
+        status = 0
+    finally:
+        os._exit(status)
+
+
+# A worker's result file: a header (the pickle's length and each out-of-band buffer's), the pickle, then the
+# buffers (the parts' arrays), each at an aligned offset, so the parent maps them instead of copying them.
+HEADER = struct.Struct("<Q")
+ALIGN = 64
+
+
+def _send(out: int, payload: tuple[str, Any]) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    header = pickle.dumps((len(body), [view.nbytes for view in views]))
+    os.ftruncate(out, 0)
+    with os.fdopen(os.dup(out), "wb") as sink:
+        sink.write(HEADER.pack(len(header)) + header + body)
+        for view in views:
+            sink.write(b"\0" * (-sink.tell() % ALIGN))
+            sink.write(view)
+
+
+def _receive(source: int) -> tuple[str, Any] | None:
+    size = os.fstat(source).st_size
+    if size == 0:
+        return None
+    mapped = mmap.mmap(source, size, access=mmap.ACCESS_COPY)  # private: the arrays are writable, nothing copied
+    view = memoryview(mapped)
+    (length,) = HEADER.unpack_from(view)
+    at = HEADER.size + length
+    body_length, sizes = pickle.loads(view[HEADER.size : at])
+    body = view[at : at + body_length]
+    at += body_length
+    buffers = []
+    for nbytes in sizes:
+        at += -at % ALIGN
+        buffers.append(view[at : at + nbytes])
+        at += nbytes
+    result: tuple[str, Any] = pickle.loads(body, buffers=buffers)
+    return result
+
+
+def _result_file(index: int) -> int:
+    """An anonymous file for one worker's result (memory-backed where the system has memfd)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create(f"ftj-prepare-{index}")
+    with tempfile.TemporaryFile() as handle:
+        return os.dup(handle.fileno())
+
+
+def _encode_forked(
+    encoder: PartEncoder,
+    readers: Sequence[Reader],
+    tasks: Sequence[Task],
+    processes: int,
+    progress: Callable[[int], None] | None,
+) -> list[Part]:
+    counters = _Counters()
+    children: dict[int, int] = {}  # pid -> its result file
+    made: dict[int, Part] = {}
+    # Set while they fork: tokenizers then neither warns about the fork nor runs its thread pool in them, and this
+    # process, sharing the CPUs with them, tokenizes on one thread as they do.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Out of the collector's sight while the workers live: its passes would write to every object the processes
+    # share, and so copy their memory page by page.
+    gc.freeze()
+    try:
+        for index in range(processes):
+            out = _result_file(index)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child's coverage is not collected
+                _worker(out, encoder, readers, tasks, counters)
+            children[pid] = out
+        made.update(_work(encoder, readers, tasks, counters, progress))
+        for pid in list(children):
+            made.update(_collect(pid, children.pop(pid)))
+    finally:
+        for pid, out in children.items():  # this process failed first: the workers' results are not needed
+            os.close(out)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        gc.unfreeze()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return [made[index] for index in range(len(tasks))]
+
+
+def _collect(pid: int, out: int) -> dict[int, Part]:
+    """A worker's parts, once it has ended; its error is raised here."""
+    _, status = os.waitpid(pid, 0)
+    try:
+        received = _receive(out)
+    finally:
+        os.close(out)
+    if received is not None and received[0] == "error":
+        raise received[1]
+    if received is None or received[0] != "parts":
+        code = os.waitstatus_to_exitcode(status)
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        raise RuntimeError(
+            f"a data preparation worker (pid {pid}) ended with {how} before sending its parts "
+            "(out of memory? the container's memory limit counts every worker)"
+        )
+    parts: dict[int, Part] = received[1]
+    return parts

@@ -1,0 +1,103 @@
+"""Worker processes of data preparation: parts come back complete and in order from every process, and a worker
+that fails or dies fails the build with a message that says so, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from finetune_trainer.data.parallel import PART, Part, encode_parts
+
+PARENT = os.getpid()
+
+
+@dataclass
+class _File:
+    count: int
+
+
+class _Encoder:
+    """Makes a part from its record range (ids = the record numbers), noting which process made it; `fail` is
+    called first in every process but this one."""
+
+    def __init__(self, fail: Any = None, slow: float = 0.0) -> None:
+        self.fail = fail
+        self.slow = slow
+
+    def __call__(self, reader: _File, start: int, end: int) -> Part:
+        if self.fail is not None and os.getpid() != PARENT:
+            self.fail(start)
+        time.sleep(self.slow)  # parts take long enough that every process gets some
+        ids = np.arange(start, end, dtype=np.int32)
+        return Part(
+            conversations=end - start,
+            read_drops=[("pid", str(os.getpid()))],
+            input_ids=ids,
+            labels=-ids,
+            lengths=np.ones(end - start, dtype=np.int64),
+            cut=np.zeros(end - start, dtype=bool),
+        )
+
+
+def _no_children_left() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_every_process_takes_parts_and_they_come_back_in_order() -> None:
+    files = [_File(10 * PART + 7), _File(3 * PART)]
+    done: list[int] = []
+    grouped = encode_parts(_Encoder(slow=0.01), files, workers=3, progress=done.append)
+
+    assert [len(parts) for parts in grouped] == [11, 3]
+    for file, parts in zip(files, grouped, strict=True):
+        ids = np.concatenate([part.input_ids for part in parts])
+        assert ids.tolist() == list(range(file.count))
+        assert np.concatenate([part.labels for part in parts]).tolist() == [-i for i in range(file.count)]
+    makers = {part.read_drops[0][1] for parts in grouped for part in parts}
+    assert len(makers) > 1, "the forked workers made parts too"
+    assert str(PARENT) in makers
+    assert done[-1] == sum(f.count for f in files)
+    assert _no_children_left()
+
+
+def test_a_workers_error_fails_the_build_with_its_message() -> None:
+    def fail(start: int) -> None:
+        raise ValueError(f"bad record range starting at {start}")
+
+    with pytest.raises(ValueError, match="bad record range starting at"):
+        encode_parts(_Encoder(fail, slow=0.01), [_File(8 * PART)], workers=2)
+    assert _no_children_left()
+
+
+def test_a_worker_killed_on_the_way_fails_the_build_and_says_how() -> None:
+    def die(start: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+
+    with pytest.raises(RuntimeError, match=r"worker \(pid \d+\) ended with signal 9 before sending its parts"):
+        encode_parts(_Encoder(die, slow=0.01), [_File(8 * PART)], workers=2)
+    assert _no_children_left()
+
+
+def test_when_this_process_fails_first_the_workers_are_stopped() -> None:
+    class _Failing(_Encoder):
+        def __call__(self, reader: _File, start: int, end: int) -> Part:
+            if os.getpid() == PARENT and start >= 2 * PART:
+                raise KeyError("main process failed")
+            time.sleep(0.5 if os.getpid() != PARENT else 0.0)
+            return super().__call__(reader, start, end)
+
+    started = time.monotonic()
+    with pytest.raises(KeyError, match="main process failed"):
+        encode_parts(_Failing(), [_File(40 * PART)], workers=2)
+    assert time.monotonic() - started < 5, "the worker was killed, not waited for through 40 slow parts"
+    assert _no_children_left()
