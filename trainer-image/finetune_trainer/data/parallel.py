@@ -135,7 +135,7 @@ def encode_parts(
 
     Every process takes the next part from one shared counter until none is left, so they finish within a part of
     each other whatever the machine's other load. The forked workers send what they made back once, at the end, over
-    a pipe: nothing in this process (no executor thread, no result queue) competes with its own encoding for the GIL.
+    a mapped memory file: nothing in this process (no executor thread, no result queue) competes with its own encoding for the GIL.
     """
     tasks = [
         (r, start, min(start + PART, reader.count))
