@@ -134,8 +134,9 @@ def encode_parts(
     """For each reader, its records converted and encoded, in parts, in order; `workers` processes, this one included.
 
     Every process takes the next part from one shared counter until none is left, so they finish within a part of
-    each other whatever the machine's other load. The forked workers send what they made back once, at the end, over
-    a mapped memory file: nothing in this process (no executor thread, no result queue) competes with its own encoding for the GIL.
+    each other whatever the machine's other load. The forked workers send what they made back once, at the end,
+    through a memory file this process maps: nothing here (no executor thread, no result queue) competes with its
+    own encoding for the GIL.
     """
     tasks = [
         (r, start, min(start + PART, reader.count))
