@@ -8,7 +8,7 @@ crds/ is generated from these classes by `finetune_operator.crd`.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,6 +23,7 @@ from finetune_trainer.config import (
     RunSpec,
     format_validation_error,
 )
+from finetune_trainer.rules import MUTABLE
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -84,7 +85,8 @@ class ScratchSpec(Model):
 
 
 class RunPolicy(Model):
-    """Retries, deadlines and lifetime; the only part of the spec that may change after creation."""
+    """Retries, deadlines and lifetime; suspend and ttlSecondsAfterFinished are the only spec fields that may change
+    after creation (the operator acts on a change of either)."""
 
     backoff_limit: int = Field(
         3,
@@ -97,13 +99,17 @@ class RunPolicy(Model):
         ),
     )
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this many seconds.")
-    ttl_seconds_after_finished: int | None = Field(
+    # Mutable: the operator reads it from the FineTuneJob whenever the job finishes or is looked at again.
+    ttl_seconds_after_finished: Annotated[int | None, MUTABLE] = Field(
         None, ge=0, description="Delete the FineTuneJob this long after it finished."
     )
     clean_pod_policy: Literal["None", "Running", "All"] = Field(
         "None", description="Pods to delete when the run ends (PyTorchJob)."
     )
-    suspend: bool = Field(False, description="Suspend the run; resuming continues from the newest checkpoint.")
+    # Mutable: every reconcile sets the workload's suspension to it.
+    suspend: Annotated[bool, MUTABLE] = Field(
+        False, description="Suspend the run; resuming continues from the newest checkpoint."
+    )
 
 
 class FineTuneJobSpec(RunSpec):

@@ -2,6 +2,11 @@
 
 Every key of the source is accounted for: carried into the spec, implied by how the operator works, or reported as
 not carried with the reason, so a user knows exactly what changed in the move.
+
+MAPPING is the whole mapping, in the order it runs (which is also the order of the spec's keys): a Field carries one
+key, when present, to a spec path through a value transform; a Rule hands several keys (with LLaMA-Factory's defaults)
+to a named function that may also report. Keys left over are IMPLIED by how the operator works or reported as not
+carried.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.api import API_VERSION_FULL, KIND, MAX_JOB_NAME
-from finetune_trainer.config import TEMPLATES
+from finetune_trainer.config import METHOD_REGISTRY, TEMPLATES
+from finetune_trainer.rules import human_list
 
 # Keys that need no field because the operator does that job itself.
 IMPLIED = {
@@ -34,6 +40,9 @@ IMPLIED = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
+
+# As a Rule's default: the source lacks the key. As a transform's result: the spec path stays unset.
+_MISSING: Any = object()
 
 
 @dataclass
@@ -110,10 +119,243 @@ def _dataset(
     return out
 
 
-def _deepspeed(value: str, source: Path, conv: Conversion) -> dict[str, Any] | None:
+@dataclass
+class _Context:
+    """What a Rule reads besides its own keys, and where it reports."""
+
+    conv: Conversion
+    left: dict[str, Any]  # the source keys no entry has consumed yet
+    source: Path
+    info: dict[str, Any]
+    info_path: Path | None
+    options: ConvertOptions
+
+    def take(self, key: str, default: Any = None) -> Any:
+        return self.left.pop(key, default)
+
+    def carry(self, *fields: Field) -> dict[str, Any]:
+        """The fields the source has, as a sub-object (paths relative to it)."""
+        out: dict[str, Any] = {}
+        for f in fields:
+            f.apply(self, out)
+        return out
+
+
+def _put(into: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted path, making the objects on the way; _MISSING leaves it (and them) unset."""
+    if value is _MISSING:
+        return
+    *parents, last = path.split(".")
+    for part in parents:
+        into = into.setdefault(part, {})
+    into[last] = value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One LLaMA-Factory key, carried when the source has it to a dotted spec path through a value transform."""
+
+    key: str
+    path: str
+    transform: Callable[[Any], Any] = _same
+
+    def apply(self, ctx: _Context, into: dict[str, Any]) -> None:
+        if self.key in ctx.left:
+            _put(into, self.path, self.transform(ctx.take(self.key)))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """LLaMA-Factory keys, with LLaMA-Factory's defaults, that a named function maps to spec paths.
+
+    The function gets the context and the keys' values in this order; it returns the value for `to` (a tuple of
+    values when `to` is a tuple of paths), may report into the conversion and may consume further keys.
+    """
+
+    keys: dict[str, Any]
+    to: str | tuple[str, ...]
+    fn: Callable[..., Any]
+
+    def apply(self, ctx: _Context, into: dict[str, Any]) -> None:
+        value = self.fn(ctx, *[ctx.take(key, default) for key, default in self.keys.items()])
+        if isinstance(self.to, str):
+            _put(into, self.to, value)
+        else:
+            for path, item in zip(self.to, value, strict=True):
+                _put(into, path, item)
+
+
+# --- value transforms
+
+
+def _names(value: Any) -> list[str]:
+    return [t.strip() for t in str(value).split(",") if t.strip()]
+
+
+def _split(value: Any) -> list[str]:  # unlike _names, keeps blank items
+    return [t.strip() for t in str(value).split(",")]
+
+
+def _true_or_missing(value: Any) -> Any:
+    return True if _truthy(value) else _MISSING
+
+
+def _not_truthy(value: Any) -> bool:
+    return not _truthy(value)
+
+
+def _positive_steps(value: Any) -> Any:  # LLaMA-Factory writes max_steps: -1 for "use epochs"
+    steps = int(value)
+    return steps if steps > 0 else _MISSING
+
+
+def _abs_int(value: Any) -> int:
+    return abs(int(value))
+
+
+def _file_uri(value: Any) -> str:
+    return "file://" + str(Path(str(value)).resolve())
+
+
+def _gigabytes(value: Any) -> str:
+    return f"{int(value)}GB"
+
+
+# --- named functions for the mappings that need more than a transform
+
+
+def _only_sft(ctx: _Context, stage: Any) -> tuple[()]:
+    if stage != "sft":
+        ctx.conv.errors.append(f"stage: only sft is supported, got {stage!r}")
+    return ()
+
+
+def _model(ctx: _Context, name_or_path: Any) -> Any:
+    model_path = str(name_or_path or "")
+    if ctx.options.model_uri:
+        return {"uri": ctx.options.model_uri}
+    if not model_path:
+        ctx.conv.errors.append("model_name_or_path: required (or pass --model-uri)")
+        return _MISSING
+    if "://" in model_path:
+        return {"uri": model_path}
+    if _HUB_ID.match(model_path) and not Path(model_path).exists():
+        return {"uri": "hf://" + model_path}
+    uri = _file_uri(model_path)
+    ctx.conv.not_carried.append(
+        f"model_name_or_path: local path {model_path!r} became a file:// URI; pass --model-uri s3://... for a cluster"
+    )
+    return {"uri": uri}
+
+
+def _method_from_lf(ctx: _Context, ftype: Any, bits: Any, use_dora: Any) -> dict[str, Any]:
+    """finetuning_type + quantization_bit + use_dora -> method.type (METHOD_REGISTRY's lf_* fields); the chosen
+    method's keys -> its sub-objects."""
+    # Adapter methods first: LLaMA-Factory's own order (lora, full, freeze).
+    registry = sorted(METHOD_REGISTRY.values(), key=lambda m: not m.adapter)
+    kinds = list(dict.fromkeys(m.lf_finetuning_type for m in registry))
+    if ftype not in kinds:
+        ctx.conv.errors.append(f"finetuning_type: must be {human_list(kinds, 'or')}, got {ftype!r}")
+        return {}
+    candidates = [m for m in registry if m.lf_finetuning_type == ftype]
+    quantized, dora = bool(bits), _truthy(use_dora)
+    if quantized and not any(m.lf_quantization for m in candidates):
+        ctx.conv.errors.append(f"quantization_bit: {bits} needs finetuning_type lora (QLoRA), got {ftype!r}")
+        quantized = False
+    if quantized and dora:
+        ctx.conv.not_carried.append("use_dora: DoRA on a quantized base is not offered; trained as QLoRA")
+    dora = dora and not quantized and any(m.lf_use_dora for m in candidates)
+    method = next(m for m in candidates if (m.lf_quantization, m.lf_use_dora) == (quantized, dora))
+    out: dict[str, Any] = {"type": method.name}
+    if "lora" in method.settings:
+        rank = int(ctx.take("lora_rank", 8))
+        out["lora"] = {
+            "rank": rank,
+            # LLaMA-Factory's defaults when unset: alpha = 2 * rank, dropout 0.
+            "alpha": float(ctx.take("lora_alpha", rank * 2)),
+            "dropout": float(ctx.take("lora_dropout", 0.0)),
+            "target": _names(ctx.take("lora_target", "all")),
+            **ctx.carry(Field("additional_target", "modulesToSave", _split)),
+        }
+    if "quantization" in method.settings:
+        out["quantization"] = {
+            "bits": int(bits),
+            **ctx.carry(Field("quantization_type", "type"), Field("double_quantization", "doubleQuant", _truthy)),
+        }
+    if "freeze" in method.settings:
+        freeze = ctx.carry(
+            Field("freeze_trainable_layers", "trainableLayers", _abs_int),
+            Field("freeze_extra_modules", "extraModules", _split),
+        )
+        if freeze:
+            out["freeze"] = freeze
+    return out
+
+
+def _dataset_list(ctx: _Context, names: Any) -> list[dict[str, Any]]:
+    wanted = [n.strip() for n in str(names or "").split(",") if n.strip()]
+    return [d for n in wanted if (d := _dataset(n, ctx.info, ctx.info_path, ctx.options, ctx.conv))]
+
+
+def _datasets(ctx: _Context, dataset: Any, eval_dataset: Any, max_samples: Any) -> tuple[Any, Any]:
+    train = _dataset_list(ctx, dataset)
+    if max_samples:
+        for d in train:
+            d.setdefault("maxSamples", int(max_samples))
+    evals = _dataset_list(ctx, eval_dataset)
+    if not train and not ctx.conv.errors:
+        ctx.conv.errors.append("dataset: at least one dataset is required")
+    return train or _MISSING, evals or _MISSING
+
+
+def _val_size(ctx: _Context, val_size: Any) -> Any:
+    if not val_size:
+        return _MISSING
+    if float(val_size) < 1:
+        return float(val_size)
+    ctx.conv.not_carried.append(f"val_size: {val_size} (a sample count); valSize is a fraction below 1")
+    return _MISSING
+
+
+def _template(ctx: _Context, template: Any) -> Any:
+    # Every LLaMA-Factory template name is one here too, with the same prompt text and trained tokens.
+    if not template:
+        return _MISSING
+    if template in TEMPLATES:
+        return template
+    ctx.conv.errors.append(
+        f"template: {template!r} is not a LLaMA-Factory text template; use one of {', '.join(TEMPLATES[1:])}"
+    )
+    return _MISSING
+
+
+def _warmup(_ctx: _Context, steps: Any, ratio: Any) -> tuple[Any, Any]:
+    """warmup_steps: 0 beside a warmup_ratio is LLaMA-Factory's way of saying "use the ratio"."""
+    steps = steps if steps is _MISSING else int(steps)
+    ratio = ratio if ratio is _MISSING else float(ratio)
+    return (_MISSING if steps == 0 and ratio is not _MISSING else steps), ratio
+
+
+def _packing(_ctx: _Context, packing: Any, neat_packing: Any) -> bool:
+    # LLaMA-Factory does not pack SFT data unless asked; keep that behaviour.
+    return _truthy(packing) or _truthy(neat_packing)
+
+
+def _precision(_ctx: _Context, bf16: Any, fp16: Any, pure_bf16: Any) -> str:
+    return "bf16" if _truthy(bf16) or _truthy(pure_bf16) else "fp16" if _truthy(fp16) else "fp32"
+
+
+def _deepspeed(ctx: _Context, value: Any) -> Any:
+    if not value:
+        return _MISSING
+    value = str(value)
     path = Path(value)
     if not path.is_absolute():
-        path = source.parent / path
+        path = ctx.source.parent / path
     if path.is_file():
         cfg = json.loads(path.read_text())
         zero = cfg.get("zero_optimization", {})
@@ -126,183 +368,65 @@ def _deepspeed(value: str, source: Path, conv: Conversion) -> dict[str, Any] | N
     match = re.search(r"z(\d)(_offload)?", path.name)
     if match:
         stage = int(match.group(1))
-        conv.not_carried.append(f"deepspeed: {value} not found; stage and offload taken from its name")
+        ctx.conv.not_carried.append(f"deepspeed: {value} not found; stage and offload taken from its name")
         return {"zeroStage": stage, "offload": ("all" if stage == 3 else "optimizer") if match.group(2) else "none"}
-    conv.errors.append(f"deepspeed: {value} is neither a readable file nor a ds_z<stage>[_offload] name")
-    return None
+    ctx.conv.errors.append(f"deepspeed: {value} is neither a readable file nor a ds_z<stage>[_offload] name")
+    return _MISSING
 
 
-def convert(
-    train: dict[str, Any], dataset_info: dict[str, Any], source: Path, info_path: Path | None, options: ConvertOptions
-) -> Conversion:
-    """Convert a parsed LLaMA-Factory YAML; `source` locates relative paths (deepspeed JSON)."""
-    conv = Conversion(document={})
-    left = dict(train)
+def _output(ctx: _Context, output_dir: Any) -> dict[str, Any]:
+    if ctx.options.output_uri:
+        return {"uri": ctx.options.output_uri}
+    if output_dir:
+        uri = _file_uri(output_dir)
+        ctx.conv.not_carried.append(f"output_dir: {output_dir!r} became a file:// URI; pass --output-uri s3://...")
+        return {"uri": uri}
+    ctx.conv.errors.append("output_dir: required (or pass --output-uri)")
+    return {}
 
-    def take(key: str, default: Any = None) -> Any:
-        return left.pop(key, default)
 
-    stage = take("stage", "sft")
-    if stage != "sft":
-        conv.errors.append(f"stage: only sft is supported, got {stage!r}")
+# LLaMA-Factory key(s) -> FineTuneJob.spec path(s), in the order they run and appear in the spec.
+MAPPING: tuple[Field | Rule, ...] = (
+    Rule({"stage": "sft"}, (), _only_sft),
+    Rule({"model_name_or_path": ""}, "model", _model),
+    Field("trust_remote_code", "model.trustRemoteCode", _true_or_missing),
+    Rule({"finetuning_type": "lora", "quantization_bit": None, "use_dora": False}, "method", _method_from_lf),
+    Rule({"dataset": "", "eval_dataset": "", "max_samples": None}, ("datasets", "evalDatasets"), _datasets),
+    Rule({"val_size": None}, "valSize", _val_size),
+    Rule({"template": None}, "template", _template),
+    Field("num_train_epochs", "training.epochs", float),
+    Field("max_steps", "training.maxSteps", _positive_steps),
+    Field("learning_rate", "training.learningRate", float),
+    Field("lr_scheduler_type", "training.lrScheduler", str),
+    Rule(
+        {"warmup_steps": _MISSING, "warmup_ratio": _MISSING}, ("training.warmupSteps", "training.warmupRatio"), _warmup
+    ),
+    Field("weight_decay", "training.weightDecay", float),
+    Field("max_grad_norm", "training.maxGradNorm", float),
+    Field("per_device_train_batch_size", "training.perDeviceBatchSize", int),
+    Field("per_device_eval_batch_size", "training.perDeviceEvalBatchSize", int),
+    Field("gradient_accumulation_steps", "training.gradientAccumulationSteps", int),
+    Field("cutoff_len", "training.cutoffLen", int),
+    Field("logging_steps", "training.loggingSteps", int),
+    Field("save_steps", "training.saveSteps", int),
+    Field("eval_steps", "training.evalSteps", int),
+    Field("seed", "training.seed", int),
+    Field("train_on_prompt", "training.trainOnPrompt", _truthy),
+    Field("mask_history", "training.maskHistory", _truthy),
+    Rule({"packing": False, "neat_packing": False}, "training.packing", _packing),
+    Rule({"bf16": False, "fp16": False, "pure_bf16": None}, "training.precision", _precision),
+    Field("disable_gradient_checkpointing", "training.gradientCheckpointing", _not_truthy),
+    Rule({"deepspeed": None}, "deepspeed", _deepspeed),
+    Rule({"output_dir": None}, "output", _output),
+    Field("plot_loss", "output.plotLoss", _truthy),
+    Field("export_dir", "output.merge.uri", _file_uri),
+    Field("export_size", "output.merge.maxShardSize", _gigabytes),
+)
 
+
+def _from_options(options: ConvertOptions) -> dict[str, Any]:
+    """The spec fields LLaMA-Factory has no key for: storage and distribution come from the command line."""
     spec: dict[str, Any] = {}
-    model_path = str(take("model_name_or_path", "") or "")
-    if options.model_uri:
-        spec["model"] = {"uri": options.model_uri}
-    elif not model_path:
-        conv.errors.append("model_name_or_path: required (or pass --model-uri)")
-    elif "://" in model_path:
-        spec["model"] = {"uri": model_path}
-    elif _HUB_ID.match(model_path) and not Path(model_path).exists():
-        spec["model"] = {"uri": "hf://" + model_path}
-    else:
-        spec["model"] = {"uri": "file://" + str(Path(model_path).resolve())}
-        conv.not_carried.append(
-            f"model_name_or_path: local path {model_path!r} became a file:// URI;"
-            " pass --model-uri s3://... for a cluster"
-        )
-    if _truthy(take("trust_remote_code", False)):
-        spec.setdefault("model", {})["trustRemoteCode"] = True
-
-    # --- method
-    ftype = take("finetuning_type", "lora")
-    bits = take("quantization_bit")
-    dora = _truthy(take("use_dora", False))
-    method: dict[str, Any] = {}
-    if ftype == "lora":
-        method["type"] = "qlora" if bits else "dora" if dora else "lora"
-        if bits and dora:
-            conv.not_carried.append("use_dora: DoRA on a quantized base is not offered; trained as QLoRA")
-        rank = int(take("lora_rank", 8))
-        lora: dict[str, Any] = {
-            "rank": rank,
-            # LLaMA-Factory's defaults when unset: alpha = 2 * rank, dropout 0.
-            "alpha": float(take("lora_alpha", rank * 2)),
-            "dropout": float(take("lora_dropout", 0.0)),
-        }
-        target = take("lora_target", "all")
-        lora["target"] = [t.strip() for t in str(target).split(",") if t.strip()]
-        if "additional_target" in left:
-            lora["modulesToSave"] = [t.strip() for t in str(take("additional_target")).split(",")]
-        method["lora"] = lora
-        if bits:
-            quant: dict[str, Any] = {"bits": int(bits)}
-            if "quantization_type" in left:
-                quant["type"] = take("quantization_type")
-            if "double_quantization" in left:
-                quant["doubleQuant"] = _truthy(take("double_quantization"))
-            method["quantization"] = quant
-    elif ftype in ("full", "freeze"):
-        method["type"] = ftype
-        if bits:
-            conv.errors.append(f"quantization_bit: {bits} needs finetuning_type lora (QLoRA), got {ftype!r}")
-        if ftype == "freeze":
-            freeze: dict[str, Any] = {}
-            if "freeze_trainable_layers" in left:
-                freeze["trainableLayers"] = abs(int(take("freeze_trainable_layers")))
-            if "freeze_extra_modules" in left:
-                freeze["extraModules"] = [m.strip() for m in str(take("freeze_extra_modules")).split(",")]
-            if freeze:
-                method["freeze"] = freeze
-    else:
-        conv.errors.append(f"finetuning_type: must be lora, full or freeze, got {ftype!r}")
-    spec["method"] = method
-
-    # --- data
-    max_samples = take("max_samples")
-    for key, target in (("dataset", "datasets"), ("eval_dataset", "evalDatasets")):
-        names = [n.strip() for n in str(take(key, "") or "").split(",") if n.strip()]
-        entries = [d for n in names if (d := _dataset(n, dataset_info, info_path, options, conv))]
-        if max_samples and target == "datasets":
-            for d in entries:
-                d.setdefault("maxSamples", int(max_samples))
-        if entries:
-            spec[target] = entries
-    if "datasets" not in spec and not conv.errors:
-        conv.errors.append("dataset: at least one dataset is required")
-    val_size = take("val_size")
-    if val_size:
-        if float(val_size) < 1:
-            spec["valSize"] = float(val_size)
-        else:
-            conv.not_carried.append(f"val_size: {val_size} (a sample count); valSize is a fraction below 1")
-    template = take("template")
-    if template:
-        # Every LLaMA-Factory template name is one here too, with the same prompt text and trained tokens.
-        if template in TEMPLATES:
-            spec["template"] = template
-        else:
-            conv.errors.append(
-                f"template: {template!r} is not a LLaMA-Factory text template; use one of {', '.join(TEMPLATES[1:])}"
-            )
-
-    # --- training
-    training: dict[str, Any] = {}
-    mapping: dict[str, tuple[str, Callable[[Any], Any]]] = {
-        "num_train_epochs": ("epochs", float),
-        "max_steps": ("maxSteps", int),
-        "learning_rate": ("learningRate", float),
-        "lr_scheduler_type": ("lrScheduler", str),
-        "warmup_steps": ("warmupSteps", int),
-        "warmup_ratio": ("warmupRatio", float),
-        "weight_decay": ("weightDecay", float),
-        "max_grad_norm": ("maxGradNorm", float),
-        "per_device_train_batch_size": ("perDeviceBatchSize", int),
-        "per_device_eval_batch_size": ("perDeviceEvalBatchSize", int),
-        "gradient_accumulation_steps": ("gradientAccumulationSteps", int),
-        "cutoff_len": ("cutoffLen", int),
-        "logging_steps": ("loggingSteps", int),
-        "save_steps": ("saveSteps", int),
-        "eval_steps": ("evalSteps", int),
-        "seed": ("seed", int),
-        "train_on_prompt": ("trainOnPrompt", _truthy),
-        "mask_history": ("maskHistory", _truthy),
-    }
-    for key, (name, cast) in mapping.items():
-        if key in left:
-            value = take(key)
-            training[name] = cast(value)
-    if training.get("maxSteps", 1) <= 0:  # LLaMA-Factory writes max_steps: -1 for "use epochs"
-        training.pop("maxSteps")
-    if training.get("warmupSteps") == 0 and "warmupRatio" in training:
-        training.pop("warmupSteps")
-    # LLaMA-Factory does not pack SFT data unless asked; keep that behaviour.
-    training["packing"] = _truthy(take("packing", False)) or _truthy(take("neat_packing", False))
-    left.pop("neat_packing", None)
-    bf16, fp16, pure_bf16 = _truthy(take("bf16", False)), _truthy(take("fp16", False)), take("pure_bf16")
-    training["precision"] = "bf16" if bf16 or _truthy(pure_bf16) else "fp16" if fp16 else "fp32"
-    if "disable_gradient_checkpointing" in left:
-        training["gradientCheckpointing"] = not _truthy(take("disable_gradient_checkpointing"))
-    spec["training"] = training
-
-    ds = take("deepspeed")
-    if ds:
-        deepspeed = _deepspeed(str(ds), source, conv)
-        if deepspeed:
-            spec["deepspeed"] = deepspeed
-
-    # --- output
-    output_dir = take("output_dir")
-    output: dict[str, Any] = {}
-    if options.output_uri:
-        output["uri"] = options.output_uri
-    elif output_dir:
-        output["uri"] = "file://" + str(Path(str(output_dir)).resolve())
-        conv.not_carried.append(f"output_dir: {output_dir!r} became a file:// URI; pass --output-uri s3://...")
-    else:
-        conv.errors.append("output_dir: required (or pass --output-uri)")
-    if "plot_loss" in left:
-        output["plotLoss"] = _truthy(take("plot_loss"))
-    merge: dict[str, Any] = {}
-    if "export_dir" in left:
-        merge["uri"] = "file://" + str(Path(str(take("export_dir"))).resolve())
-    if "export_size" in left:
-        merge["maxShardSize"] = f"{int(take('export_size'))}GB"
-    if merge:
-        output["merge"] = merge
-    spec["output"] = output
-
     if options.storage_endpoint or options.storage_secret:
         storage: dict[str, Any] = {}
         if options.storage_endpoint:
@@ -312,7 +436,11 @@ def convert(
         spec["storage"] = storage
     if options.nodes or options.procs_per_node:
         spec["distribution"] = {"nodes": options.nodes or 1, "procsPerNode": options.procs_per_node or 1}
+    return spec
 
+
+def _report_left(left: dict[str, Any], conv: Conversion) -> None:
+    """Every key no entry consumed is reported as not carried, unless IMPLIED by how the operator works."""
     for key in sorted(left):
         reason = IMPLIED.get(key)
         if reason is None:
@@ -320,8 +448,19 @@ def convert(
         elif key == "quantization_method" and str(left[key]).lower() != "bnb":
             conv.not_carried.append(f"quantization_method: {left[key]!r} (only bnb is supported)")
 
+
+def convert(
+    train: dict[str, Any], dataset_info: dict[str, Any], source: Path, info_path: Path | None, options: ConvertOptions
+) -> Conversion:
+    """Convert a parsed LLaMA-Factory YAML; `source` locates relative paths (deepspeed JSON)."""
+    ctx = _Context(Conversion(document={}), dict(train), source, dataset_info, info_path, options)
+    spec: dict[str, Any] = {}
+    for entry in MAPPING:
+        entry.apply(ctx, spec)
+    spec.update(_from_options(options))
+    _report_left(ctx.left, ctx.conv)
     metadata: dict[str, Any] = {"name": _name_from(source, options)}
     if options.namespace:
         metadata["namespace"] = options.namespace
-    conv.document = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": metadata, "spec": spec}
-    return conv
+    ctx.conv.document = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": metadata, "spec": spec}
+    return ctx.conv

@@ -8,9 +8,13 @@ schema. `structural()` bridges the two, and the cross-field rules that JSON Sche
 from __future__ import annotations
 
 import copy
+import typing
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 
 from finetune_operator.api import (
     KIND,
@@ -20,95 +24,93 @@ from finetune_operator.api import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
-from finetune_trainer.config import API_GROUP, API_VERSION
-
-# Fields of the spec that define the run; everything else (runPolicy, scheduling) may change later.
-IMMUTABLE = (
-    "model",
-    "datasets",
-    "evalDatasets",
-    "valSize",
-    "template",
-    "method",
-    "training",
-    "deepspeed",
-    "storage",
-    "output",
-    "distribution",
-    "resources",
-    "image",
-    "env",
-)
+from finetune_trainer.config import API_GROUP, API_VERSION, Model
+from finetune_trainer.rules import is_mutable
 
 
-def _rule(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
     out = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
-    if reason:
-        out["reason"] = reason
     return out
 
 
-def _immutable_rule(field: str) -> dict[str, str]:
-    return _rule(
+def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model a field holds (unwrapping Optional and list), and whether it is a list of them."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        inner, _ = _model_of(args[0])
+        return inner, True
+    if args and typing.get_origin(annotation) is not typing.Annotated:
+        if len(args) == 1:
+            return _model_of(args[0])
+        return None, False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None, False
+
+
+def _models(model: type[BaseModel], path: str) -> Iterator[tuple[type[BaseModel], str]]:
+    """Every place of the schema where a model is used: (model, schema path), this one first."""
+    yield model, path
+    for name, field in model.model_fields.items():
+        inner, many = _model_of(field.annotation)
+        if inner is not None:
+            yield from _models(inner, f"{path}.{to_camel(name)}{'[]' if many else ''}")
+
+
+def _has_mutable(model: type[BaseModel]) -> bool:
+    for name, field in model.model_fields.items():
+        inner, many = _model_of(field.annotation)
+        if is_mutable(model, name) or (inner is not None and not many and _has_mutable(inner)):
+            return True
+    return False
+
+
+def immutable_fields(model: type[BaseModel] = FineTuneJobSpec, path: str = "spec") -> list[str]:
+    """Schema paths of the spec fields that may not change once the FineTuneJob exists: every field but those
+    marked mutable (finetune_trainer.rules.MUTABLE); an object with a mutable field inside is immutable field by
+    field."""
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        inner, many = _model_of(field.annotation)
+        if is_mutable(model, name):
+            continue
+        if inner is not None and not many and _has_mutable(inner):
+            out += immutable_fields(inner, f"{path}.{to_camel(name)}")
+        else:
+            out.append(f"{path}.{to_camel(name)}")
+    return out
+
+
+def _immutable_rule(path: str) -> tuple[str, dict[str, str]]:
+    parent, _, field = path.rpartition(".")
+    return parent, _rule(
         f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
-        f"spec.{field} is immutable once the FineTuneJob exists; create a new FineTuneJob instead",
+        f"{path} is immutable once the FineTuneJob exists; create a new FineTuneJob instead",
         field_path=f".{field}",
     )
 
 
-# CEL rules by schema path (dot-separated property names; [] steps into array items).
-CEL_RULES: dict[str, list[dict[str, str]]] = {
-    "": [
-        _rule(
-            f"!has(self.metadata.name) || self.metadata.name.size() <= {MAX_JOB_NAME}",
-            f"metadata.name must be at most {MAX_JOB_NAME} characters (children append suffixes)",
-        )
-    ],
-    "spec": [
-        _rule(
-            "!(has(self.evalDatasets) && size(self.evalDatasets) > 0 && has(self.valSize))",
-            "set evalDatasets or valSize, not both",
-        ),
-        *(_immutable_rule(f) for f in IMMUTABLE),
-    ],
-    "spec.method": [
-        _rule(
-            "!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
-            "lora settings apply to lora, qlora and dora only",
-            field_path=".lora",
-        ),
-        _rule(
-            "!has(self.quantization) || self.type == 'qlora'",
-            "quantization applies to qlora only",
-            field_path=".quantization",
-        ),
-        _rule(
-            "!has(self.freeze) || self.type == 'freeze'",
-            "freeze settings apply to type freeze only",
-            field_path=".freeze",
-        ),
-    ],
-    "spec.datasets[]": [
-        _rule("!has(self.tags) || self.format != 'alpaca'", "tags apply to sharegpt datasets only"),
-    ],
-    "spec.evalDatasets[]": [
-        _rule("!has(self.tags) || self.format != 'alpaca'", "tags apply to sharegpt datasets only"),
-    ],
-    "spec.training": [
-        _rule("!(has(self.warmupSteps) && has(self.warmupRatio))", "set warmupSteps or warmupRatio, not both"),
-    ],
-    "spec.deepspeed": [
-        _rule(
-            "!has(self.offload) || self.offload != 'all' || (has(self.zeroStage) && self.zeroStage == 3)",
-            "offload: all needs zeroStage 3",
-        ),
-    ],
-    "spec.distribution": [
-        _rule("!has(self.nodes) || self.nodes >= 1", "distribution.nodes must be at least 1", field_path=".nodes"),
-    ],
-}
+def cel_rules() -> dict[str, list[dict[str, str]]]:
+    """The x-kubernetes-validations by schema path (dot-separated property names; [] steps into array items): each
+    model's RULES wherever the model is used, the immutability of the spec, and the name limit."""
+    out: dict[str, list[dict[str, str]]] = {
+        "": [
+            _rule(
+                f"!has(self.metadata.name) || self.metadata.name.size() <= {MAX_JOB_NAME}",
+                f"metadata.name must be at most {MAX_JOB_NAME} characters (children append suffixes)",
+            )
+        ]
+    }
+    for model, path in _models(FineTuneJobSpec, "spec"):
+        if issubclass(model, Model) and model.RULES:
+            out.setdefault(path, []).extend(rule.validation(model) for rule in model.RULES)
+    for path in immutable_fields():
+        parent, rule = _immutable_rule(path)
+        out.setdefault(parent, []).append(rule)
+    return out
+
 
 _DROP = {"title", "format", "$defs", "discriminator"}
 
@@ -217,7 +219,7 @@ def openapi_schema() -> dict[str, Any]:
             "status": status,
         },
     }
-    for path, rules in CEL_RULES.items():
+    for path, rules in cel_rules().items():
         _walk(root, path).setdefault("x-kubernetes-validations", []).extend(rules)
     return root
 

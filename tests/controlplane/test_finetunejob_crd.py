@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,49 @@ def test_bad_spec_is_refused_at_admission(
     crs: client.CustomObjectsApi, namespace: str, case: str, spec: dict[str, Any], fragment: str
 ) -> None:
     assert fragment in rejected(crs, namespace, job(**spec))
+
+
+CROSS_FIELD = [
+    {"method": {"type": "full", "lora": {"rank": 8}}},
+    {"method": {"type": "dora", "quantization": {"bits": 4}}},
+    {"method": {"lora": {"rank": 8}, "freeze": {"trainableLayers": 2}}},  # type left to its default (lora)
+    {"deepspeed": {"offload": "all"}},  # zeroStage left to its default (2)
+    {"deepspeed": {"zeroStage": 1, "offload": "all"}},
+    {"training": {"warmupSteps": 5, "warmupRatio": 0.1}},
+    {"evalDatasets": [{"uri": "s3://data/e.json"}], "valSize": 0.1},
+    {"datasets": [{"uri": "s3://data/t.json", "format": "alpaca", "tags": {"role_tag": "role"}}]},
+]
+
+
+@pytest.mark.parametrize("spec", CROSS_FIELD, ids=lambda spec: ",".join(spec))
+def test_a_cross_field_rule_says_the_same_at_admission_as_ftj_validate(
+    crs: client.CustomObjectsApi, namespace: str, spec: dict[str, Any]
+) -> None:
+    from finetune_operator.api import validate_document
+
+    _, errors = validate_document(job(**spec))
+    (error,) = errors
+    path, message = error.split(": ", 1)
+    with pytest.raises(ApiException) as info:
+        create(crs, namespace, job(**spec))
+    assert info.value.status == 422
+    causes = json.loads(info.value.body)["details"]["causes"]
+    # The same path (ftj validate writes list indices as .N, the API server as [N]) and the same message.
+    fields = [(re.sub(r"\[(\d+)\]", r".\1", c["field"]), c["message"]) for c in causes]
+    assert fields == [(path, f'Invalid value: "object": {message}')]
+
+
+def test_fields_the_operator_does_not_act_on_cannot_change(crs: client.CustomObjectsApi, namespace: str) -> None:
+    create(crs, namespace, job(scheduling={"nodeSelector": {"pool": "a"}}, runPolicy={"backoffLimit": 2}))
+    for patch, path in (
+        ({"spec": {"scheduling": {"nodeSelector": {"pool": "b"}}}}, "spec.scheduling"),
+        ({"spec": {"imagePullPolicy": "Always"}}, "spec.imagePullPolicy"),
+        ({"spec": {"runPolicy": {"backoffLimit": 5}}}, "spec.runPolicy.backoffLimit"),
+    ):
+        with pytest.raises(ApiException) as info:
+            crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "demo", patch)
+        assert info.value.status == 422
+        assert f"{path} is immutable" in str(info.value.body)
 
 
 def test_missing_model_is_refused(crs: client.CustomObjectsApi, namespace: str) -> None:

@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 
-from finetune_operator.crd import IMMUTABLE, crd_yaml, custom_resource_definition
+from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.crd import _model_of, _walk, crd_yaml, custom_resource_definition, immutable_fields
+from finetune_trainer.config import NOT_RUN_DEFINING, Model, RunSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
@@ -79,15 +83,63 @@ def test_ranges_enums_and_defaults_come_from_the_models() -> None:
     assert spec["datasets"]["items"]["properties"]["uri"]["pattern"].startswith("^(s3://")
 
 
-def test_cross_field_and_immutability_rules_are_present() -> None:
+def test_every_models_rules_are_in_the_crd_wherever_the_model_is_used() -> None:
+    schema = _schema()
+    expected = {
+        "spec": RunSpec.RULES,
+        "spec.method": FineTuneJobSpec.model_fields["method"].annotation.RULES,  # type: ignore[union-attr]
+        "spec.datasets[]": RunSpec.model_fields["datasets"].annotation.__args__[0].RULES,  # type: ignore[union-attr]
+        "spec.evalDatasets[]": RunSpec.model_fields["datasets"].annotation.__args__[0].RULES,  # type: ignore[union-attr]
+    }
+    for path, rules in expected.items():
+        assert rules, path
+        found = {v["message"] for v in _walk(schema, path).get("x-kubernetes-validations", [])}
+        assert {r.message.replace("{value}", "...") for r in rules} <= found, path
+    assert "lora, qlora and dora" in " ".join(r.message for r in expected["spec.method"])
+
+
+def _paths(model: type[BaseModel], path: str, skip: Any) -> list[str]:
+    """Leaf field paths of a model, less those `skip` (NOT_RUN_DEFINING's shape) leaves out."""
+    out = []
+    for name, field in model.model_fields.items():
+        part = skip.get(name) if isinstance(skip, dict) else None
+        if part is True:
+            continue
+        inner, many = _model_of(field.annotation)
+        sub = f"{path}.{to_camel(name)}"
+        out += _paths(inner, sub, part or {}) if inner is not None and not many else [sub]
+    return out
+
+
+def test_no_run_defining_field_is_mutable() -> None:
+    """A field that defines the run must never change under a running job: an edit would be ignored, or worse."""
+    immutable = immutable_fields()
+    run_defining = _paths(RunSpec, "spec", NOT_RUN_DEFINING)
+    assert "spec.training.cutoffLen" in run_defining
+    assert "spec.training.saveSteps" not in run_defining
+    mutable = [p for p in run_defining if not any(p == i or p.startswith(i + ".") for i in immutable)]
+    assert mutable == []
+
+
+def test_immutability_is_declared_on_the_fields() -> None:
     spec = _schema()["properties"]["spec"]
-    rules = " ".join(r["rule"] for r in spec["properties"]["method"]["x-kubernetes-validations"])
-    assert "self.type == 'qlora'" in rules
-    assert "['lora', 'qlora', 'dora']" in rules
     transition = [r for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
-    assert {r["fieldPath"].lstrip(".") for r in transition} == set(IMMUTABLE)
-    assert "runPolicy" not in IMMUTABLE
-    assert all(field in spec["properties"] for field in IMMUTABLE)
+    top = {r["fieldPath"].lstrip(".") for r in transition}
+    assert top == {p.removeprefix("spec.") for p in immutable_fields() if p.count(".") == 1}
+    assert "runPolicy" not in top
+    run_policy = spec["properties"]["runPolicy"]["x-kubernetes-validations"]
+    assert {r["fieldPath"].lstrip(".") for r in run_policy} == {
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "cleanPodPolicy",
+    }
+    # Everything the operator does not act on when it changes is immutable: all of it but suspend and the TTL.
+    all_fields = set(_paths(FineTuneJobSpec, "spec", {}))
+    assert all_fields - {p for p in all_fields if any(p == i or p.startswith(i + ".") for i in immutable_fields())} == {
+        "spec.runPolicy.suspend",
+        "spec.runPolicy.ttlSecondsAfterFinished",
+    }
+    assert issubclass(FineTuneJobSpec, Model)
 
 
 def test_crd_file_is_valid_yaml_with_one_document() -> None:

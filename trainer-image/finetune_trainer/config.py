@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,6 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from finetune_trainer.data.lf_templates import TEMPLATES as LF_TEMPLATES
+from finetune_trainer.rules import Needs, OnlyFor, Raw, Rule, human_list, not_both
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
@@ -36,31 +38,14 @@ MAX_URI = 2048
 MAX_NAME = 253
 MAX_LIST = 64
 
-SCHEMES = ("s3", "pvc", "hf", "file")
-_S3_RE = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
-_PVC_RE = re.compile(r"^pvc://[a-z0-9]([a-z0-9\-]{0,251}[a-z0-9])?(/.*)?$")
-_HF_RE = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)?(@[A-Za-z0-9_.\-/]+)?/?$")
-_FILE_RE = re.compile(r"^file://.+$")
-URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9][a-z0-9\-]*(/.*)?|hf://.+|file://.+)$"
+# The URI schemes live in one table, finetune_trainer.schemes: validation, the CRD pattern, storage and mounts.
+from finetune_trainer import schemes as _schemes  # noqa: E402
 
-
-def check_uri(value: str) -> str:
-    """Accept s3://bucket/key, pvc://claim/path, hf://org/name and file://path; name the bad value otherwise."""
-    scheme, sep, _ = value.partition("://")
-    if not sep:
-        raise ValueError(f"must start with one of {', '.join(s + '://' for s in SCHEMES)}, got {value!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"unsupported scheme {scheme + '://'!r} in {value!r}; use one of {', '.join(SCHEMES)}")
-    checks = {"s3": _S3_RE, "pvc": _PVC_RE, "hf": _HF_RE, "file": _FILE_RE}
-    if not checks[scheme].match(value):
-        hints = {
-            "s3": "s3://<bucket>/<key> with a valid bucket name",
-            "pvc": "pvc://<claim>/<path> with a DNS-1123 claim name",
-            "hf": "hf://<org>/<name>[@revision]",
-            "file": "file://<path>",
-        }
-        raise ValueError(f"malformed {scheme} URI {value!r}: expected {hints[scheme]}")
-    return value
+SCHEMES = _schemes.NAMES
+URI_PATTERN = _schemes.URI_PATTERN
+# The CRD's pattern, compiled: what the API server accepts (check_uri accepts the same URIs and names the problem).
+URI_RE: re.Pattern[str] = re.compile(URI_PATTERN)
+check_uri = _schemes.check_uri
 
 
 # The CRD gets the pattern; pydantic runs check_uri instead, whose messages name the problem.
@@ -85,15 +70,18 @@ class Model(BaseModel):
         """The object as it appears in YAML/JSON: camelCase keys, unset optional fields left out."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    # Rules between this model's fields (finetune_trainer.rules): checked here on the raw input, so that they are
+    # reported along with field errors, and written into the CRD as CEL by finetune_operator.crd.
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
     @classmethod
-    def cross_field_errors(cls, data: dict[str, Any]) -> list[str]:
-        """Rules between fields, checked on the raw input so they are reported along with field errors."""
-        return []
+    def cross_field_errors(cls, data: Raw) -> list[str]:
+        return [rule.explain(cls, data) for rule in cls.RULES if rule.violated(cls, data)]
 
     @model_validator(mode="wrap")
     @classmethod
     def _report_all(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
-        problems = cls.cross_field_errors(_Raw(data)) if isinstance(data, dict) else []
+        problems = cls.cross_field_errors(Raw(data)) if isinstance(data, dict) else []
         try:
             result = handler(data)
         except ValidationError as exc:
@@ -107,22 +95,6 @@ class Model(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return result
-
-
-class _Raw(dict[str, Any]):
-    """Raw input that answers to a field's python name or its camelCase alias."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        super().__init__(data)
-
-    def has(self, name: str) -> bool:
-        return self.get(name) is not None or self.get(to_camel(name)) is not None
-
-    def value(self, name: str, default: Any = None) -> Any:
-        for key in (name, to_camel(name)):
-            if self.get(key) is not None:
-                return self[key]
-        return default
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -181,11 +153,14 @@ class DatasetSpec(Model):
     tags: DatasetTags | None = Field(None, description="sharegpt role/content tags as in dataset_info.json.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples of this dataset.")
 
-    @classmethod
-    def cross_field_errors(cls, data: Any) -> list[str]:
-        if data.has("tags") and data.value("format") == "alpaca":
-            return ["tags apply to sharegpt datasets only; remove tags or set format: sharegpt"]
-        return []
+    RULES = (
+        OnlyFor(
+            "tags apply to sharegpt datasets only; remove tags or set format: sharegpt",
+            "tags",
+            "format",
+            ("sharegpt", "auto"),
+        ),
+    )
 
 
 # "auto" (the tokenizer's own chat template) or a LLaMA-Factory template by its name (those that run on text).
@@ -244,32 +219,92 @@ class FreezeSpec(Model):
     )
 
 
-METHODS = ("full", "freeze", "lora", "qlora", "dora")
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method: everything the API, the trainer, the merge, `ftj convert` and the model card need to
+    know about it. A new method is one entry in METHOD_REGISTRY (and its training code in finetune_trainer.methods)."""
+
+    name: str
+    display: str  # in the model card and logs
+    settings: tuple[str, ...]  # the MethodSpec objects that apply to it
+    adapter: bool  # trains a PEFT adapter, which the merge Job merges into the base afterwards
+    quantized_base: bool = False  # the frozen base is loaded 4/8-bit through bitsandbytes
+    dora: bool = False  # weight-decomposed LoRA (peft use_dora)
+    # How LLaMA-Factory's YAML says it: finetuning_type, and whether quantization_bit / use_dora are set.
+    lf_finetuning_type: str = ""
+    lf_quantization: bool = False
+    lf_use_dora: bool = False
+
+
+METHOD_REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("full", "full fine-tuning", (), adapter=False, lf_finetuning_type="full"),
+        Method("freeze", "partial (freeze) fine-tuning", ("freeze",), adapter=False, lf_finetuning_type="freeze"),
+        Method("lora", "LoRA", ("lora",), adapter=True, lf_finetuning_type="lora"),
+        Method(
+            "qlora",
+            "QLoRA",
+            ("lora", "quantization"),
+            adapter=True,
+            quantized_base=True,
+            lf_finetuning_type="lora",
+            lf_quantization=True,
+        ),
+        Method("dora", "DoRA", ("lora",), adapter=True, dora=True, lf_finetuning_type="lora", lf_use_dora=True),
+    )
+}
+METHODS = tuple(METHOD_REGISTRY)
+
+
+def _known_method(value: str) -> str:
+    if value not in METHOD_REGISTRY:
+        raise ValueError(f"unknown method {value!r}; use one of {', '.join(METHODS)}")
+    return value
+
+
+def _methods_with(setting: str) -> tuple[str, ...]:
+    return tuple(m.name for m in METHOD_REGISTRY.values() if setting in m.settings)
 
 
 class MethodSpec(Model):
     """The fine-tuning method and its settings."""
 
-    type: Literal["full", "freeze", "lora", "qlora", "dora"] = Field("lora", description="Fine-tuning method.")
+    type: Annotated[str, AfterValidator(_known_method)] = Field(
+        "lora", description="Fine-tuning method.", json_schema_extra={"enum": list(METHODS)}
+    )
     lora: LoraSpec | None = Field(None, description="Adapter settings; lora, qlora and dora only.")
     quantization: QuantizationSpec | None = Field(None, description="Base quantization; qlora only.")
     freeze: FreezeSpec | None = Field(None, description="Which parts train; freeze only.")
 
-    @classmethod
-    def cross_field_errors(cls, data: Any) -> list[str]:
-        kind = data.value("type", "lora")
-        errors = []
-        if data.has("lora") and kind not in ("lora", "qlora", "dora"):
-            errors.append(f"lora settings apply to lora, qlora and dora only, not to type {kind!r}")
-        if data.has("quantization") and kind != "qlora":
-            errors.append(f"quantization applies to qlora only, not to type {kind!r}")
-        if data.has("freeze") and kind != "freeze":
-            errors.append(f"freeze settings apply to type freeze only, not to type {kind!r}")
-        return errors
+    RULES = (
+        OnlyFor(
+            f"lora settings apply to {human_list(_methods_with('lora'))} only, not to type {{value}}",
+            "lora",
+            "type",
+            _methods_with("lora"),
+        ),
+        OnlyFor(
+            f"quantization applies to {human_list(_methods_with('quantization'))} only, not to type {{value}}",
+            "quantization",
+            "type",
+            _methods_with("quantization"),
+        ),
+        OnlyFor(
+            f"freeze settings apply to {human_list(_methods_with('freeze'))} only, not to type {{value}}",
+            "freeze",
+            "type",
+            _methods_with("freeze"),
+        ),
+    )
+
+    @property
+    def info(self) -> Method:
+        return METHOD_REGISTRY[self.type]
 
     @property
     def uses_adapter(self) -> bool:
-        return self.type in ("lora", "qlora", "dora")
+        return self.info.adapter
 
     def lora_or_default(self) -> LoraSpec:
         return self.lora or LoraSpec()
@@ -308,11 +343,7 @@ class TrainingSpec(Model):
     save_steps: int = Field(500, ge=1, description="Checkpoint every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: saveSteps).")
 
-    @classmethod
-    def cross_field_errors(cls, data: Any) -> list[str]:
-        if data.has("warmup_steps") and data.has("warmup_ratio"):
-            return ["set warmupSteps or warmupRatio, not both"]
-        return []
+    RULES = (not_both("warmup_steps", "warmup_ratio"),)
 
 
 class ConfigMapKeyRef(Model):
@@ -331,12 +362,9 @@ class DeepSpeedSpec(Model):
         None, description="Use this DeepSpeed JSON instead of the rendered one."
     )
 
-    @classmethod
-    def cross_field_errors(cls, data: Any) -> list[str]:
-        stage = data.value("zero_stage", 2)
-        if data.value("offload") == "all" and stage != 3:
-            return [f"offload: all (parameters) needs zeroStage 3, got zeroStage {stage!r}"]
-        return []
+    RULES = (
+        Needs("offload: all (parameters) needs zeroStage 3, got zeroStage {value}", "offload", "all", "zero_stage", 3),
+    )
 
 
 class ModelSource(Model):
@@ -427,11 +455,7 @@ class RunSpec(Model):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3-compatible storage settings.")
     output: OutputSpec = Field(description="Output location.")
 
-    @classmethod
-    def cross_field_errors(cls, data: Any) -> list[str]:
-        if data.value("eval_datasets") and data.has("val_size"):
-            return ["set evalDatasets or valSize, not both"]
-        return []
+    RULES = (not_both("eval_datasets", "val_size"),)
 
     def merge_enabled(self) -> bool:
         enabled = self.output.merge.enabled

@@ -77,7 +77,7 @@ def load_model(config: TrainerConfig, model_dir: Path, ranks: Ranks | None = Non
         "trust_remote_code": config.model.trust_remote_code,
         "attn_implementation": attention_implementation(config),
     }
-    if config.method.type == "qlora":
+    if config.method.info.quantized_base:
         quant = config.method.quantization_or_default()
         if quant.bits == 4:
             extra: dict[str, Any] = {}
@@ -188,7 +188,7 @@ def apply_lora(model: Any, config: TrainerConfig) -> tuple[Any, ModelSummary]:
     method = config.method
     lora = method.lora_or_default()
     targets = resolve_lora_targets(model, lora.target)
-    if method.type == "qlora":
+    if method.info.quantized_base:
         # Casts norms to fp32, freezes the quantized base and makes inputs require grads for checkpointing.
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model,
@@ -202,7 +202,7 @@ def apply_lora(model: Any, config: TrainerConfig) -> tuple[Any, ModelSummary]:
         lora_dropout=lora.dropout,
         target_modules=targets,
         modules_to_save=lora.modules_to_save,
-        use_dora=method.type == "dora",
+        use_dora=method.info.dora,
         bias="none",
     )
     model = get_peft_model(model, peft_config)
@@ -212,10 +212,10 @@ def apply_lora(model: Any, config: TrainerConfig) -> tuple[Any, ModelSummary]:
 
 def apply_method(model: Any, config: TrainerConfig) -> tuple[Any, ModelSummary]:
     """Mark what trains for `config.method`; adapters wrap the model in a peft PeftModel."""
-    kind = config.method.type
-    if kind in ("lora", "dora", "qlora"):
+    info = config.method.info
+    if info.adapter:
         return apply_lora(model, config)
-    if kind == "freeze":
+    if "freeze" in info.settings:
         return model, apply_freeze(model, config.method)
     for param in model.parameters():
         param.requires_grad_(True)

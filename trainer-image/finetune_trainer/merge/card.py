@@ -11,9 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_trainer.config import TrainerConfig
-
-_METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA"}
+from finetune_trainer.config import METHOD_REGISTRY, TrainerConfig
 
 
 @dataclass(frozen=True)
@@ -78,9 +76,9 @@ def _method_wire(cfg: TrainerConfig) -> dict[str, Any]:
     # Defaults spelled out: a card reader should not need to know which values the run left unset.
     method = cfg.method
     out: dict[str, Any] = {"type": method.type}
-    if method.uses_adapter:
+    if "lora" in method.info.settings:
         out["lora"] = method.lora_or_default().to_wire()
-    if method.type == "qlora":
+    if "quantization" in method.info.settings:
         out["quantization"] = method.quantization_or_default().to_wire()
     return out
 
@@ -133,7 +131,8 @@ def render_model_card(facts: CardFacts) -> str:
         # The Hub links a model to its base only through a Hub id.
         front.append(f"base_model: {facts.base.removeprefix('hf://').split('@')[0].rstrip('/')}")
     front.append("---")
-    label = _METHOD_NAMES.get(facts.method, facts.method)
+    known = METHOD_REGISTRY.get(facts.method)
+    label = known.display if known else facts.method
     size = f"{facts.weight_bytes / 1e9:.2f} GB" if facts.weight_bytes >= 1e8 else f"{facts.weight_bytes / 1e6:.2f} MB"
     lines = [
         *front,
@@ -142,7 +141,7 @@ def render_model_card(facts: CardFacts) -> str:
         "",
         f"`{facts.base}` with the {label} adapter `{facts.adapter}` merged into its weights by "
         "finetune-operator. The merge was done in float32 on the full-precision base"
-        + (" (the adapter was trained on a 4-bit quantized copy of it)" if facts.method == "qlora" else "")
+        + (" (the adapter was trained on a 4-bit quantized copy of it)" if known and known.quantized_base else "")
         + f" and saved as {facts.dtype}.",
         "",
         "## Merge",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from finetune_trainer.checkpoints import sha256_file
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import METHOD_REGISTRY, TrainerConfig
 from finetune_trainer.errors import MergeError
 from finetune_trainer.merge.card import CardFacts, render_model_card
 from finetune_trainer.merge.shards import (
@@ -162,7 +162,7 @@ def load_adapter(directory: Path, label: str) -> LoadedAdapter:
     config_path = directory / ADAPTER_CONFIG
     if not config_path.is_file():
         method = (run_manifest or {}).get("method")
-        if method in ("full", "freeze"):
+        if method in METHOD_REGISTRY and not METHOD_REGISTRY[method].adapter:
             raise MergeError(f"no adapter at {label}: that run trained method {method!r}, which writes a whole model")
         present = sorted(p.name for p in directory.iterdir())[:_MAX_LISTED]
         raise MergeError(
