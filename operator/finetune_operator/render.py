@@ -15,12 +15,12 @@ from typing import Any
 
 from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
 from finetune_operator.settings import Settings
+from finetune_trainer import schemes
 from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
 from finetune_trainer.deepspeed import deepspeed_config
 
 # The trainer exits with PERMANENT_EXIT_CODE for errors no restart can fix (bad data, bad config, another run's output).
 from finetune_trainer.errors import PERMANENT_EXIT_CODE
-from finetune_trainer.storage import DEFAULT_PVC_ROOT
 
 CONTAINER = "pytorch"  # the Kubeflow training operator requires this container name
 CONFIG_DIR = "/etc/finetune"
@@ -28,8 +28,6 @@ TRAINER_CONFIG = f"{CONFIG_DIR}/trainer.json"
 DEEPSPEED_FILE = "ds_config.json"
 CUSTOM_DEEPSPEED_DIR = f"{CONFIG_DIR}/deepspeed"
 SCRATCH = "/scratch"
-# Where the trainer finds pvc://<claim>/... (finetune_trainer.storage.DEFAULT_PVC_ROOT).
-PVC_ROOT = DEFAULT_PVC_ROOT
 GPU = "nvidia.com/gpu"
 JOB_LABEL = "finetune.dev/job"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -224,18 +222,21 @@ def torchrun_args(node_rank: str, master_addr: str, master_port: str, nnodes: st
     ]
 
 
-def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
-    """Every claim a pvc:// URI of the spec names, with whether its mount is read-only: inputs (model, datasets)
-    are, outputs (output.uri, output.merge.uri) are not; a claim used both ways is mounted once, read-write."""
-    claims: dict[str, bool] = {}
+def mounted_roots(spec: FineTuneJobSpec) -> dict[tuple[str, str], bool]:
+    """Every (scheme, root) that a URI of the spec names and whose scheme the operator mounts (pvc:// claims, see
+    finetune_trainer.schemes), with whether its mount is read-only: inputs (model, datasets) are, outputs
+    (output.uri, output.merge.uri) are not; a claim used both ways is mounted once, read-write."""
+    roots: dict[tuple[str, str], bool] = {}
     inputs = [spec.model.uri, *(d.uri for d in spec.datasets), *(d.uri for d in spec.eval_datasets or [])]
     outputs = [spec.output.uri, merge_uri(spec)]
-    for uris, read_only in ((inputs, True), (outputs, False)):
+    for uris, is_input in ((inputs, True), (outputs, False)):
         for uri in uris:
-            if uri.startswith("pvc://"):
-                claim = uri.removeprefix("pvc://").split("/", 1)[0]
-                claims[claim] = claims.get(claim, True) and read_only
-    return claims
+            scheme = schemes.scheme_of(uri)
+            if scheme is not None and scheme.volume is not None:
+                key = (scheme.name, schemes.split(uri)[0])
+                read_only = is_input and scheme.volume.inputs_read_only
+                roots[key] = roots.get(key, True) and read_only
+    return roots
 
 
 def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -266,12 +267,11 @@ def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if ds is not None and ds.config_map_ref is not None:
         volumes.append({"name": "deepspeed", "configMap": {"name": ds.config_map_ref.name}})
         mounts.append({"name": "deepspeed", "mountPath": CUSTOM_DEEPSPEED_DIR, "readOnly": True})
-    claims = pvc_claims(job.spec)
-    for claim in sorted(claims):
-        name = f"pvc-{claim}"[:63]
-        read_only = claims[claim]
-        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
-        mounts.append({"name": name, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    roots = mounted_roots(job.spec)
+    for name, root in sorted(roots):
+        volume, mount = schemes.mount(schemes.BY_NAME[name], root, roots[name, root])
+        volumes.append(volume)
+        mounts.append(mount)
     return volumes, mounts
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from finetune_trainer import schemes
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.storage import LocalStorage, ObjectInfo, Storage, StorageError, Uri, replace_atomically
 
@@ -55,10 +56,10 @@ class NodeCache:
         return self.root / ".markers" / f"{digest}.{kind}"
 
     def fetch(self, uri: str) -> Path:
-        """A local path holding `uri`: the path itself for file:// and pvc://, else a node-local copy. For a single
-        object the path of the file, for a prefix the directory."""
+        """A local path holding `uri`: the path itself for a local scheme (file://, pvc://), else a node-local copy.
+        For a single object the path of the file, for a prefix the directory."""
         parsed = Uri.parse(uri)
-        if parsed.scheme in ("file", "pvc"):
+        if parsed.entry.is_local:
             path = LocalStorage().path(uri)
             if not path.exists():
                 raise StorageError(f"{uri} does not exist (looked at {path})")
@@ -74,7 +75,7 @@ class NodeCache:
         done.parent.mkdir(parents=True, exist_ok=True)
         failed.unlink(missing_ok=True)
         try:
-            if Uri.parse(uri).scheme == "hf":
+            if Uri.parse(uri).entry.handler == "hub":
                 path, objects = self._download_hf(uri), list[ObjectInfo]()
             else:
                 path, objects = self._download_storage(uri, done)
@@ -113,8 +114,7 @@ class NodeCache:
         # hf://org/name[@revision]: needs internet access from the Pod; not reachable from the test machine.
         from huggingface_hub import snapshot_download
 
-        parsed = Uri.parse(uri)
-        repo, _, revision = f"{parsed.root}/{parsed.path}".rstrip("/").partition("@")
+        repo, revision = schemes.split(uri)
         try:
             local = snapshot_download(repo_id=repo, revision=revision or None, cache_dir=str(self.root / "hf"))
         except Exception as exc:

@@ -6,6 +6,8 @@ URIs:
     pvc://claim/path         a PersistentVolumeClaim that the workload mounts at /mnt/pvc/<claim>
                              (FTJ_PVC_ROOT overrides /mnt/pvc)
     file:///abs/path         a local path
+The schemes, and which handler here serves each, are the table in finetune_trainer.schemes; hf:// sources are
+read-only and are fetched by the node cache (cache.py), not here.
 A URI ending in "/" (or naming no single object) is a prefix: listing and downloading take every object under it.
 Every error names the URI it is about.
 """
@@ -23,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from finetune_trainer import schemes
 from finetune_trainer.config import StorageSpec
 from finetune_trainer.errors import TrainerError
 
 log = logging.getLogger(__name__)
-
-PVC_ROOT_ENV = "FTJ_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
 
 
 def replace_atomically(dest: Path, write: Callable[[Path], object]) -> None:
@@ -65,22 +65,32 @@ class ObjectInfo:
 @dataclass(frozen=True)
 class Uri:
     scheme: str
-    root: str  # bucket, claim or "" for file://
+    root: str  # the first path segment (bucket, claim, hf owner), or "" for a scheme without one (file://)
     path: str  # key inside the bucket/claim, or the absolute path for file://
 
     @classmethod
     def parse(cls, uri: str) -> Uri:
-        scheme, sep, rest = uri.partition("://")
-        if not sep or scheme not in ("s3", "pvc", "file", "hf"):
-            raise StorageError(f"unsupported storage URI {uri!r}: expected s3://, pvc://, file:// or hf://")
-        if scheme == "file":
+        scheme, _, rest = uri.partition("://")
+        entry = schemes.scheme_of(uri)
+        if entry is None:
+            # The schemes this module opens first, then the read-only ones.
+            names = [s.prefix for s in schemes.REGISTRY if s.handler in _OPENERS]
+            names += [s.prefix for s in schemes.REGISTRY if s.handler not in _OPENERS]
+            raise StorageError(f"unsupported storage URI {uri!r}: expected {', '.join(names[:-1])} or {names[-1]}")
+        if not entry.rooted:
             if not rest.startswith("/"):
-                raise StorageError(f"file URI must hold an absolute path (file:///...), got {uri!r}")
+                raise StorageError(f"{scheme} URI must hold an absolute path ({scheme}:///...), got {uri!r}")
             return cls(scheme, "", rest)
         root, _, path = rest.partition("/")
         if not root:
-            raise StorageError(f"storage URI {uri!r} has no bucket/claim/repository name")
+            roots = "/".join(s.parts[0] for s in schemes.REGISTRY if s.rooted)
+            raise StorageError(f"storage URI {uri!r} has no {roots} name")
         return cls(scheme, root, path)
+
+    @property
+    def entry(self) -> schemes.Scheme:
+        """This URI's scheme in the registry."""
+        return schemes.BY_NAME[self.scheme]
 
     def __str__(self) -> str:
         if self.scheme == "file":
@@ -162,20 +172,15 @@ def _files_under(root: Path) -> list[str]:
 # --- local (file:// and pvc://) ---------------------------------------------------------------------------------
 
 
-def pvc_root() -> Path:
-    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
-
-
 class LocalStorage(Storage):
-    """file:// paths and pvc://<claim>/<path> (mounted at /mnt/pvc/<claim>)."""
+    """The schemes that name a path in the Pod: file:// and pvc://<claim>/<path> (mounted at /mnt/pvc/<claim>)."""
 
     def path(self, uri: str) -> Path:
         parsed = Uri.parse(uri)
-        if parsed.scheme == "file":
-            return Path(parsed.path)
-        if parsed.scheme == "pvc":
-            return pvc_root() / parsed.root / parsed.path
-        raise StorageError(f"{uri!r} is not a local URI (file:// or pvc://)")
+        if parsed.entry.local_path is None:
+            local = " or ".join(sorted(s.prefix for s in schemes.REGISTRY if s.is_local))
+            raise StorageError(f"{uri!r} is not a local URI ({local})")
+        return parsed.entry.local_path(parsed.root, parsed.path)
 
     def local_path(self, uri: str) -> Path | None:
         return self.path(uri)
@@ -298,7 +303,7 @@ class S3Storage(Storage):
     @staticmethod
     def _split(uri: str) -> tuple[str, str]:
         parsed = Uri.parse(uri)
-        if parsed.scheme != "s3":
+        if parsed.entry.handler != "s3":
             raise StorageError(f"{uri!r} is not an s3:// URI")
         return parsed.root, parsed.path
 
@@ -411,11 +416,19 @@ class S3Storage(Storage):
 # --- selection --------------------------------------------------------------------------------------------------
 
 
+# The I/O code for each handler that schemes.REGISTRY names; "hub" sources are read-only, fetched by cache.py.
+_OPENERS: dict[str, Callable[[StorageSpec | None], Storage]] = {
+    "s3": lambda spec: S3Storage(spec or StorageSpec()),
+    "local": lambda spec: LocalStorage(),
+}
+
+
 def open_storage(uri: str, spec: StorageSpec | None = None) -> Storage:
     """The storage backend that serves `uri`."""
-    scheme = Uri.parse(uri).scheme
-    if scheme == "s3":
-        return S3Storage(spec or StorageSpec())
-    if scheme in ("file", "pvc"):
-        return LocalStorage()
-    raise StorageError(f"{uri!r}: hf:// sources are read-only and are fetched through the node cache")
+    parsed = Uri.parse(uri)
+    opener = _OPENERS.get(parsed.entry.handler)
+    if opener is None:
+        raise StorageError(
+            f"{uri!r}: {parsed.entry.prefix} sources are read-only and are fetched through the node cache"
+        )
+    return opener(spec)

@@ -85,7 +85,7 @@ class MergeRequest:
 
 
 def _is_local(uri: str) -> bool:
-    return Uri.parse(uri).scheme in ("file", "pvc")
+    return Uri.parse(uri).entry.is_local
 
 
 def _key_for(uri: str) -> str:
@@ -129,8 +129,7 @@ def fetch_adapter(storage: Storage, uri: str, dest: Path) -> Path:
 
 def fetch_base(uri: str, cache: NodeCache, storage_for: Any) -> Path:
     """The local directory holding the base model at `uri`."""
-    parsed = Uri.parse(uri)
-    if parsed.scheme == "hf":
+    if Uri.parse(uri).entry.handler == "hub":  # read-only sources are fetched by the node cache
         return cache.fetch(uri)
     storage: Storage = storage_for(uri)
     local = storage.local_path(uri)
