@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 
@@ -56,9 +56,6 @@ class Settings:
     lease_namespace: str = "default"
     # FTJ_LEASE_SECONDS: a leader that has not renewed for this long is replaced (15).
     lease_seconds: int = 15
-    # FTJ_MAX_CHECKPOINTS_IN_STATUS: how many checkpoint records status keeps (10).
-    max_checkpoints_in_status: int = 10
-    extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -79,5 +76,4 @@ class Settings:
             lease_name=os.environ.get("FTJ_LEASE_NAME", "").strip() or "finetune-operator-leader",
             lease_namespace=os.environ.get("FTJ_LEASE_NAMESPACE", "").strip() or pod_namespace or "default",
             lease_seconds=_int("FTJ_LEASE_SECONDS", 15),
-            max_checkpoints_in_status=_int("FTJ_MAX_CHECKPOINTS_IN_STATUS", 10),
         )

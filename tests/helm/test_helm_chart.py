@@ -144,7 +144,7 @@ def test_deployment_environment_is_what_the_operator_settings_read(helm: Helm, m
         **NAMESPACED,
         "trainer": {"image": {"repository": "registry.example/trainer", "tag": "1.2.3", "pullPolicy": "Always"}},
         "storage": {"endpoint": "http://minio.minio:9000", "region": "eu-west-1", "secretName": "s3-keys"},
-        "reconcile": {"resyncSeconds": 45, "apiRecheckSeconds": 90, "maxCheckpointsInStatus": 5},
+        "reconcile": {"resyncSeconds": 45, "apiRecheckSeconds": 90},
         "leaderElection": {"leaseName": "my-lease", "leaseDurationSeconds": 21},
         "ports": {"health": 8181, "metrics": 9191},
     }
@@ -167,7 +167,7 @@ def test_deployment_environment_is_what_the_operator_settings_read(helm: Helm, m
         "eu-west-1",
         "s3-keys",
     )
-    assert (settings.resync_seconds, settings.api_recheck_seconds, settings.max_checkpoints_in_status) == (45, 90, 5)
+    assert (settings.resync_seconds, settings.api_recheck_seconds) == (45, 90)
     assert (settings.lease_name, settings.lease_namespace, settings.lease_seconds) == ("my-lease", RELEASE_NS, 21)
     assert (settings.health_port, settings.metrics_port) == (8181, 9191)
     assert settings.leader_election is True
