@@ -8,6 +8,7 @@ crds/ is generated from these classes by `finetune_operator.crd`.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,10 +24,10 @@ from finetune_trainer.config import (
     RunSpec,
     format_validation_error,
 )
+from finetune_trainer.config import KIND as KIND  # re-exported: the API's names, defined once in the trainer
+from finetune_trainer.config import PLURAL as PLURAL
 from finetune_trainer.rules import MUTABLE
 
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
 SHORT_NAME = "ftj"
 API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
 # Children are named <name>-master-0, <name>-worker-N, <name>-N (Indexed Job pods) and a Service <name>: all must
@@ -34,8 +35,8 @@ API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
 MAX_JOB_NAME = 50
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-PHASES = ("Pending", "Initializing", "Running", "Merging", "Succeeded", "Failed", "Suspended")
 Phase = Literal["Pending", "Initializing", "Running", "Merging", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = typing.get_args(Phase)
 
 
 class DistributionSpec(Model):

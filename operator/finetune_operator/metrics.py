@@ -6,6 +6,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from finetune_operator.api import PHASES
+
 REGISTRY = CollectorRegistry()
 JOBS = Gauge("finetune_jobs", "FineTuneJobs by phase", ["phase"], registry=REGISTRY)
 RECONCILE_ERRORS = Counter(
@@ -32,7 +34,7 @@ def set_phase(namespace: str, name: str, phase: str | None) -> None:
         counts: dict[str, int] = {}
         for p in _phases.values():
             counts[p] = counts.get(p, 0) + 1
-        for p in ("Pending", "Initializing", "Running", "Merging", "Succeeded", "Failed", "Suspended"):
+        for p in PHASES:
             JOBS.labels(phase=p).set(counts.get(p, 0))
 
 
