@@ -295,6 +295,8 @@ def _encode_forked(
         made.update(_work(encoder, readers, tasks, counters, progress))
         for pid in list(children):
             made.update(_collect(pid, children.pop(pid)))
+        if progress:  # the workers' last parts are done now too
+            progress(int(counters.done.value))
     finally:
         for pid, out in children.items():  # this process failed first: the workers' results are not needed
             os.close(out)
