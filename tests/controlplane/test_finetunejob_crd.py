@@ -122,6 +122,12 @@ def test_a_cross_field_rule_says_the_same_at_admission_as_ftj_validate(
     assert fields == [(path, f'Invalid value: "object": {message}')]
 
 
+def test_dataset_tags_are_kept_in_the_spelling_given(crs: client.CustomObjectsApi, namespace: str) -> None:
+    tags = {"role_tag": "role", "contentTag": "content"}
+    created = create(crs, namespace, job(datasets=[{"uri": "s3://data/t.json", "format": "sharegpt", "tags": tags}]))
+    assert created["spec"]["datasets"][0]["tags"] == tags, "neither spelling pruned, no default added beside it"
+
+
 def test_fields_the_operator_does_not_act_on_cannot_change(crs: client.CustomObjectsApi, namespace: str) -> None:
     create(crs, namespace, job(scheduling={"nodeSelector": {"pool": "a"}}, runPolicy={"backoffLimit": 2}))
     for patch, path in (

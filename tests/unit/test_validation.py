@@ -172,3 +172,21 @@ def test_random_documents_only_ever_give_validation_errors(doc: Any, spec: dict[
         job, errors = validate_document(candidate)
         assert (job is None) == bool(errors)
         assert all(isinstance(e, str) and ": " in e for e in errors)
+
+
+def test_dataset_tags_take_dataset_info_spelling_and_camel_case_but_not_both() -> None:
+    doc = base()
+    doc["spec"]["datasets"] = [
+        {"uri": "s3://data/a.json", "format": "sharegpt", "tags": {"role_tag": "role", "contentTag": "content"}}
+    ]
+    job, errors = validate_document(doc)
+    assert errors == []
+    assert job is not None
+    tags = job.spec.datasets[0].tags
+    assert tags is not None
+    assert (tags.role_tag, tags.content_tag, tags.user_tag) == ("role", "content", "human")
+    assert tags.to_wire()["content_tag"] == "content", "the trainer gets dataset_info.json's spelling"
+
+    doc["spec"]["datasets"][0]["tags"] = {"role_tag": "role", "roleTag": "speaker"}
+    _, errors = validate_document(doc)
+    assert errors == ["spec.datasets.0.tags: set role_tag or roleTag, not both"]

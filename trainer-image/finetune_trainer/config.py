@@ -122,10 +122,21 @@ ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output
 SHAREGPT_COLUMNS = {"messages": "conversations"}
 
 
-class DatasetTags(BaseModel):
-    """Role/content tags of sharegpt messages; keys as in LLaMA-Factory's dataset_info.json `tags`."""
+def _both_spellings(schema: dict[str, Any]) -> None:
+    """The schema lists each tag in both spellings (the CRD must not prune the camelCase one), without defaults: the
+    API server would otherwise fill in the snake_case default beside a camelCase value (pydantic applies them)."""
+    properties = schema.get("properties", {})
+    for name in list(properties):
+        properties[name].pop("default", None)
+        properties.setdefault(to_camel(name), dict(properties[name]))
 
-    model_config = ConfigDict(extra="forbid")
+
+class DatasetTags(BaseModel):
+    """Role/content tags of sharegpt messages. LLaMA-Factory's dataset_info.json spells them in snake_case
+    (role_tag); that spelling is kept, so an entry can be copied over as it is, and the camelCase spelling of the
+    rest of the API (roleTag) is accepted too."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_both_spellings)
 
     role_tag: str = Field("from", max_length=MAX_NAME, description="Key holding a message's role.")
     content_tag: str = Field("value", max_length=MAX_NAME, description="Key holding a message's text.")
@@ -134,6 +145,20 @@ class DatasetTags(BaseModel):
     observation_tag: str = Field("observation", max_length=MAX_NAME, description="Role value of tool results.")
     function_tag: str = Field("function_call", max_length=MAX_NAME, description="Role value of tool calls.")
     system_tag: str = Field("system", max_length=MAX_NAME, description="Role value of a system message.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _camel_case_too(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name in cls.model_fields:
+            camel = to_camel(name)
+            if camel in out:
+                if name in out:
+                    raise ValueError(f"set {name} or {camel}, not both")
+                out[name] = out.pop(camel)
+        return out
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -150,7 +175,13 @@ class DatasetSpec(Model):
         None, description="File type; by default taken from each file's extension."
     )
     columns: DatasetColumns | None = Field(None, description="Column mapping as in dataset_info.json.")
-    tags: DatasetTags | None = Field(None, description="sharegpt role/content tags as in dataset_info.json.")
+    tags: DatasetTags | None = Field(
+        None,
+        description=(
+            "sharegpt role/content tags, spelled as in dataset_info.json (role_tag, ...) or in camelCase (roleTag, "
+            "...); not both for one tag."
+        ),
+    )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples of this dataset.")
 
     RULES = (
