@@ -17,14 +17,13 @@ from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
 from finetune_operator.settings import Settings
 from finetune_trainer import schemes
 from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
+from finetune_trainer.constants import CONFIG_DIR, SHUTDOWN_TIMEOUT, TRAINER_CONFIG
 from finetune_trainer.deepspeed import deepspeed_config
 
 # The trainer exits with PERMANENT_EXIT_CODE for errors no restart can fix (bad data, bad config, another run's output).
 from finetune_trainer.errors import PERMANENT_EXIT_CODE
 
 CONTAINER = "pytorch"  # the Kubeflow training operator requires this container name
-CONFIG_DIR = "/etc/finetune"
-TRAINER_CONFIG = f"{CONFIG_DIR}/trainer.json"
 DEEPSPEED_FILE = "ds_config.json"
 CUSTOM_DEEPSPEED_DIR = f"{CONFIG_DIR}/deepspeed"
 SCRATCH = "/scratch"
@@ -196,9 +195,8 @@ def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
 
 
-# torchrun's own wait for workers after a SIGTERM (its default is 30 s): time for the trainer to save and upload a
-# preemption checkpoint. The pod's grace period is longer still, so the kubelet does not cut that short.
-SHUTDOWN_TIMEOUT = 300
+# The pod's grace period is longer than torchrun's wait for its workers, so the kubelet does not cut a preemption
+# checkpoint short.
 TERMINATION_GRACE = SHUTDOWN_TIMEOUT + 60
 # The trainer's launcher runs torchrun with these arguments and turns its exit into one the workload can act on.
 LAUNCH = ["python", "-m", "finetune_trainer.launch", "--torchrun"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer.config import DeepSpeedSpec
+from finetune_trainer.constants import SHUTDOWN_TIMEOUT, TRAINER_CONFIG
 from finetune_trainer.deepspeed import deepspeed_config
 from finetune_trainer.errors import PERMANENT_EXIT_CODE, RETRYABLE_EXIT_CODE
 from support.processes import wait_until
@@ -67,19 +68,6 @@ class _Sized:
         self.config = type("Config", (), {"hidden_size": hidden_size, "to_dict": lambda self: {}})()
 
 
-def _supervised(tmp_path: Any, script: str, report: dict[str, str] | None) -> int:
-    log = tmp_path / "termination.json"
-    if report is not None:
-        log.write_text(json.dumps(report))
-    code = (
-        "import os, sys\n"
-        "from finetune_trainer.launch import supervise\n"
-        f"sys.exit(supervise([sys.executable, '-c', {script!r}]))\n"
-    )
-    env = {**__import__("os").environ, "FTJ_TERMINATION_LOG": str(log)}
-    return subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode
-
-
 @pytest.mark.parametrize(
     ("script", "report", "expected"),
     [
@@ -97,8 +85,13 @@ def _supervised(tmp_path: Any, script: str, report: dict[str, str] | None) -> in
 def test_launcher_exits_3_for_permanent_failures_and_one_retryable_code_for_the_rest(
     tmp_path: Any, script: str, report: dict[str, str] | None, expected: int
 ) -> None:
-    # torchrun itself always exits 1 on a worker failure; the worker's termination report decides.
-    assert _supervised(tmp_path, script, report) == expected
+    # Through real torchrun, which exits 1 whatever its worker did; the worker's termination report decides.
+    worker = tmp_path / "worker.py"
+    write = f"import os\nopen(os.environ['FTJ_TERMINATION_LOG'], 'w').write({json.dumps(report)!r})\n"
+    worker.write_text((write if report is not None else "") + script + "\n")
+    proc = _launch_rendered(tmp_path, [str(worker)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == expected, out
 
 
 def test_the_exit_codes_mean_the_same_to_both_backends() -> None:
@@ -164,7 +157,7 @@ def test_launcher_runs_the_rendered_torchrun_arguments(tmp_path: Any) -> None:
 
     script = tmp_path / "worker.py"
     script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
-    args = torchrun_args("0", "127.0.0.1", "29561", "1", "2")
+    args = torchrun_args("0", "127.0.0.1", str(_free_port()), "1", "2")
     args = [*args[: args.index("-m")], str(script)]
     result = subprocess.run([sys.executable, *LAUNCH[1:], *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -172,3 +165,11 @@ def test_launcher_runs_the_rendered_torchrun_arguments(tmp_path: Any) -> None:
         "rank 0 of 2",
         "rank 1 of 2",
     ]
+
+
+def test_the_operator_renders_the_trainers_config_path_and_shutdown_timeout() -> None:
+    from finetune_operator.render import torchrun_args
+
+    args = torchrun_args("0", "127.0.0.1", "29500", "1", "1")
+    assert f"--shutdown_timeout={SHUTDOWN_TIMEOUT}" in args
+    assert args[args.index("--config") + 1] == TRAINER_CONFIG

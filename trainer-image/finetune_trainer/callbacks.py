@@ -56,7 +56,8 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
 
 
 class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
-    """After every save, once all ranks' files are written, hand the directory to the recipe's save_checkpoint.
+    """After every save, once all ranks' files are written, hand the directory to `queue_upload` (the recipe's
+    queue_checkpoint_upload).
 
     Also forces a save at the last step, so that a failure while exporting the final outputs resumes there instead
     of repeating training, and stops training when a background upload failed.
@@ -64,11 +65,11 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(
         self,
-        save: Callable[[int, Path, float | None], None],
+        queue_upload: Callable[[int, Path, float | None], None],
         ranks: Ranks,
         check: Callable[[], None] | None = None,
     ) -> None:
-        self.save = save
+        self.queue_upload = queue_upload
         self.ranks = ranks
         self.check = check
         self.saved_steps: list[int] = []
@@ -86,7 +87,7 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
             dist.barrier()
         self.saved_steps.append(state.global_step)
         local = Path(str(args.output_dir)) / f"{LOCAL_PREFIX}{state.global_step}"
-        self.save(state.global_step, local, _last_loss(state))
+        self.queue_upload(state.global_step, local, _last_loss(state))
 
 
 class PreemptionCallback(TrainerCallback):  # type: ignore[misc]

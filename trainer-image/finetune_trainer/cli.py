@@ -1,7 +1,8 @@
 """Command line of the trainer image: `python -m finetune_trainer train --config config.json`.
 
 `train` runs the recipe on this rank (standalone, or as one process of torchrun; see finetune_trainer.launch for
-the container entry point). The config path defaults to $FTJ_CONFIG. Exit codes: 0 done, 143 preempted after a
+the container entry point). The config path defaults to $FTJ_CONFIG, else to the operator's mount
+(finetune_trainer.constants.TRAINER_CONFIG). Exit codes: 0 done, 143 preempted after a
 checkpoint was saved, PERMANENT_EXIT_CODE (3) for a failure no restart can fix (invalid config, bad data, an
 output that belongs to another run), RETRYABLE_EXIT_CODE (200) for any other failure; the reason goes to the
 FineTuneJob status and to the container's termination message. `merge` runs the adapter merge Job (see
@@ -21,12 +22,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from finetune_trainer.config import TrainerConfig, format_validation_error
+from finetune_trainer.constants import TERMINATION_LOG, TRAINER_CONFIG
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, RETRYABLE_EXIT_CODE, ConfigError
 
 log = logging.getLogger("finetune_trainer")
-
-TERMINATION_LOG = "/dev/termination-log"
 
 
 def load_config(path: str) -> TrainerConfig:
@@ -117,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune_trainer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model as described by a TrainerConfig JSON")
-    train.add_argument("--config", default=os.environ.get("FTJ_CONFIG"), required="FTJ_CONFIG" not in os.environ)
+    train.add_argument(
+        "--config",
+        default=os.environ.get("FTJ_CONFIG", TRAINER_CONFIG),
+        help=f"the run's TrainerConfig JSON (default: $FTJ_CONFIG, else {TRAINER_CONFIG}, the operator's mount)",
+    )
     train.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
     train.set_defaults(func=cmd_train)
     merge = sub.add_parser("merge", help="merge a trained LoRA/DoRA adapter into its full-precision base model")

@@ -18,8 +18,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+from finetune_trainer.constants import TERMINATION_LOG
 from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, RETRYABLE_EXIT_CODE
 
 
@@ -35,14 +36,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="torchrun's arguments, as the operator renders them (everything after --torchrun)",
     )
     args = parser.parse_args(argv)
-    command = [sys.executable, "-m", "torch.distributed.run", *args.torchrun]
-    print(f"finetune_trainer.launch: {' '.join(command)}", file=sys.stderr, flush=True)
-    raise SystemExit(supervise(command))
+    raise SystemExit(supervise(args.torchrun))
 
 
-def supervise(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """Run torchrun as a child, forward SIGTERM/SIGINT to it, and return an exit code the workload can act on:
-    0, PERMANENT_EXIT_CODE or RETRYABLE_EXIT_CODE (finetune_trainer.errors).
+def supervise(torchrun_args: Sequence[str]) -> int:
+    """Run torchrun with `torchrun_args` as a child, forward SIGTERM/SIGINT to it, and return an exit code the
+    workload can act on: 0, PERMANENT_EXIT_CODE or RETRYABLE_EXIT_CODE (finetune_trainer.errors).
 
     torchrun exits 1 whatever its workers exited with; the failing worker's termination message (JSON with a
     reason) tells whether a restart could help. A permanent reason becomes PERMANENT_EXIT_CODE; every other failure
@@ -50,7 +49,9 @@ def supervise(command: Sequence[str], env: Mapping[str, str] | None = None) -> i
     RETRYABLE_EXIT_CODE, which restartPolicy: ExitCode restarts, and which the Job backend counts against
     backoffLimit.
     """
-    child = subprocess.Popen(list(command), env=dict(env) if env is not None else None)
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args]
+    print(f"finetune_trainer.launch: {' '.join(command)}", file=sys.stderr, flush=True)
+    child = subprocess.Popen(command)
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)
@@ -60,7 +61,7 @@ def supervise(command: Sequence[str], env: Mapping[str, str] | None = None) -> i
     code = child.wait()
     if code == 0:
         return 0
-    path = os.environ.get("FTJ_TERMINATION_LOG", "/dev/termination-log")
+    path = os.environ.get("FTJ_TERMINATION_LOG", TERMINATION_LOG)
     try:
         with open(path) as handle:
             reason = json.loads(handle.read() or "{}").get("reason")

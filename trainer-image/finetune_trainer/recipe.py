@@ -1,4 +1,4 @@
-"""The training recipe: setup -> train -> save_checkpoint (from the loop) -> finish -> cleanup.
+"""The training recipe: setup -> train -> queue_checkpoint_upload (from the loop) -> finish -> cleanup.
 
 Every rank of a torchrun job runs this. Side effects sit behind small interfaces (Storage, NodeCache,
 ProgressReporter), so the same code trains from file:// paths in tests and `ftj run` and from S3 in a cluster.
@@ -112,39 +112,53 @@ class FineTuneRecipe:
 
     def setup(self) -> None:
         """Resolve the checkpoint to resume from, fetch the model, build args, model, data and the Trainer."""
-        import torch
-        from transformers import AutoTokenizer, PrinterCallback, set_seed
-
-        from finetune_trainer.callbacks import (
-            CheckpointCallback,
-            PreemptionCallback,
-            ProgressCallback,
-            ResumableTrainer,
-        )
-        from finetune_trainer.data import build_datasets
-        from finetune_trainer.methods import apply_method, load_model
-
         started = time.monotonic()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # Before any model is loaded: with ZeRO-3 the arguments must exist first so that loading is partitioned.
         args = self.training_arguments()
-        if self.config.deepspeed is not None and self.ranks.distributed:
-            import deepspeed
-            import torch.distributed as dist
-
-            # ZeRO-3 partitions while the model loads, with DeepSpeed's view of the world; on CPU (gloo) accelerate
-            # leaves deepspeed.comm uninitialised until the engine starts, and the load would see one rank.
-            deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self._init_deepspeed_comm()
         self.resume = self._agree_on_resume()
+        self._remove_earlier_local_checkpoints()
+        model_dir = self._fetch_model_and_resume_checkpoint()
+        tokenizer, model = self._load_tokenizer_and_model(model_dir)
+        collator = self._build_data(tokenizer, model)
+        self._build_trainer(model, args, tokenizer, collator, self._build_callbacks())
+        if self.reporter is not None and self.resume is not None:
+            self.reporter.seed_checkpoints(self._existing_checkpoint_records())
+            self.reporter.resumed(self.resume.step)
+        self._log_setup_done(started, args)
+
+    def _init_deepspeed_comm(self) -> None:
+        """ZeRO-3 partitions while the model loads, with DeepSpeed's view of the world; on CPU (gloo) accelerate
+        leaves deepspeed.comm uninitialised until the engine starts, and the load would see one rank."""
+        if self.config.deepspeed is None or not self.ranks.distributed:
+            return
+        import deepspeed
+        import torch.distributed as dist
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+    def _remove_earlier_local_checkpoints(self) -> None:
+        """Local checkpoint directories of an earlier container are never resumed from (storage is the truth) and
+        must not be mixed into this run's uploads."""
         if self.ranks.is_local_main:
-            # Local checkpoint directories of an earlier container are never resumed from (storage is the truth)
-            # and must not be mixed into this run's uploads.
             for old in self.work_dir.glob(LOCAL_PREFIX + "*"):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _fetch_model_and_resume_checkpoint(self) -> Path:
+        """Fetch the base model (returned) and the checkpoint to resume from (into self.resume_dir), once per
+        node."""
         model_dir = self.cache.fetch(self.config.model.uri)
         if self.resume is not None:
             self.resume_dir = self.cache.fetch(self.resume.uri)
             log.info("resuming from %s (step %d)", self.resume.uri, self.resume.step)
+        return model_dir
+
+    def _load_tokenizer_and_model(self, model_dir: Path) -> tuple[Any, Any]:
+        """The tokenizer (padding with EOS when it has no pad token) and the model with the method applied."""
+        from transformers import AutoTokenizer, set_seed
+
+        from finetune_trainer.methods import apply_method, load_model
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=self.config.model.trust_remote_code)
         if tokenizer.pad_token is None:
@@ -154,6 +168,11 @@ class FineTuneRecipe:
         model = load_model(self.config, model_dir, self.ranks)
         model, self.summary = apply_method(model, self.config)
         log.info("%s", self.summary.line())
+        return tokenizer, model
+
+    def _build_data(self, tokenizer: Any, model: Any) -> Any:
+        """Build the datasets into self.data; returns the collator for the model's attention implementation."""
+        from finetune_trainer.data import build_datasets
 
         self.data = build_datasets(
             self.config,
@@ -163,7 +182,11 @@ class FineTuneRecipe:
             is_local_main=self.ranks.is_local_main,
         )
         attn = getattr(model.config, "_attn_implementation", None)
-        collator = self.data.collator(attn)
+        return self.data.collator(attn)
+
+    def _build_callbacks(self) -> list[Any]:
+        """The checkpoint uploader (one per node) and the Trainer callbacks: checkpoint, preemption, progress."""
+        from finetune_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback
 
         if self.ranks.is_local_main:
             self.uploader = CheckpointUploader(
@@ -178,10 +201,17 @@ class FineTuneRecipe:
             )
         self.preemption = PreemptionCallback(self.ranks)
         check = self.uploader.check if self.uploader is not None else None
-        self.checkpoint_callback = CheckpointCallback(self.save_checkpoint, self.ranks, check)
+        self.checkpoint_callback = CheckpointCallback(self.queue_checkpoint_upload, self.ranks, check)
         callbacks: list[Any] = [self.checkpoint_callback, self.preemption]
         if self.reporter is not None:
             callbacks.append(ProgressCallback(self.reporter))
+        return callbacks
+
+    def _build_trainer(self, model: Any, args: Any, tokenizer: Any, collator: Any, callbacks: list[Any]) -> None:
+        from transformers import PrinterCallback
+
+        from finetune_trainer.callbacks import ResumableTrainer
+
         self.trainer = ResumableTrainer(
             model=model,
             args=args,
@@ -192,9 +222,10 @@ class FineTuneRecipe:
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)  # our JSON lines replace its printed dicts
-        if self.reporter is not None and self.resume is not None:
-            self.reporter.seed_checkpoints(self._existing_checkpoint_records())
-            self.reporter.resumed(self.resume.step)
+
+    def _log_setup_done(self, started: float, args: Any) -> None:
+        import torch
+
         log.info(
             "setup done in %.1fs: %d train rows, %s eval rows, device %s, torch %s",
             time.monotonic() - started,
@@ -337,7 +368,7 @@ class FineTuneRecipe:
             return RunResult("preempted", step, resumed)
         return RunResult("finished", step, resumed)
 
-    def save_checkpoint(self, step: int, local_dir: Path, loss: float | None) -> None:
+    def queue_checkpoint_upload(self, step: int, local_dir: Path, loss: float | None) -> None:
         """Checkpoint `step` is complete in `local_dir` on every rank of this node (the Trainer wrote it, every
         saveSteps, at the last step and on SIGTERM): this node's local rank 0 queues it for upload to
         <output>/checkpoints/step-<step>/; training goes on while it uploads."""
