@@ -31,10 +31,11 @@ test-e2e: venv testbin ## Run only the e2e tier: FineTuneJobs that really train,
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: venv ## ruff lint + format check, mypy
+lint: venv ## ruff lint + format check, mypy, import layers (import-linter)
 	$(VENV_BIN)/ruff check .
 	$(VENV_BIN)/ruff format --check .
 	$(VENV_BIN)/mypy operator/finetune_operator trainer-image/finetune_trainer
+	$(VENV_BIN)/lint-imports
 
 .PHONY: format
 format: venv ## Apply ruff formatting and safe fixes
