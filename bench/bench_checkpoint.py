@@ -1,0 +1,194 @@
+"""Checkpoint stall on CPU: step time with checkpoints to S3 against the same run without them (not a test).
+
+Builds a Qwen2-shaped model with random weights (default: Qwen2.5-0.5B's layer shape, hidden 896, 24 layers,
+intermediate 4864, 14 heads / 2 KV heads, with the test tokenizer's small vocabulary), starts a real MinIO
+(tests/support, `bash tests/testbin/build.sh minio`), and runs the real recipe (finetune_trainer.recipe, the code a
+Pod runs) in this process for each method twice: once with a checkpoint every --save-every steps uploaded to MinIO
+(the Trainer serializes it locally, CheckpointUploader uploads it in the background while training goes on), once
+with saveSteps past the end. The input is the model and a small alpaca file on local disk in both runs.
+
+Step time is the wall time between the end of the first --warmup steps and the end of the last step, divided by
+the steps in between: it includes every save the Trainer made in that window and whatever the background upload
+takes from the two CPUs, and leaves out the final save after the last step. Runs alternate (with, without, with,
+...) and the best of --repeat counts for each.
+
+    ~/.cache/finetune-operator/venv/bin/python bench/bench_checkpoint.py [--methods lora,full] [--steps 12]
+        [--save-every 4] [--layers 24] [--repeat 1]
+
+Last line: `checkpoint overhead lora P%, full Q%`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from trainer.tiny import build_tokenizer  # noqa: E402
+from trainer.tinymodels import write_dataset  # noqa: E402
+
+from finetune_trainer.config import TrainerConfig  # noqa: E402
+from finetune_trainer.distenv import Ranks  # noqa: E402
+from finetune_trainer.progress import ProgressReporter  # noqa: E402
+from finetune_trainer.recipe import FineTuneRecipe  # noqa: E402
+from support.s3 import MinioServer  # noqa: E402
+
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"type": "lora", "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target": "all"}},
+    "full": {"type": "full"},
+}
+
+
+def write_model(directory: Path, layers: int, hidden: int, intermediate: int) -> int:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+class StepClock:
+    """Wall time at the end of each optimizer step (a transformers TrainerCallback)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def run_once(
+    work: Path,
+    model: Path,
+    data: Path,
+    output_uri: str,
+    storage: dict[str, Any],
+    method: str,
+    save_every: int,
+    args: argparse.Namespace,
+) -> float:
+    config = TrainerConfig.model_validate(
+        {
+            "jobName": f"bench-{method}",
+            "model": {"uri": model.as_uri()},
+            "datasets": [{"uri": data.as_uri(), "format": "alpaca"}],
+            "method": METHODS[method],
+            "training": {
+                "maxSteps": args.steps,
+                "learningRate": 1e-4,
+                "perDeviceBatchSize": 1,
+                "gradientAccumulationSteps": 1,
+                "cutoffLen": args.cutoff,
+                "packing": True,
+                "precision": "fp32",
+                "gradientCheckpointing": False,
+                "loggingSteps": 1,
+                "saveSteps": save_every,
+                "seed": 7,
+            },
+            "output": {"uri": output_uri, "checkpoints": {"keep": 2}, "plotLoss": False},
+            "storage": storage,
+            "cacheDir": str(work / "cache"),
+        }
+    )
+    quiet = ProgressReporter(config.job_name, None, stream=open(os.devnull, "w"))  # noqa: SIM115
+    recipe = FineTuneRecipe(config, ranks=Ranks(0, 0, 1, 1), reporter=quiet)
+    clock = StepClock()
+    try:
+        recipe.setup()
+        recipe.trainer.add_callback(clock)
+        recipe.train()  # returns once the background uploads have finished
+    finally:
+        recipe.cleanup()
+        shutil.rmtree(work / "cache", ignore_errors=True)
+    window = clock.ends[args.warmup - 1 :]
+    return (window[-1] - window[0]) / (len(window) - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--save-every", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=896)
+    parser.add_argument("--intermediate", type=int, default=4864)
+    parser.add_argument("--cutoff", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    work = Path(tempfile.mkdtemp(prefix="ftj-bench-ckpt-"))
+    server = MinioServer.start(work / "minio")
+    try:
+        bucket = server.new_bucket()
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = bucket.access_key, bucket.secret_key
+        storage = {"endpoint": bucket.endpoint_url, "region": bucket.region, "addressingStyle": "path"}
+        params = write_model(work / "model", args.layers, args.hidden, args.intermediate)
+        data = write_dataset(work / "data" / "train.jsonl", n=64)
+        print(f"model: Qwen2 shape, {args.layers} layers, hidden {args.hidden}: {params / 1e6:.0f}M parameters (fp32)")
+        print(
+            f"{args.steps} steps of {args.cutoff} tokens, checkpoint every {args.save_every} to MinIO; "
+            f"step time from step {args.warmup} to {args.steps}"
+        )
+        figures: dict[str, float] = {}
+        for method in args.methods.split(","):
+            best = {"with": float("inf"), "without": float("inf")}
+            for attempt in range(args.repeat):
+                for label, every in (("with", args.save_every), ("without", 10 * args.steps)):
+                    uri = bucket.uri(f"{method}-{label}-{attempt}/")
+                    seconds = run_once(work, work / "model", data, uri, storage, method, every, args)
+                    best[label] = min(best[label], seconds)
+                    print(f"  {method} {label:7} checkpoints: {seconds:.3f} s/step", flush=True)
+            overhead = 100 * (best["with"] / best["without"] - 1)
+            figures[method] = overhead
+            print(
+                json.dumps(
+                    {
+                        "method": method,
+                        "with_s_per_step": round(best["with"], 3),
+                        "without_s_per_step": round(best["without"], 3),
+                        "overhead_pct": round(overhead, 1),
+                    }
+                )
+            )
+        print("checkpoint overhead " + ", ".join(f"{m} {p:.1f}%" for m, p in figures.items()))
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
