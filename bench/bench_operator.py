@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from kubernetes import client  # noqa: E402
 
+from finetune_operator import k8s  # noqa: E402
 from finetune_operator.api import FineTuneJobSpec  # noqa: E402
 from finetune_operator.k8s import path  # noqa: E402
 from finetune_operator.render import JobRef, children  # noqa: E402
@@ -84,6 +85,7 @@ def bare_client(api: client.ApiClient, namespace: str, n: int) -> float:
     """Create the children of N jobs directly, object by object, as the operator would."""
     spec = FineTuneJobSpec.model_validate(SPEC)
     objects = [o for i in range(n) for o in children(JobRef(f"job-{i:04d}", namespace, spec), Settings())]
+    k8s._client = api  # path() asks this API server for each kind's resource name
     start = time.perf_counter()
     for obj in objects:
         api.call_api(

@@ -2,10 +2,15 @@
 
 Everything else in the operator is pure. Calls are safe to repeat: a create that finds the object already there
 returns the existing object, and transient trouble surfaces as `TransientError` for the handlers to retry.
+
+Paths come from the API server's discovery: the first request for a kind of a group-version reads that
+group-version's resource list (/api/v1, /apis/<group>/<version>) once for the process, and every later path is built
+from the cached list, so discovery adds no requests per reconcile.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,23 +21,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from finetune_operator.api import API_VERSION_FULL, KIND, PLURAL
-
-PLURALS = {
-    "ConfigMap": "configmaps",
-    "Secret": "secrets",
-    "ServiceAccount": "serviceaccounts",
-    "Service": "services",
-    "Pod": "pods",
-    "Event": "events",
-    "Role": "roles",
-    "RoleBinding": "rolebindings",
-    "Job": "jobs",
-    "PyTorchJob": "pytorchjobs",
-    "Lease": "leases",
-    KIND: PLURAL,
-}
-
+from finetune_operator.api import API_VERSION_FULL, KIND
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +34,16 @@ class StaleReadError(TransientError):
     """A write made from a read of an object that has changed since (or was replaced): read again and redo it."""
 
 
+class NotServedError(ApiException):  # type: ignore[misc]  # kubernetes 35 ships no type information
+    """The API server serves no such kind in that apiVersion (its CRD is not installed, say). It is a 404, as the
+    request itself would have been: get() answers None, delete() False, and create() raises it."""
+
+    def __init__(self, api_version: str, kind: str) -> None:
+        super().__init__(status=404, reason=f"the API server serves no kind {kind!r} in apiVersion {api_version!r}")
+        self.api_version = api_version
+        self.kind = kind
+
+
 _lock = threading.Lock()
 _client: client.ApiClient | None = None
 # Called before every write. Leader election installs a check here, so that a replica whose lease may already have
@@ -52,6 +51,13 @@ _client: client.ApiClient | None = None
 write_guard: Callable[[], None] | None = None
 OPERATOR_MANAGER = "finetune-operator"
 EVENT_ATTEMPTS = 3
+
+# Discovery, per group-version: kind -> (plural, namespaced) of each resource it serves (subresources left out).
+# Read once per process; read again only when a kind or plural asked for is missing from it (installed since), and
+# dropped when a create there answers 404 (the API may have gone). A group-version not served is never cached.
+Resources = dict[str, tuple[str, bool]]
+_resources: dict[str, Resources] = {}
+_discovery_lock = threading.Lock()
 
 
 def api_client() -> client.ApiClient:
@@ -67,14 +73,93 @@ def api_client() -> client.ApiClient:
         return _client
 
 
+def _base(api_version: str) -> str:
+    return f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+
+
+def _discover(api_version: str, has: Callable[[Resources], bool]) -> Resources | None:
+    """The resources `api_version` serves (None: not served), from the cache when it has what `has` looks for,
+    else read from the API server (and cached)."""
+    cached = _resources.get(api_version)
+    if cached is not None and has(cached):
+        return cached
+    with _discovery_lock:  # one read for the threads that miss at once (at start-up, every handler thread does)
+        cached = _resources.get(api_version)
+        if cached is not None and has(cached):
+            return cached
+        try:
+            result = _call("GET", _base(api_version))
+        except ApiException as exc:
+            if exc.status == 404:
+                _resources.pop(api_version, None)
+                return None
+            raise
+        found: Resources = {}
+        for res in result.get("resources") or []:
+            if "/" not in res["name"]:  # pods/status and the like are subresources, not kinds
+                found.setdefault(res["kind"], (res["name"], bool(res.get("namespaced"))))
+        _resources[api_version] = found
+        return found
+
+
+def resource(api_version: str, kind: str) -> tuple[str, bool]:
+    """(plural, namespaced) of a kind, from discovery; NotServedError when the API server does not serve it."""
+    found = _discover(api_version, lambda resources: kind in resources)
+    if found is None or kind not in found:
+        raise NotServedError(api_version, kind)
+    return found[kind]
+
+
 def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    out = f"{base}/namespaces/{namespace}/{PLURALS[kind]}" if namespace else f"{base}/{PLURALS[kind]}"
+    """The API path of a kind's collection, of one object, or of its subresource. With no namespace, a namespaced
+    kind's collection is the one across all namespaces; a namespace given for a cluster-scoped kind is ignored."""
+    plural, namespaced = resource(api_version, kind)
+    out = _base(api_version)
+    if namespace and namespaced:
+        out += f"/namespaces/{namespace}"
+    out += f"/{plural}"
     if name:
         out += f"/{name}"
     if sub:
         out += f"/{sub}"
     return out
+
+
+def _request(
+    api: Any,  # a kubernetes.client.ApiClient, whose call_api differs between versions (typed only from 37 on)
+    method: str,
+    url: str,
+    query: list[tuple[str, Any]],
+    headers: dict[str, str],
+    body: Any = None,
+) -> Any:
+    """One request through the kubernetes client's transport: the JSON answer decoded here (None when empty), an
+    ApiException for any status but 2xx. kubernetes 37 replaced the client's transport (openapi-generator's modern
+    python client instead of python-legacy): call_api(path, method, ..., response_type=...) became param_serialize()
+    + call_api(method, url, ...) + response_deserialize(); 36 had already renamed response_type to
+    response_types_map. Both shapes are handled, so any kubernetes from 35 on works."""
+    if hasattr(api, "param_serialize"):  # kubernetes >= 37
+        request = api.param_serialize(
+            method, url, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = api.call_api(*request)
+        response.read()
+        if not 200 <= response.status <= 299:
+            api.response_deserialize(response, {})  # raises the ApiException (or subclass) for the status
+        data = response.data
+    else:  # kubernetes 35 and 36: without preloading, call_api returns the urllib3 response; non-2xx raise in it
+        response = api.call_api(
+            url,
+            method,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        data = response.data
+    return json.loads(data) if data else None
 
 
 def _call(
@@ -86,17 +171,9 @@ def _call(
 ) -> Any:
     if method != "GET" and write_guard is not None:
         write_guard()
+    headers = {"Accept": "application/json", "Content-Type": content_type}
     try:
-        return api_client().call_api(
-            url,
-            method,
-            query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
-        )
+        return _request(api_client(), method, url, query or [], headers, body)
     except ApiException as exc:
         if exc.status in (409, 429) or (exc.status or 0) >= 500:
             raise TransientError(f"{method} {url}: {exc.status} {exc.reason}") from exc
@@ -124,6 +201,10 @@ def create(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     except TransientError as exc:
         if not (isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 409):
             raise
+    except ApiException as exc:
+        if exc.status == 404:  # the namespace, or the API itself, is gone: served() asks the API server again
+            _resources.pop(obj["apiVersion"], None)
+        raise
     existing = get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
     if existing is None:  # deleted between the conflict and the read: the next attempt creates it
         raise TransientError(f"{obj['kind']} {meta['name']} vanished after a conflict")
@@ -215,14 +296,15 @@ def list_objects(api_version: str, kind: str, namespace: str | None, selector: s
 
 
 def served(api_version: str, plural: str) -> bool:
-    """Whether the API server serves a resource (discovery), e.g. served('kubeflow.org/v1', 'pytorchjobs')."""
-    try:
-        result = _call("GET", f"/apis/{api_version}")
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return any(r.get("name") == plural for r in result.get("resources") or [])
+    """Whether the API server serves a resource (discovery), e.g. served('kubeflow.org/v1', 'pytorchjobs'). It shares
+    path()'s discovery cache: a resource found served is not asked about again, one not found is asked about each
+    time (it may have been installed since)."""
+
+    def has(resources: Resources) -> bool:
+        return any(p == plural for p, _ in resources.values())
+
+    found = _discover(api_version, has)
+    return found is not None and has(found)
 
 
 def replace(obj: dict[str, Any]) -> dict[str, Any]:

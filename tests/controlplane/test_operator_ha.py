@@ -156,8 +156,9 @@ def test_metrics_count_jobs_by_phase(cluster: Cluster, run_operator: Callable[..
 @pytest.mark.parametrize("backend", ["pytorchjob", "job"])
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_server_side_dry_run_accepts_every_rendered_object(
-    k8s_api: client.ApiClient, namespace: str, path: Path, backend: str
+    k8s_api: client.ApiClient, namespace: str, path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(k8s, "_client", k8s_api)  # k8s.path() asks this API server for each kind's resource name
     objects, errors = render_file(path, namespace, backend)
     assert errors == []
     for obj in objects:

@@ -50,6 +50,34 @@ def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _request(
+    api_client: Any, method: str, path: str, query: list[tuple[str, str]], headers: dict[str, str], body: Any = None
+) -> Any:
+    """One request through the kubernetes client's transport, its JSON answer decoded (ApiException unless 2xx).
+    kubernetes 37 replaced the client's call_api(path, method, ..., response_type=...) with param_serialize() +
+    call_api(method, url, ...) (and 36 renamed response_type); both shapes work, as in finetune_operator.k8s."""
+    if hasattr(api_client, "param_serialize"):  # kubernetes >= 37
+        request = api_client.param_serialize(
+            method, path, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = api_client.call_api(*request)
+        response.read()
+        if not 200 <= response.status <= 299:
+            api_client.response_deserialize(response, {})  # raises the ApiException for the status
+    else:  # kubernetes 35 and 36: unpreloaded, call_api returns the urllib3 response; non-2xx raise in it
+        response = api_client.call_api(
+            path,
+            method,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+    return json.loads(response.data) if response.data else None
+
+
 class JobReplacedError(Exception):
     """The FineTuneJob this run reports into was deleted and re-created under its name: the new object is another
     run's, and this run writes nothing into it."""
@@ -123,27 +151,12 @@ class StatusClient:
         metadata = {"name": self.name, "namespace": self.namespace, "resourceVersion": self.resource_version}
         body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": metadata, "status": status}
         # The generated patch_namespaced_custom_object_status always sends merge-patch; apply needs its own type.
-        result = self.api_client.call_api(
-            self.path,
-            "PATCH",
-            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            header_params={"Content-Type": APPLY_CONTENT_TYPE, "Accept": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
-        )
-        self._track(result)
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        headers = {"Content-Type": APPLY_CONTENT_TYPE, "Accept": "application/json"}
+        self._track(_request(self.api_client, "PATCH", self.path, query, headers, body))
 
     def get(self) -> dict[str, Any]:
-        obj: dict[str, Any] = self.api_client.call_api(
-            self.path,
-            "GET",
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
-        )
+        obj: dict[str, Any] = _request(self.api_client, "GET", self.path, [], {"Accept": "application/json"})
         self._track(obj)
         return obj
 
