@@ -15,13 +15,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api import API_VERSION_FULL, KIND
+from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def replace(obj: dict[str, Any]) -> dict[str, Any]:
 def post_event(involved: dict[str, Any], kind: str, reason: str, message: str, component: str) -> None:
     """Post a core/v1 Event about an object; a failure to post is logged, never raised (Events are best effort)."""
     meta = involved["metadata"]
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = now_rfc3339()
     event = {
         "apiVersion": "v1",
         "kind": "Event",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
+
+from finetune_trainer.timefmt import now_rfc3339
 
 TERMINAL = ("Succeeded", "Failed")
 # Waiting reasons of a container that no amount of waiting fixes without a person.
@@ -19,10 +20,6 @@ STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "Create
 # Failure reasons that say only that something failed.
 GENERIC_REASONS = ("Error", "Failed", "PodFailurePolicy", "PyTorchJobFailed")
 CONDITION_TYPES = ("Created", "Running", "Merging", "Succeeded", "Failed", "Suspended")
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.storage import Storage, StorageError, join_uri
+from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class CheckpointUploader:
             "format": FORMAT,
             "step": job.step,
             "job": self.job_name,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": now_rfc3339(),
             "loss": job.loss,
             "nodes": self.ranks.nnodes,
             "world_size": self.ranks.world_size,

@@ -35,6 +35,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from finetune_trainer.config import API_GROUP, API_VERSION, KIND, PLURAL, Progress
+from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ FAILURE_CONDITION = "TrainerFailed"
 FIELD_MANAGER = "finetune-trainer"
 RETRY_SECONDS = 1.0  # after a failed apply
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
-
-
-def now_rfc3339() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _request(

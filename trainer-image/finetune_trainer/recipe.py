@@ -37,6 +37,7 @@ from finetune_trainer.errors import OutputInUseError
 from finetune_trainer.identity import RunIdentity, check_checkpoints, check_record
 from finetune_trainer.progress import ProgressReporter, StatusClient
 from finetune_trainer.storage import Storage, join_uri, open_storage
+from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ class FineTuneRecipe:
             "job": self.config.job_name,
             "method": self.config.method.type,
             "step": int(trainer.state.global_step),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": now_rfc3339(),
             "files": files,
             "run": self.identity.record(),
         }

@@ -48,6 +48,7 @@ from finetune_trainer.merge.shards import (
     plan_shards,
 )
 from finetune_trainer.merge.weights import AdapterWeights, fit_problems, merge_tensor, parse_adapter
+from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ def build_manifest(report: MergeReport, source: Mapping[str, Any]) -> dict[str, 
     return {
         "format": 1,
         "kind": "merged-model",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time": now_rfc3339(),
         "method": report.method,
         "dtype": report.dtype,
         "source": dict(source),

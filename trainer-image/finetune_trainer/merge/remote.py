@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,6 +50,7 @@ from finetune_trainer.storage import (
     join_uri,
     open_storage,
 )
+from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def merge_from_storage(request: MergeRequest, *, cache_dir: Path, storage: Stora
     staging = work / "out"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    marker = {"source": source, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    marker = {"source": source, "started": now_rfc3339()}
     out_storage.write_bytes(join_uri(output, INCOMPLETE_MARKER), json.dumps(marker).encode())
 
     def upload(path: Path, entry: WrittenFile) -> None:
