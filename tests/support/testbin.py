@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,6 +66,24 @@ def binary(component: str, name: str | None = None) -> Path:
         raise MissingBinaryError(
             f"{component} {versions()[component]} is not built: {path} missing; run `{BUILD_HINT} {component}`{go}"
         )
+    return path
+
+
+def s5cmd() -> Path:
+    """The s5cmd binary (``build.sh s5cmd``; the S3 benchmark's competitor, no test needs it), or MissingBinaryError.
+
+    Its pin, ``S5CMD_VERSION``, is read from versions.env when that carries it, else from build.sh's default.
+    """
+    pattern = re.compile(r'^S5CMD_VERSION=(?:"\$\{S5CMD_VERSION:-)?([^"}\s]+)', re.MULTILINE)
+    for source in ("versions.env", "build.sh"):
+        found = pattern.search((SOURCE_DIR / source).read_text())
+        if found:
+            break
+    if found is None:
+        raise MissingBinaryError(f"no S5CMD_VERSION in {SOURCE_DIR}/versions.env or build.sh")
+    path = cache_dir() / f"s5cmd-{found.group(1)}" / "s5cmd"
+    if not (path.parent / ".complete").is_file() or not os.access(path, os.X_OK):
+        raise MissingBinaryError(f"s5cmd {found.group(1)} is not built: {path} missing; run `{BUILD_HINT} s5cmd`")
     return path
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the real servers used by the controlplane and trainer test tiers from their published Go modules:
 # etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1,
-# MinIO, the Helm v3 CLI (the chart tests render and lint with it) and kubectl (the e2e tier drives the cluster
-# with it, as a user would). Binaries go to a cache outside the
+# MinIO, the Helm v3 CLI (the chart tests render and lint with it), kubectl (the e2e tier drives the cluster
+# with it, as a user would) and s5cmd (the S3 client bench/bench_s3_pull.py compares the trainer's transfers with;
+# no test needs it, so it is not in the default set). Binaries go to a cache outside the
 # repository, one directory per component and version:
 #
 #   ${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}/<component>-<version>/
@@ -11,7 +12,8 @@
 # redone and a finished one is reused. Idempotent: run it as often as you like; only what is missing is built.
 #
 # Usage: bash tests/testbin/build.sh [--force] [component ...]
-#   components: etcd kubernetes kubectl kwok training-operator minio helm (default: all)
+#   components: etcd kubernetes kubectl kwok training-operator minio helm s5cmd
+#               (default: all but s5cmd, which only the S3 benchmark uses)
 #   --force     rebuild even when the stamp is present
 #   --print-dir print the cache directory and exit
 set -euo pipefail
@@ -19,6 +21,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
+# s5cmd (github.com/peak/s5cmd/v2), for the S3 benchmark only; the newest release the Go module proxy serves.
+# Pinned here until versions.env carries it (tests/support/testbin.py reads it from either file).
+S5CMD_VERSION="${S5CMD_VERSION:-v2.3.0}"
 
 cache="${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}"
 all_components=(etcd kubernetes kubectl kwok training-operator minio helm)
@@ -29,9 +34,9 @@ for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
         --print-dir) echo "$cache"; exit 0 ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        etcd|kubernetes|kubectl|kwok|training-operator|minio|helm) components+=("$arg") ;;
-        *) echo "build.sh: unknown argument '$arg' (components: ${all_components[*]})" >&2; exit 2 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        etcd|kubernetes|kubectl|kwok|training-operator|minio|helm|s5cmd) components+=("$arg") ;;
+        *) echo "build.sh: unknown argument '$arg' (components: ${all_components[*]} s5cmd)" >&2; exit 2 ;;
     esac
 done
 if [ "${#components[@]}" -eq 0 ]; then
@@ -65,6 +70,7 @@ component_version() {
         training-operator) echo "$TRAINING_OPERATOR_VERSION" ;;
         minio) echo "$MINIO_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
+        s5cmd) echo "$S5CMD_VERSION" ;;
     esac
 }
 
@@ -137,6 +143,20 @@ build_helm() {
         ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
     done
     GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$v"
+}
+
+# s5cmd built in its released module (downloaded into the module cache) against the dependency versions its own
+# go.mod and go.sum pin (the module zip leaves its vendor/ directory out, hence -mod=mod), with the release stamped
+# in as its Makefile does, so `s5cmd version` prints it. Not `go install ...@version`: that also asks the proxy for
+# the module's version list (to report a deprecation), which the proxy refuses for this module.
+build_s5cmd() {
+    local out="$1" v="$S5CMD_VERSION" info dir commit
+    info="$(cd "$here" && go mod download -json "github.com/peak/s5cmd/v2@$v")"
+    dir="$(echo "$info" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    commit="$(echo "$info" | sed -n 's/^[[:space:]]*"Hash": "\([0-9a-f]\{7\}\).*/\1/p')"
+    local ldflags="-s -w -X github.com/peak/s5cmd/v2/version.Version=$v"
+    ldflags+=" -X github.com/peak/s5cmd/v2/version.GitCommit=${commit:-release}"
+    (cd "$dir" && go build "${gobuild_flags[@]}" -mod=mod -ldflags "$ldflags" -o "$out/s5cmd" .)
 }
 
 # The loop sits in a function so bash parses all of it before running any of it (editing this file while a

@@ -38,6 +38,11 @@ MiB = 1024 * 1024
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-(\d+))?$")
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _READ = MiB
+# Each read goes to the file in writes of this size. With 16 threads on one file, 1 MiB buffered writes (one copy
+# into the page cache under the inode lock each) kept the other writers spinning on that lock: pulling 2 GiB from
+# MinIO on the 2-core development machine took 1.9 client CPU s/GiB with 1 MiB writes and 1.2 with 256 KiB ones
+# (coreutils' buffer size; 64 KiB and 512 KiB did worse), 1.4x faster (docs/benchmarks.md, S3 section).
+_WRITE = 256 * 1024
 _ATTEMPTS = 5
 # Checksums whose combination this module can compute without extra packages (CRC32C/CRC64NVME need awscrt).
 _ALGORITHMS = ("CRC32", "SHA256", "SHA1")
@@ -309,7 +314,7 @@ class RangedDownloader:
                     data = body.read(_READ)
                     if not data:
                         break
-                    os.pwrite(state.fd, data, offset + written)
+                    _pwrite_all(state.fd, data, offset + written)
                     if digest is not None:
                         digest.update(data)
                     written += len(data)
@@ -406,6 +411,17 @@ class RangedDownloader:
         except Exception:
             return False
         return head.get("ServerSideEncryption") == "aws:kms" or bool(head.get("SSECustomerAlgorithm"))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` at `offset`, in pieces of _WRITE bytes (a short write continues where it stopped)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done : done + _WRITE], offset + done)
+        if n <= 0:
+            raise OSError(f"write at offset {offset + done} wrote nothing")
+        done += n
 
 
 def _digest(algorithm: str, data: bytes) -> str:
