@@ -10,7 +10,6 @@ from the cached list, so discovery adds no requests per reconcile.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api import API_VERSION_FULL, KIND
+from finetune_trainer.kubeapi import request
 from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -125,43 +125,6 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return out
 
 
-def _request(
-    api: Any,  # a kubernetes.client.ApiClient, whose call_api differs between versions (typed only from 37 on)
-    method: str,
-    url: str,
-    query: list[tuple[str, Any]],
-    headers: dict[str, str],
-    body: Any = None,
-) -> Any:
-    """One request through the kubernetes client's transport: the JSON answer decoded here (None when empty), an
-    ApiException for any status but 2xx. kubernetes 37 replaced the client's transport (openapi-generator's modern
-    python client instead of python-legacy): call_api(path, method, ..., response_type=...) became param_serialize()
-    + call_api(method, url, ...) + response_deserialize(); 36 had already renamed response_type to
-    response_types_map. Both shapes are handled, so any kubernetes from 35 on works."""
-    if hasattr(api, "param_serialize"):  # kubernetes >= 37
-        request = api.param_serialize(
-            method, url, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
-        )
-        response = api.call_api(*request)
-        response.read()
-        if not 200 <= response.status <= 299:
-            api.response_deserialize(response, {})  # raises the ApiException (or subclass) for the status
-        data = response.data
-    else:  # kubernetes 35 and 36: without preloading, call_api returns the urllib3 response; non-2xx raise in it
-        response = api.call_api(
-            url,
-            method,
-            query_params=query,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
-        )
-        data = response.data
-    return json.loads(data) if data else None
-
-
 def _call(
     method: str,
     url: str,
@@ -173,7 +136,7 @@ def _call(
         write_guard()
     headers = {"Accept": "application/json", "Content-Type": content_type}
     try:
-        return _request(api_client(), method, url, query or [], headers, body)
+        return request(api_client(), method, url, query or [], headers, body)
     except ApiException as exc:
         if exc.status in (409, 429) or (exc.status or 0) >= 500:
             raise TransientError(f"{method} {url}: {exc.status} {exc.reason}") from exc

@@ -1,6 +1,6 @@
 """finetune_operator.k8s without an API server: paths come from discovery read once per group-version, a kind not
-served is a clear 404, and the raw requests (here and in the trainer's StatusClient) work with the kubernetes client
-installed, whichever transport it has (35/36 python-legacy, 37 the modern generator)."""
+served is a clear 404, and the raw request (finetune_trainer.kubeapi, shared with the trainer's StatusClient) works
+with the kubernetes client installed, whichever transport it has (35/36 python-legacy, 37 the modern generator)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import k8s
-from finetune_trainer import progress
+from finetune_trainer import kubeapi
 
 DISCOVERY: dict[str, list[dict[str, Any]]] = {
     "/api/v1": [
@@ -36,8 +36,9 @@ DISCOVERY: dict[str, list[dict[str, Any]]] = {
 
 
 class FakeServer:
-    """Stands in for k8s._request: serves DISCOVERY (and whatever is added to it), 404 for any other GET of a
-    group-version, an empty object for the rest; records every (method, url)."""
+    """Stands in for the raw request k8s makes (finetune_trainer.kubeapi.request): serves DISCOVERY (and whatever
+    is added to it), 404 for any other GET of a group-version, an empty object for the rest; records every (method,
+    url)."""
 
     def __init__(self) -> None:
         self.discovery = {gv: list(resources) for gv, resources in DISCOVERY.items()}
@@ -61,7 +62,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
     monkeypatch.setattr(k8s, "_resources", {})
     monkeypatch.setattr(k8s, "_client", object())
     monkeypatch.setattr(k8s, "write_guard", None)
-    monkeypatch.setattr(k8s, "_request", fake)
+    monkeypatch.setattr(k8s, "request", fake)
     return fake
 
 
@@ -196,7 +197,8 @@ def http_api() -> Iterator[tuple[client.ApiClient, list[dict[str, Any]]]]:
 
 
 Request = Callable[..., Any]
-REQUESTS = [pytest.param(k8s._request, id="operator"), pytest.param(progress._request, id="trainer")]
+# One function serves the operator (k8s) and the trainer (progress.StatusClient).
+REQUESTS = [pytest.param(kubeapi.request, id="kubeapi")]
 
 
 @pytest.mark.parametrize("request_", REQUESTS)

@@ -35,6 +35,7 @@ from typing import Any, TextIO
 from pydantic import ValidationError
 
 from finetune_trainer.config import API_GROUP, API_VERSION, KIND, PLURAL, Progress
+from finetune_trainer.kubeapi import request
 from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -45,34 +46,6 @@ FAILURE_CONDITION = "TrainerFailed"
 FIELD_MANAGER = "finetune-trainer"
 RETRY_SECONDS = 1.0  # after a failed apply
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
-
-
-def _request(
-    api_client: Any, method: str, path: str, query: list[tuple[str, str]], headers: dict[str, str], body: Any = None
-) -> Any:
-    """One request through the kubernetes client's transport, its JSON answer decoded (ApiException unless 2xx).
-    kubernetes 37 replaced the client's call_api(path, method, ..., response_type=...) with param_serialize() +
-    call_api(method, url, ...) (and 36 renamed response_type); both shapes work, as in finetune_operator.k8s."""
-    if hasattr(api_client, "param_serialize"):  # kubernetes >= 37
-        request = api_client.param_serialize(
-            method, path, query_params=query, header_params=headers, body=body, auth_settings=["BearerToken"]
-        )
-        response = api_client.call_api(*request)
-        response.read()
-        if not 200 <= response.status <= 299:
-            api_client.response_deserialize(response, {})  # raises the ApiException for the status
-    else:  # kubernetes 35 and 36: unpreloaded, call_api returns the urllib3 response; non-2xx raise in it
-        response = api_client.call_api(
-            path,
-            method,
-            query_params=query,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
-        )
-    return json.loads(response.data) if response.data else None
 
 
 class JobReplacedError(Exception):
@@ -150,10 +123,10 @@ class StatusClient:
         # The generated patch_namespaced_custom_object_status always sends merge-patch; apply needs its own type.
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
         headers = {"Content-Type": APPLY_CONTENT_TYPE, "Accept": "application/json"}
-        self._track(_request(self.api_client, "PATCH", self.path, query, headers, body))
+        self._track(request(self.api_client, "PATCH", self.path, query, headers, body))
 
     def get(self) -> dict[str, Any]:
-        obj: dict[str, Any] = _request(self.api_client, "GET", self.path, [], {"Accept": "application/json"})
+        obj: dict[str, Any] = request(self.api_client, "GET", self.path, [], {"Accept": "application/json"})
         self._track(obj)
         return obj
 
