@@ -232,7 +232,10 @@ def _send(out: int, payload: tuple[str, Any]) -> None:
     body = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
     views = [buffer.raw() for buffer in buffers]
     header = pickle.dumps((len(body), [view.nbytes for view in views]))
+    # From the start, also when an earlier attempt wrote part of a payload that could not be pickled whole (the dup
+    # shares its file offset with `out`).
     os.ftruncate(out, 0)
+    os.lseek(out, 0, os.SEEK_SET)
     with os.fdopen(os.dup(out), "wb") as sink:
         sink.write(HEADER.pack(len(header)) + header + body)
         for view in views:
