@@ -41,10 +41,8 @@ def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
     if typing.get_origin(annotation) is list:
         inner, _ = _model_of(args[0])
         return inner, True
-    if args and typing.get_origin(annotation) is not typing.Annotated:
-        if len(args) == 1:
-            return _model_of(args[0])
-        return None, False
+    if args:  # Optional[X] unwraps to X; a union of several, a dict or a Literal holds no single model
+        return _model_of(args[0]) if len(args) == 1 else (None, False)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False
     return None, False
