@@ -39,6 +39,12 @@ Phase = Literal["Pending", "Initializing", "Running", "Merging", "Succeeded", "F
 PHASES: tuple[str, ...] = typing.get_args(Phase)
 
 
+# An extended resource name: a domain prefix, a slash and a name (Kubernetes' qualified-name syntax).
+EXTENDED_RESOURCE_PATTERN = (
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+
+
 class DistributionSpec(Model):
     """How many replicas torchrun spans and which workload kind carries them."""
 
@@ -48,6 +54,16 @@ class DistributionSpec(Model):
     nodes: int = Field(1, ge=1, le=1024, description="Replicas (torchrun --nnodes).")
     procs_per_node: int = Field(1, ge=1, le=64, description="Processes per replica (torchrun --nproc_per_node).")
     master_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port on the master replica.")
+    accelerator_resource: str | None = Field(
+        None,
+        max_length=MAX_NAME,
+        pattern=EXTENDED_RESOURCE_PATTERN,
+        description=(
+            "Extended resource of the accelerators, procsPerNode of them per replica: nvidia.com/gpu, amd.com/gpu, "
+            "huawei.com/Ascend910, habana.ai/gaudi, ...; default the operator's acceleratorResource setting "
+            "(nvidia.com/gpu)."
+        ),
+    )
 
 
 class Toleration(Model):
@@ -118,7 +134,11 @@ class FineTuneJobSpec(RunSpec):
 
     distribution: DistributionSpec = Field(default_factory=DistributionSpec, description="Replicas and backend.")
     resources: Resources | None = Field(
-        None, description="Per-replica resources; nvidia.com/gpu defaults to procsPerNode."
+        None,
+        description=(
+            "Per-replica resources; the accelerator resource (distribution.acceleratorResource) defaults to "
+            "procsPerNode."
+        ),
     )
     scheduling: SchedulingSpec | None = Field(None, description="Placement of the replicas.")
     image: str | None = Field(None, max_length=1024, description="Trainer image; the operator's default if empty.")
@@ -161,6 +181,8 @@ class Artifacts(Model):
     model: str | None = Field(None, description="Trained model (full and freeze).")
     merged: str | None = Field(None, description="Merged model.")
     loss_plot: str | None = Field(None, description="Loss plot PNG.")
+    tensorboard: str | None = Field(None, description="TensorBoard event files (tensorboard --logdir on a copy).")
+    samples: str | None = Field(None, description="samples.jsonl: the trained model's answers (output.samples).")
 
 
 class ChildRef(Model):
@@ -178,6 +200,10 @@ class FineTuneJobStatus(Model):
     checkpoints: list[CheckpointRecord] | None = Field(None, description="Newest first, bounded.")
     resumed_from_step: int | None = None
     artifacts: Artifacts | None = None
+    sample_count: int | None = Field(None, description="Rows in artifacts.samples.")
+    tracking: dict[str, str] | None = Field(
+        None, description="Links to the run in the tracking services (spec.tracking.reportTo) that give one."
+    )
     children: list[ChildRef] | None = None
     failed_replicas: list[str] | None = Field(
         None,

@@ -31,6 +31,8 @@ class RunReport:
     steps: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, str] = field(default_factory=dict)  # service -> link to the run
+    sample_count: int | None = None
     failure: dict[str, Any] | None = None
     merged: str | None = None
     already_complete: bool = False  # an earlier run's outputs were complete: nothing was trained
@@ -236,6 +238,13 @@ class LocalRun:
                     )
                 elif event == "artifacts":
                     report.artifacts.update({k: v for k, v in record.items() if k not in ("event", "job")})
+                elif event == "samples":
+                    report.sample_count = record.get("sampleCount")
+                elif event == "tracking":
+                    links = {k: str(v) for k, v in record.items() if k not in ("event", "job")}
+                    report.tracking.update(links)
+                    for service, link in links.items():
+                        self.view.note(f"{service}: {link}")
                 elif event == "failed":
                     report.failure = record
             codes = [p.wait() for p, _ in procs]
@@ -317,6 +326,12 @@ class LocalRun:
             plot = report.artifacts.get("lossPlot")  # the trainer reports it only once the plot is written
             if plot:
                 lines.append(f"  {'loss plot:':<12} {_local_path(plot)}")
+            if report.artifacts.get("tensorboard"):
+                lines.append(
+                    f"  {'tensorboard:':<12} tensorboard --logdir {_local_path(report.artifacts['tensorboard'])}"
+                )
+            if report.artifacts.get("samples"):
+                lines += samples_lines(report.artifacts["samples"], report.sample_count)
             lines.append(f"  {'checkpoints:':<12} {_local_path(out)}/checkpoints/")
         elif report.checkpoints:  # a failed run names only what it left behind
             newest = report.checkpoints[-1].get("step")
@@ -326,9 +341,37 @@ class LocalRun:
             )
         if report.merged:
             lines.append(f"  {'merged:':<12} {_local_path(report.merged)}")
+        for service, link in sorted(report.tracking.items()):
+            lines.append(f"  {service + ':':<12} {link}")
         lines.append(f"  {'logs:':<12} {self.workdir}/")
         for line in lines:
             self.view.note(line)
+
+
+SHOWN_SAMPLES = 3
+SHOWN_CHARS = 160
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= SHOWN_CHARS else flat[: SHOWN_CHARS - 1] + "…"
+
+
+def samples_lines(uri: str, count: int | None) -> list[str]:
+    """The summary's samples part: where they are, then the first few (prompt -> generation), read from a local
+    samples.jsonl (nothing more for other URIs)."""
+    lines = [f"  {'samples:':<12} {_local_path(uri)}" + (f" ({count} rows)" if count is not None else "")]
+    path = Path(_local_path(uri))
+    if not path.is_file():
+        return lines
+    for raw in path.read_text().splitlines()[:SHOWN_SAMPLES]:
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            break
+        lines.append(f"    > {_one_line(row.get('prompt', ''))}")
+        lines.append(f"      {_one_line(row.get('generation', ''))}")
+    return lines
 
 
 def workdir_for(name: str, base: Path | None = None) -> Path:

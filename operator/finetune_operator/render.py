@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
-from finetune_operator.settings import Settings
+from finetune_operator.settings import DEFAULT_ACCELERATOR_RESOURCE, Settings
 from finetune_trainer import schemes
 from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
 from finetune_trainer.constants import CONFIG_DIR, SHUTDOWN_TIMEOUT, TRAINER_CONFIG
@@ -27,7 +27,6 @@ CONTAINER = "pytorch"  # the Kubeflow training operator requires this container 
 DEEPSPEED_FILE = "ds_config.json"
 CUSTOM_DEEPSPEED_DIR = f"{CONFIG_DIR}/deepspeed"
 SCRATCH = "/scratch"
-GPU = "nvidia.com/gpu"
 JOB_LABEL = "finetune.dev/job"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RUN_AS = 1000
@@ -89,7 +88,8 @@ def _meta(job: JobRef, name: str, component: str = "trainer", **extra: Any) -> d
 
 
 def effective_spec(spec: FineTuneJobSpec, settings: Settings) -> FineTuneJobSpec:
-    """The spec with the operator's storage defaults filled in where the job leaves them empty."""
+    """The spec with the operator's defaults (storage, accelerator resource) filled in where the job leaves them
+    empty."""
     storage = spec.storage
     update: dict[str, Any] = {}
     if storage.endpoint is None and settings.default_s3_endpoint:
@@ -98,12 +98,19 @@ def effective_spec(spec: FineTuneJobSpec, settings: Settings) -> FineTuneJobSpec
         update["region"] = settings.default_s3_region
     if storage.secret_ref is None and settings.default_s3_secret:
         update["secret_ref"] = SecretRef(name=settings.default_s3_secret)
-    return spec.model_copy(update={"storage": storage.model_copy(update=update)}) if update else spec
+    if update:
+        spec = spec.model_copy(update={"storage": storage.model_copy(update=update)})
+    if spec.distribution.accelerator_resource is None:
+        distribution = spec.distribution.model_copy(update={"accelerator_resource": settings.accelerator_resource})
+        spec = spec.model_copy(update={"distribution": distribution})
+    return spec
 
 
 def trainer_config(job: JobRef) -> TrainerConfig:
     """The TrainerConfig every replica reads: the run-defining part of the spec plus where things are mounted."""
     run = job.spec.model_dump(include=set(RunSpec.model_fields), by_alias=False, exclude_none=True)
+    if "tracking" in run:
+        run["tracking"].pop("secret_ref", None)  # the pods get its keys as env (envFrom); the trainer needs no name
     ds = job.spec.deepspeed
     ds_path = None
     if ds is not None:
@@ -165,14 +172,16 @@ def rbac(job: JobRef) -> list[dict[str, Any]]:
 
 
 def resources(spec: FineTuneJobSpec) -> dict[str, Any]:
-    """Container resources: one GPU per process unless the spec says otherwise (0 means none)."""
+    """Container resources: one accelerator (distribution.acceleratorResource, nvidia.com/gpu when the spec was not
+    completed by effective_spec) per process unless the spec says otherwise (0 means none)."""
     requests = dict(spec.resources.requests or {}) if spec.resources else {}
     limits = dict(spec.resources.limits or {}) if spec.resources else {}
-    gpus = limits.get(GPU, requests.get(GPU, spec.distribution.procs_per_node))
-    limits.pop(GPU, None)
-    requests.pop(GPU, None)
-    if str(gpus) not in ("0", ""):
-        limits[GPU] = gpus  # extended resources: the request defaults to the limit
+    accelerator = spec.distribution.accelerator_resource or DEFAULT_ACCELERATOR_RESOURCE
+    count = limits.get(accelerator, requests.get(accelerator, spec.distribution.procs_per_node))
+    limits.pop(accelerator, None)
+    requests.pop(accelerator, None)
+    if str(count) not in ("0", ""):
+        limits[accelerator] = count  # extended resources: the request defaults to the limit
     # Quantities go out as strings, the form the API server returns them in.
     out: dict[str, Any] = {}
     if requests:
@@ -303,6 +312,9 @@ def pod_template(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security(),
     }
+    if spec.tracking is not None and spec.tracking.secret_ref is not None:
+        # The tracking services' keys, straight from the Secret: never in the ConfigMap, status or logs.
+        container["envFrom"] = [{"secretRef": {"name": spec.tracking.secret_ref.name}}]
     res = resources(spec)
     if res:
         container["resources"] = res

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
+from finetune_operator.api import EXTENDED_RESOURCE_PATTERN
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+DEFAULT_ACCELERATOR_RESOURCE = "nvidia.com/gpu"
 
 
 def _int(name: str, default: int) -> int:
@@ -27,6 +31,16 @@ def _bool(name: str, default: bool) -> bool:
     return raw in ("1", "true", "yes")
 
 
+def _accelerator_resource() -> str:
+    raw = os.environ.get("FTJ_ACCELERATOR_RESOURCE", "").strip() or DEFAULT_ACCELERATOR_RESOURCE
+    if not re.match(EXTENDED_RESOURCE_PATTERN, raw):
+        raise ValueError(
+            f"environment variable FTJ_ACCELERATOR_RESOURCE must be an extended resource name such as amd.com/gpu, "
+            f"got {raw!r}"
+        )
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the operator takes from its environment; render functions receive it explicitly."""
@@ -45,6 +59,9 @@ class Settings:
     default_s3_endpoint: str | None = None
     default_s3_secret: str | None = None
     default_s3_region: str | None = None
+    # FTJ_ACCELERATOR_RESOURCE: the extended resource a FineTuneJob's replicas request per process when its
+    # distribution.acceleratorResource is empty (nvidia.com/gpu; amd.com/gpu, huawei.com/Ascend910, ...).
+    accelerator_resource: str = DEFAULT_ACCELERATOR_RESOURCE
     # FTJ_HEALTH_PORT: port of the /healthz liveness endpoint (8080).
     health_port: int = 8080
     # FTJ_METRICS_PORT: port of the Prometheus /metrics endpoint (9090; 0 disables it).
@@ -70,6 +87,7 @@ class Settings:
             default_s3_endpoint=os.environ.get("FTJ_DEFAULT_S3_ENDPOINT") or None,
             default_s3_secret=os.environ.get("FTJ_DEFAULT_S3_SECRET") or None,
             default_s3_region=os.environ.get("FTJ_DEFAULT_S3_REGION") or None,
+            accelerator_resource=_accelerator_resource(),
             health_port=_int("FTJ_HEALTH_PORT", 8080),
             metrics_port=_int("FTJ_METRICS_PORT", 9090),
             leader_election=_bool("FTJ_LEADER_ELECTION", True),

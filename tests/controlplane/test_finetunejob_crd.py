@@ -84,6 +84,11 @@ def test_defaults_are_applied_by_the_server(crs: client.CustomObjectsApi, namesp
         ("eval and valSize", {"evalDatasets": [{"uri": "s3://data/e.json"}], "valSize": 0.1}, "not both"),
         ("two warmups", {"training": {"warmupSteps": 5, "warmupRatio": 0.1}}, "not both"),
         ("offload all at stage 2", {"deepspeed": {"zeroStage": 2, "offload": "all"}}, "zeroStage 3"),
+        ("unknown tracker", {"tracking": {"reportTo": ["comet"]}}, "spec.tracking.reportTo[0]"),
+        ("tracker twice", {"tracking": {"reportTo": ["wandb", "wandb"]}}, "spec.tracking.reportTo[1]"),
+        ("unknown attention", {"training": {"attention": "flex"}}, "spec.training.attention"),
+        ("bad accelerator", {"distribution": {"acceleratorResource": "gpu"}}, "spec.distribution.acceleratorResource"),
+        ("samples fromEval -1", {"output": {"uri": "s3://r/x/", "samples": {"fromEval": -1}}}, "fromEval"),
     ],
 )
 def test_bad_spec_is_refused_at_admission(
@@ -101,6 +106,8 @@ CROSS_FIELD = [
     {"training": {"warmupSteps": 5, "warmupRatio": 0.1}},
     {"evalDatasets": [{"uri": "s3://data/e.json"}], "valSize": 0.1},
     {"datasets": [{"uri": "s3://data/t.json", "format": "alpaca", "tags": {"role_tag": "role"}}]},
+    {"tracking": {"reportTo": ["wandb"], "mlflowTrackingUri": "http://mlflow:5000"}},
+    {"tracking": {"mlflowTrackingUri": "http://mlflow:5000"}},
 ]
 
 

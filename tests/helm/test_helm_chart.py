@@ -142,7 +142,10 @@ def test_pod_identity_comes_from_the_downward_api(helm: Helm) -> None:
 def test_deployment_environment_is_what_the_operator_settings_read(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         **NAMESPACED,
-        "trainer": {"image": {"repository": "registry.example/trainer", "tag": "1.2.3", "pullPolicy": "Always"}},
+        "trainer": {
+            "image": {"repository": "registry.example/trainer", "tag": "1.2.3", "pullPolicy": "Always"},
+            "acceleratorResource": "amd.com/gpu",
+        },
         "storage": {"endpoint": "http://minio.minio:9000", "region": "eu-west-1", "secretName": "s3-keys"},
         "reconcile": {"resyncSeconds": 45, "apiRecheckSeconds": 90},
         "leaderElection": {"leaseName": "my-lease", "leaseDurationSeconds": 21},
@@ -162,6 +165,7 @@ def test_deployment_environment_is_what_the_operator_settings_read(helm: Helm, m
     assert settings.watch_namespaces == ("team-a", "team-b")
     assert settings.trainer_image == "registry.example/trainer:1.2.3"
     assert settings.image_pull_policy == "Always"
+    assert settings.accelerator_resource == "amd.com/gpu"
     assert (settings.default_s3_endpoint, settings.default_s3_region, settings.default_s3_secret) == (
         "http://minio.minio:9000",
         "eu-west-1",

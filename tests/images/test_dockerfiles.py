@@ -194,6 +194,15 @@ def test_trainer_image_prebuilds_the_deepspeed_ops_the_configs_use() -> None:
     assert "installed_ops" in build  # and the build fails if they were not compiled
 
 
+def test_trainer_image_carries_pinned_flash_attention_and_liger_kernels() -> None:
+    image = parse(TRAINER)
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.post\d+)?", image.args["FLASH_ATTN_VERSION"])
+    build = " ".join(i.args for i in image.stages[0].all("RUN"))
+    assert '"flash-attn==${FLASH_ATTN_VERSION}"' in build
+    assert "import flash_attn, liger_kernel" in build  # the build fails if either does not import
+    assert "liger-kernel" in requirement_pins(ROOT / "trainer-image" / "requirements.txt")
+
+
 def test_trainer_cuda_toolkit_matches_the_cuda_of_the_pinned_torch() -> None:
     # DeepSpeed refuses to build ops with a toolkit whose major.minor differs from torch's CUDA.
     cuda = parse(TRAINER).args["CUDA_VERSION"]

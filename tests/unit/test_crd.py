@@ -13,7 +13,7 @@ from pydantic.alias_generators import to_camel
 
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.crd import _model_of, _walk, crd_yaml, custom_resource_definition, immutable_fields
-from finetune_trainer.config import NOT_RUN_DEFINING, Model, RunSpec
+from finetune_trainer.config import NOT_RUN_DEFINING, Model, RunSpec, TrackingSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
@@ -90,6 +90,7 @@ def test_every_models_rules_are_in_the_crd_wherever_the_model_is_used() -> None:
         "spec.method": FineTuneJobSpec.model_fields["method"].annotation.RULES,  # type: ignore[union-attr]
         "spec.datasets[]": RunSpec.model_fields["datasets"].annotation.__args__[0].RULES,  # type: ignore[union-attr]
         "spec.evalDatasets[]": RunSpec.model_fields["datasets"].annotation.__args__[0].RULES,  # type: ignore[union-attr]
+        "spec.tracking": TrackingSpec.RULES,
     }
     for path, rules in expected.items():
         assert rules, path

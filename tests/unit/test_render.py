@@ -12,7 +12,8 @@ import yaml
 
 from finetune_operator.api import FineTuneJobSpec, validate_document
 from finetune_operator.cli import render_file
-from finetune_operator.render import GPU, JobRef, children, resources
+from finetune_operator.render import JobRef, children, merge_job, resources
+from finetune_operator.settings import DEFAULT_ACCELERATOR_RESOURCE as GPU
 from finetune_operator.settings import Settings
 from finetune_operator.yamlio import dump_all
 
@@ -195,6 +196,45 @@ def test_gpu_count_follows_procs_unless_resources_say_otherwise() -> None:
     assert resources(spec({"resources": {"limits": {GPU: 0}}})) == {}
 
 
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+@pytest.mark.parametrize("accelerator", ["amd.com/gpu", "huawei.com/Ascend910", "habana.ai/gaudi"])
+def test_the_accelerator_resource_is_requested_per_process_on_every_backend(backend: str, accelerator: str) -> None:
+    distribution = {"backend": backend, "nodes": 2, "procsPerNode": 4}
+    # From the job's own field, and from the operator's setting when the job names none.
+    for job, settings in (
+        (_job({"distribution": {**distribution, "acceleratorResource": accelerator}}), Settings()),
+        (_job({"distribution": distribution}), Settings(accelerator_resource=accelerator)),
+    ):
+        templates = _pod_templates(children(job, settings)[-1])
+        assert len(templates) == (2 if backend == "pytorchjob" else 1)
+        for container in (t["spec"]["containers"][0] for t in templates):
+            assert container["resources"]["limits"] == {accelerator: "4"}, container["resources"]
+            assert GPU not in json.dumps(container)
+
+
+def test_an_accelerator_resource_must_be_a_qualified_extended_resource_name() -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "lora-7b.yaml").read_text())
+    doc["spec"]["distribution"] = {"acceleratorResource": "gpu"}
+    job, errors = validate_document(doc)
+    assert job is None
+    assert any(e.startswith("spec.distribution.acceleratorResource") and "'gpu'" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+def test_tracking_credentials_reach_the_trainer_only_as_env_from_the_secret(backend: str) -> None:
+    tracking = {"reportTo": ["wandb", "mlflow"], "project": "p", "secretRef": {"name": "tracking-keys"}}
+    job = _job({"tracking": tracking, "distribution": {"backend": backend, "nodes": 2}})
+    objects = children(job, Settings())
+    for template in _pod_templates(objects[-1]):
+        (container,) = template["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": "tracking-keys"}}]
+    config = json.loads(_by_kind(objects)["ConfigMap"]["data"]["trainer.json"])
+    assert config["tracking"] == {"reportTo": ["wandb", "mlflow"], "project": "p"}
+    assert "tracking-keys" not in json.dumps(_by_kind(objects)["ConfigMap"])
+    merge = merge_job(job, Settings())
+    assert "envFrom" not in merge["spec"]["template"]["spec"]["containers"][0], "the merge reports to no service"
+
+
 def test_volumes_shm_scratch_and_readonly_config() -> None:
     job = _job({"scratch": {"sizeLimit": "100Gi", "shmSize": "8Gi"}, "model": {"uri": "pvc://models/qwen"}})
     pod = children(job, Settings())[-1]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
@@ -337,3 +377,11 @@ def test_the_merge_job_follows_the_jobs_scheduling() -> None:
     assert pod["nodeSelector"] == {"pool": "ml"}
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert pod["priorityClassName"] == "batch-low"
+
+
+def test_the_operators_accelerator_setting_must_be_an_extended_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTJ_ACCELERATOR_RESOURCE", "huawei.com/Ascend910")
+    assert Settings.from_env().accelerator_resource == "huawei.com/Ascend910"
+    monkeypatch.setenv("FTJ_ACCELERATOR_RESOURCE", "gpu")
+    with pytest.raises(ValueError, match=r"FTJ_ACCELERATOR_RESOURCE must be an extended resource name .* got 'gpu'"):
+        Settings.from_env()

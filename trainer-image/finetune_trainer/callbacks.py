@@ -36,6 +36,18 @@ def _last_loss(state: TrainerState) -> float | None:
     return None
 
 
+class _TokensMark(TrainerCallback):  # type: ignore[misc]
+    """Starts ResumableTrainer's tokens/s clock when training (or a resumed run) begins."""
+
+    def __init__(self, trainer: ResumableTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.trainer._tokens_mark = (time.monotonic(), int(getattr(state, "num_input_tokens_seen", 0) or 0))
+
+
 class ResumableTrainer(Trainer):  # type: ignore[misc]
     """The Hugging Face Trainer, except that a run resumed from the checkpoint of its last step trains no step.
 
@@ -46,6 +58,24 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
     exported it. Here an epoch does not start once max_steps is reached: the Trainer ends as after its last step
     (train summary, on_train_end), with the model, optimizer and state of the checkpoint loaded, ready to export.
     """
+
+    _tokens_mark: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(_TokensMark(self))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Every training log also carries tokens_per_second (non-padding input tokens of all ranks per second
+        since the previous one), so that progress, TensorBoard and the tracking services all get it."""
+        if "loss" in logs:
+            now = time.monotonic()
+            tokens = int(getattr(self.state, "num_input_tokens_seen", 0) or 0)
+            mark = self._tokens_mark
+            if mark is not None and now > mark[0] and tokens > mark[1]:
+                logs["tokens_per_second"] = round((tokens - mark[1]) / (now - mark[0]), 1)
+            self._tokens_mark = (now, tokens)
+        super().log(logs, *args, **kwargs)
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         if 0 < self.state.max_steps <= self.state.global_step:
@@ -122,7 +152,7 @@ class PreemptionCallback(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         flag = self.requested.is_set()
         if self.ranks.distributed and dist.is_available() and dist.is_initialized():
-            device = args.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            device = torch.device("cpu") if dist.get_backend() == "gloo" else args.device
             tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
             flag = bool(tensor.item())
@@ -134,21 +164,18 @@ class PreemptionCallback(TrainerCallback):  # type: ignore[misc]
 
 
 class ProgressCallback(TrainerCallback):  # type: ignore[misc]
-    """Global rank 0: turn the Trainer's logs into Progress reports (tokens/s over the interval, ETA)."""
+    """Global rank 0: turn the Trainer's logs into Progress reports (ETA from the steps done in this process)."""
 
     def __init__(self, reporter: ProgressReporter) -> None:
         self.reporter = reporter
         self._t0 = 0.0
         self._step0 = 0
-        self._last_time = 0.0
-        self._last_tokens = 0
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._t0 = self._last_time = time.monotonic()
+        self._t0 = time.monotonic()
         self._step0 = state.global_step
-        self._last_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self.reporter.report(step=state.global_step, total_steps=state.max_steps, epoch=state.epoch or 0.0)
 
     def on_log(
@@ -162,19 +189,36 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         logs = logs or {}
         if "loss" not in logs and "eval_loss" not in logs:
             return  # the end-of-training summary; the last step was already reported
-        now = time.monotonic()
         fields: dict[str, Any] = {"step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch}
         if "loss" in logs:
             fields["loss"] = float(logs["loss"])
             if logs.get("learning_rate") is not None:
                 fields["learning_rate"] = float(logs["learning_rate"])
-            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            if now > self._last_time and tokens > self._last_tokens:
-                fields["tokens_per_second"] = round((tokens - self._last_tokens) / (now - self._last_time), 1)
-            self._last_time, self._last_tokens = now, tokens
+            if logs.get("tokens_per_second") is not None:
+                fields["tokens_per_second"] = float(logs["tokens_per_second"])
         if "eval_loss" in logs:
             fields["eval_loss"] = float(logs["eval_loss"])
         done = state.global_step - self._step0
         if done > 0 and state.max_steps > 0:
-            fields["eta_seconds"] = round((now - self._t0) / done * (state.max_steps - state.global_step), 1)
+            fields["eta_seconds"] = round(
+                (time.monotonic() - self._t0) / done * (state.max_steps - state.global_step), 1
+            )
         self.reporter.report(**fields)
+
+
+class TrackingLinkCallback(TrainerCallback):  # type: ignore[misc]
+    """Global rank 0: once the tracking integrations have started their runs, report the links they give."""
+
+    def __init__(self, services: list[str], reporter: ProgressReporter, mlflow_uri: str | None) -> None:
+        self.services = services
+        self.reporter = reporter
+        self.mlflow_uri = mlflow_uri
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        from finetune_trainer.tracking import run_links
+
+        links = run_links(self.services, self.mlflow_uri)
+        if links:
+            self.reporter.tracking(links)

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from finetune_trainer.data.lf_templates import TEMPLATES as LF_TEMPLATES
-from finetune_trainer.rules import Needs, OnlyFor, Raw, Rule, human_list, not_both
+from finetune_trainer.rules import Needs, OnlyFor, Raw, Rule, WithItem, human_list, not_both
 
 API_GROUP = "finetune.dev"
 API_VERSION = "v1alpha1"
@@ -347,6 +347,10 @@ class MethodSpec(Model):
 # --- training ---------------------------------------------------------------------------------------------------
 
 
+# training.attention: "auto" or a transformers attn_implementation (see finetune_trainer.methods).
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"]
+
+
 class TrainingSpec(Model):
     """Optimisation and batching, with LLaMA-Factory's defaults where it has them."""
 
@@ -373,6 +377,21 @@ class TrainingSpec(Model):
     logging_steps: int = Field(10, ge=1, description="Report progress every N steps.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: saveSteps).")
+    attention: Attention = Field(
+        "auto",
+        description=(
+            "Attention kernel: auto (flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else "
+            "sdpa), sdpa, eager, flash_attention_2 or flash_attention_3 (CUDA only). Packed samples never attend "
+            "to each other, whichever is used."
+        ),
+    )
+    liger: bool = Field(
+        False,
+        description=(
+            "Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) for the model families "
+            "liger-kernel supports; an error names the family otherwise. Needs a GPU."
+        ),
+    )
 
     RULES = (not_both("warmup_steps", "warmup_ratio"),)
 
@@ -454,13 +473,81 @@ class CheckpointSpec(Model):
     keep: int = Field(3, ge=1, le=1000, description="Keep this many newest complete checkpoints.")
 
 
+class SamplesSpec(Model):
+    """Generations of the trained model, written after training to <output>/samples.jsonl."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=32768)]] | None = Field(
+        None, max_length=MAX_LIST, description="User prompts to answer (one turn each, with the chat template)."
+    )
+    from_eval: int = Field(
+        0, ge=0, le=1000, description="Also answer the prompts of this many held-out eval samples (with reference)."
+    )
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest generation (greedy decoding).")
+
+
 class OutputSpec(Model):
-    """Where checkpoints, the adapter/model, the loss plot and the merged model are written."""
+    """Where checkpoints, the adapter/model, the loss plot, TensorBoard logs, samples and the merged model are
+    written."""
 
     uri: Uri = Field(description="Output prefix; checkpoints go to <uri>/checkpoints/step-<N>/.")
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint retention.")
     merge: MergeSpec = Field(default_factory=MergeSpec, description="Adapter merge after training.")
     plot_loss: bool = Field(True, description="Write loss.png with train and eval loss.")
+    samples: SamplesSpec | None = Field(
+        None, description="Generate answers with the trained model after training (samples.jsonl)."
+    )
+
+
+# --- experiment tracking ----------------------------------------------------------------------------------------
+
+# The services reportTo may name; each is also a transformers report_to integration.
+TRACKERS = ("wandb", "mlflow", "swanlab")
+
+
+def _no_repeats(value: list[str] | None) -> list[str] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError(f"names a service more than once: {value}")
+    return value
+
+
+class TrackingSecretRef(Model):
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME,
+        description=(
+            "Secret in the job's namespace; each key becomes an environment variable of the trainer (WANDB_API_KEY, "
+            "SWANLAB_API_KEY, MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, ...)."
+        ),
+    )
+
+
+class TrackingSpec(Model):
+    """Experiment tracking. TensorBoard event files are always written (<output>/tensorboard/); the services named
+    here receive the same metrics (loss, eval loss, learning rate, grad norm, tokens/s) from global rank 0."""
+
+    report_to: Annotated[list[Literal["wandb", "mlflow", "swanlab"]] | None, AfterValidator(_no_repeats)] = Field(
+        None,
+        max_length=len(TRACKERS),
+        description="Services to report to: wandb, mlflow, swanlab (any of them).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    project: str | None = Field(
+        None, max_length=MAX_NAME, description="wandb/swanlab project and MLflow experiment (default finetune)."
+    )
+    run_name: str | None = Field(None, max_length=MAX_NAME, description="Run name (default: the FineTuneJob name).")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        max_length=MAX_URI,
+        pattern=r"^(https?://[^\s/]+(/.*)?|file:.+|databricks(://.*)?)$",
+        description="MLflow tracking server, e.g. http://mlflow.mlflow:5000 (mlflow only).",
+    )
+    secret_ref: TrackingSecretRef | None = Field(
+        None, description="Credentials for the services, as environment variables from a Secret."
+    )
+
+    RULES = (
+        WithItem("mlflowTrackingUri applies to reportTo: [mlflow] only", "mlflow_tracking_uri", "report_to", "mlflow"),
+    )
 
 
 # --- the whole run ----------------------------------------------------------------------------------------------
@@ -485,6 +572,9 @@ class RunSpec(Model):
     deepspeed: DeepSpeedSpec | None = Field(None, description="DeepSpeed ZeRO; DDP when absent.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3-compatible storage settings.")
     output: OutputSpec = Field(description="Output location.")
+    tracking: TrackingSpec | None = Field(
+        None, description="Experiment tracking (wandb, mlflow, swanlab); TensorBoard files are always written."
+    )
 
     RULES = (not_both("eval_datasets", "val_size"),)
 
@@ -516,12 +606,16 @@ NOT_RUN_DEFINING: dict[str, Any] = {
         "checkpoints": True,  # retention (keep)
         "merge": True,  # what happens after training
         "plot_loss": True,  # a report
+        "samples": True,  # a look at the result after training
     },
     "training": {
         "logging_steps": True,  # how often progress is reported,
         "save_steps": True,  # checkpointed,
         "eval_steps": True,  # and evaluated
+        "attention": True,  # kernels: the same computation, faster or in less memory
+        "liger": True,
     },
+    "tracking": True,  # where metrics are reported
 }
 
 

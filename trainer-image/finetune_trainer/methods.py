@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import MethodSpec, TrainerConfig
+from finetune_trainer.device import device_type
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.rules import human_list
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,62 @@ def load_dtype(config: TrainerConfig) -> torch.dtype:
     return torch.float32
 
 
+# The package each flash-attention implementation needs (what transformers imports for it).
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
 def attention_implementation(config: TrainerConfig) -> str:
-    """flash_attention_2 where it is installed and usable (CUDA, half precision): it honours packed sequences'
-    restarting position_ids; SDPA otherwise."""
+    """training.attention as transformers' attn_implementation. auto: flash_attention_2 where it is installed and
+    usable (CUDA, half precision), SDPA otherwise. Every choice keeps packed samples apart (finetune_trainer.data
+    picks the collator for it). A flash-attention choice this process cannot run fails here, saying why."""
+    choice = config.training.attention
     half = config.training.precision in ("bf16", "fp16")
-    if torch.cuda.is_available() and half and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    kind = device_type()
+    if choice == "auto":
+        if kind == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa"
+    package = FLASH_PACKAGES.get(choice)
+    if package is not None:
+        missing = []
+        if kind != "cuda":
+            missing.append(f"a CUDA device (this process has {kind})")
+        if importlib.util.find_spec(package) is None:
+            missing.append(f"the {package} package")
+        if not half:
+            missing.append(f"precision bf16 or fp16 (got {config.training.precision})")
+        if missing:
+            raise ConfigError(f"training.attention: {choice} needs {human_list(missing)}; use auto, sdpa or eager")
+    return choice
+
+
+def liger_model_types() -> list[str]:
+    """The model types (config.model_type) liger-kernel has kernels for; ConfigError when it is not installed."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as exc:
+        raise ConfigError(f"training.liger: liger-kernel cannot be imported in this image ({exc})") from exc
+    return sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def apply_liger(model: Any, config: TrainerConfig) -> list[str]:
+    """training.liger: swap in Liger's kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) on this model
+    instance; returns the names of the modules replaced. ConfigError for a model family liger-kernel lacks."""
+    supported = liger_model_types()
+    model_type = str(getattr(model.config, "model_type", ""))
+    if model_type not in supported:
+        raise ConfigError(
+            f"training.liger: liger-kernel has no kernels for model type {model_type!r} ({config.model.uri}); it "
+            f"supports {', '.join(supported)}. Set training.liger: false"
+        )
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    # Liger patches modules in place and renames them (their _get_name, as printed): LigerRMSNorm, LigerSwiGLUMLP.
+    before = {name: module._get_name() for name, module in model.named_modules()}
+    _apply_liger_kernel_to_instance(model=model)
+    replaced = [name for name, module in model.named_modules() if before.get(name) != module._get_name()]
+    log.info("liger kernels: %s model, %d modules replaced, fused linear cross-entropy", model_type, len(replaced))
+    return replaced
 
 
 def load_model(config: TrainerConfig, model_dir: Path, ranks: Ranks | None = None) -> Any:
@@ -72,6 +123,10 @@ def load_model(config: TrainerConfig, model_dir: Path, ranks: Ranks | None = Non
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     ranks = ranks or Ranks.from_env()
+    if config.training.liger and device_type() == "cpu":
+        # Liger's kernels are Triton GPU kernels: fail before loading anything, not inside the first step.
+        liger_model_types()
+        raise ConfigError("training.liger: Liger kernels need a GPU, and this process has none; set liger: false")
     kwargs: dict[str, Any] = {
         "dtype": load_dtype(config),
         "trust_remote_code": config.model.trust_remote_code,
@@ -101,6 +156,8 @@ def load_model(config: TrainerConfig, model_dir: Path, ranks: Ranks | None = Non
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the model from {config.model.uri}: {exc}") from exc
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if config.training.liger:
+        apply_liger(model, config)
     return model
 
 

@@ -10,6 +10,9 @@ so each writer's conditions survive the other's applies. The trainer owns:
     status.checkpoints      [{step, uri, loss, time}], newest first, at most MAX_CHECKPOINT_RECORDS
     status.resumedFromStep  the step this run resumed from
     status.artifacts.lossPlot  once the loss plot has been written and uploaded
+    status.artifacts.tensorboard  once TensorBoard's event files are uploaded (<output>/tensorboard/)
+    status.artifacts.samples, status.sampleCount  once samples.jsonl is uploaded (output.samples)
+    status.tracking         {wandb|mlflow|swanlab: link to the run} for the services that give one
     status.conditions[type=TrainerFailed]  when the trainer fails (reason = the error's reason, e.g. DataError)
 An apply sets exactly the fields it carries for its manager (an owned field left out is removed), so the reporter
 keeps all of them in memory and sends them all every time, seeded from the object when it starts: a restarted Pod
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_CHECKPOINT_RECORDS = 10
 FAILURE_CONDITION = "TrainerFailed"
+# status.artifacts entries the trainer owns (the operator owns adapter, model and merged).
+TRAINER_ARTIFACTS = ("lossPlot", "tensorboard", "samples")
 FIELD_MANAGER = "finetune-trainer"
 RETRY_SECONDS = 1.0  # after a failed apply
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
@@ -162,7 +167,9 @@ class ProgressReporter:
         self.progress = Progress()
         self.checkpoints: dict[int, dict[str, Any]] = {}
         self.resumed_from: int | None = None
-        self.loss_plot: str | None = None
+        self.trainer_artifacts: dict[str, str] = {}  # TRAINER_ARTIFACTS, camelCase
+        self.sample_count: int | None = None
+        self.tracking_links: dict[str, str] = {}
         self.conditions: dict[str, dict[str, Any]] = {}
         self._reported: set[str] = set()  # owned fields set by this process (seeding never overrides them)
         self._seeded = False
@@ -231,15 +238,32 @@ class ProgressReporter:
         self._print({"event": "already-complete", "job": self.job_name, "output": output_uri})
 
     def artifacts(self, **uris: str) -> None:
-        """Final outputs (adapter/model/lossPlot URIs) for the log; of these the trainer's status part holds only
-        lossPlot: the operator reports the adapter or model once the workload succeeded."""
+        """Outputs (adapter/model/lossPlot/tensorboard/samples URIs) for the log; of these the trainer's status part
+        holds TRAINER_ARTIFACTS: the operator reports the adapter or model once the workload succeeded."""
         wire = {_camel(k): v for k, v in uris.items() if v}
         self._print({"event": "artifacts", "job": self.job_name, **wire})
-        if "lossPlot" in wire:
+        owned = {k: v for k, v in wire.items() if k in TRAINER_ARTIFACTS}
+        if owned:
             with self._lock:
-                self.loss_plot = wire["lossPlot"]
-                self._reported.add("lossPlot")
+                self.trainer_artifacts.update(owned)
+                self._reported.update(owned)
             self._changed(urgent=True)
+
+    def samples(self, count: int) -> None:
+        """The number of rows in samples.jsonl (status.sampleCount)."""
+        with self._lock:
+            self.sample_count = count
+            self._reported.add("sampleCount")
+        self._print({"event": "samples", "job": self.job_name, "sampleCount": count})
+        self._changed(urgent=True)
+
+    def tracking(self, links: dict[str, str]) -> None:
+        """Links to this run in the tracking services (status.tracking)."""
+        with self._lock:
+            self.tracking_links.update(links)
+            self._reported.add("tracking")
+        self._print({"event": "tracking", "job": self.job_name, **links})
+        self._changed(urgent=True)
 
     def failure(self, reason: str, message: str) -> None:
         """Report a failure as the TrainerFailed condition and wait (briefly) until it is applied."""
@@ -267,8 +291,12 @@ class ProgressReporter:
                 status["checkpoints"] = [self.checkpoints[s] for s in newest]
             if self.resumed_from is not None:
                 status["resumedFromStep"] = self.resumed_from
-            if self.loss_plot:
-                status["artifacts"] = {"lossPlot": self.loss_plot}
+            if self.trainer_artifacts:
+                status["artifacts"] = dict(self.trainer_artifacts)
+            if self.sample_count is not None:
+                status["sampleCount"] = self.sample_count
+            if self.tracking_links:
+                status["tracking"] = dict(self.tracking_links)
             if self.conditions:
                 status["conditions"] = list(self.conditions.values())
             return status
@@ -290,9 +318,15 @@ class ProgressReporter:
                         self.checkpoints[record["step"]] = record
             if "resumedFromStep" not in self._reported and isinstance(found.get("resumedFromStep"), int):
                 self.resumed_from = found["resumedFromStep"]
-            plot = (found.get("artifacts") or {}).get("lossPlot")
-            if "lossPlot" not in self._reported and isinstance(plot, str):
-                self.loss_plot = plot
+            artifacts = found.get("artifacts") or {}
+            for name in TRAINER_ARTIFACTS:
+                if name not in self._reported and isinstance(artifacts.get(name), str):
+                    self.trainer_artifacts[name] = artifacts[name]
+            if "sampleCount" not in self._reported and isinstance(found.get("sampleCount"), int):
+                self.sample_count = found["sampleCount"]
+            links = found.get("tracking")
+            if "tracking" not in self._reported and isinstance(links, dict):
+                self.tracking_links = {str(k): str(v) for k, v in links.items()}
             self._seeded = True
 
     def flush(self, timeout: float = 10.0) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer import tracking
 from finetune_trainer.cache import NodeCache
 from finetune_trainer.checkpoints import (
     LOCAL_PREFIX,
@@ -32,10 +33,12 @@ from finetune_trainer.checkpoints import (
 )
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.deepspeed import deepspeed_config
+from finetune_trainer.device import collective_backend, device_type
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.errors import OutputInUseError
 from finetune_trainer.identity import RunIdentity, check_checkpoints, check_record
 from finetune_trainer.progress import ProgressReporter, StatusClient
+from finetune_trainer.samples import SAMPLES_FILE
 from finetune_trainer.storage import Storage, join_uri, open_storage
 from finetune_trainer.timefmt import now_rfc3339
 
@@ -76,6 +79,7 @@ class FineTuneRecipe:
         self.cache = NodeCache(Path(config.cache_dir) / "downloads", self._storage_for, self.ranks)
         self.work_dir = Path(config.cache_dir) / "work" / config.job_name
         self.final_dir = self.work_dir / "final"
+        self.tensorboard_dir = self.work_dir / tracking.TENSORBOARD_DIR
         if reporter is None and self.ranks.is_main:
             reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
         self.reporter = reporter
@@ -123,11 +127,19 @@ class FineTuneRecipe:
         model_dir = self._fetch_model_and_resume_checkpoint()
         tokenizer, model = self._load_tokenizer_and_model(model_dir)
         collator = self._build_data(tokenizer, model)
+        if self.ranks.is_main:
+            self._configure_tracking()
         self._build_trainer(model, args, tokenizer, collator, self._build_callbacks())
         if self.reporter is not None and self.resume is not None:
             self.reporter.seed_checkpoints(self._existing_checkpoint_records())
             self.reporter.resumed(self.resume.step)
         self._log_setup_done(started, args)
+
+    def _configure_tracking(self) -> None:
+        """TensorBoard's directory (this attempt's event files, uploaded to <output>/tensorboard/ with every
+        checkpoint and at the end) and the tracking services' environment."""
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.tensorboard_dir)
+        tracking.configure(self.config, self.work_dir)
 
     def _init_deepspeed_comm(self) -> None:
         """ZeRO-3 partitions while the model loads, with DeepSpeed's view of the world; on CPU (gloo) accelerate
@@ -187,7 +199,12 @@ class FineTuneRecipe:
 
     def _build_callbacks(self) -> list[Any]:
         """The checkpoint uploader (one per node) and the Trainer callbacks: checkpoint, preemption, progress."""
-        from finetune_trainer.callbacks import CheckpointCallback, PreemptionCallback, ProgressCallback
+        from finetune_trainer.callbacks import (
+            CheckpointCallback,
+            PreemptionCallback,
+            ProgressCallback,
+            TrackingLinkCallback,
+        )
 
         if self.ranks.is_local_main:
             self.uploader = CheckpointUploader(
@@ -206,6 +223,11 @@ class FineTuneRecipe:
         callbacks: list[Any] = [self.checkpoint_callback, self.preemption]
         if self.reporter is not None:
             callbacks.append(ProgressCallback(self.reporter))
+            callbacks += tracking.callbacks(self.config, self.work_dir)
+            services = tracking.services(self.config)
+            if services:
+                uri = tracking.spec_of(self.config).mlflow_tracking_uri
+                callbacks.append(TrackingLinkCallback(services, self.reporter, uri))
         return callbacks
 
     def _build_trainer(self, model: Any, args: Any, tokenizer: Any, collator: Any, callbacks: list[Any]) -> None:
@@ -237,7 +259,6 @@ class FineTuneRecipe:
         )
 
     def training_arguments(self) -> Any:
-        import torch
         from transformers import TrainingArguments
 
         cfg, training = self.config, self.config.training
@@ -247,7 +268,7 @@ class FineTuneRecipe:
         elif training.warmup_ratio is not None:
             warmup = training.warmup_ratio  # transformers 5 reads a value below 1 as a fraction of all steps
         has_eval = bool(cfg.eval_datasets) or cfg.val_size is not None
-        cuda = torch.cuda.is_available()
+        kind = device_type()
         kwargs: dict[str, Any] = {
             "output_dir": str(self.work_dir),
             "num_train_epochs": training.epochs,
@@ -272,12 +293,14 @@ class FineTuneRecipe:
             "save_total_limit": None,  # retention happens in storage, after uploads (checkpoints.py)
             "eval_strategy": "steps" if has_eval else "no",
             "eval_steps": training.eval_steps or training.save_steps,
-            "report_to": "none",
+            # Global rank 0 reports: TensorBoard always, and the services spec.tracking names (tracking.py).
+            "report_to": tracking.report_to(cfg) if self.ranks.is_main else "none",
+            "run_name": tracking.run_name(cfg),
             "disable_tqdm": True,
             "include_num_input_tokens_seen": "non_padding",
             "remove_unused_columns": False,  # position_ids of packed rows are not in forward()'s signature names
-            "use_cpu": not cuda,
-            "ddp_backend": "gloo" if self.ranks.distributed and not cuda else None,
+            "use_cpu": kind == "cpu",
+            "ddp_backend": collective_backend(kind) if self.ranks.distributed else None,
             # Ranks of different nodes can reach their first collective far apart (one node downloads longer).
             "ddp_timeout": int(os.environ.get("FTJ_DDP_TIMEOUT", "7200")),
             "log_level": "warning",  # our own log lines and JSON progress say what matters
@@ -345,10 +368,27 @@ class FineTuneRecipe:
         return records
 
     def _checkpoint_complete(self, step: int, uri: str, loss: float | None) -> None:
+        self.sync_tensorboard()
         if self.reporter is not None:
             existing = set(list_checkpoints(self.storage, self.output_uri).complete)
             deleted = [s for s in self.reporter.checkpoints if s not in existing]
             self.reporter.checkpoint(step, uri, loss, deleted=deleted)
+
+    def sync_tensorboard(self, report: bool = True) -> None:
+        """Global rank 0: upload this attempt's TensorBoard event files to <output>/tensorboard/ (each file whole,
+        replacing its earlier copy; the files of earlier attempts stay beside them). A failed upload is logged, not
+        raised: the next checkpoint or the end of training uploads again."""
+        if not self.ranks.is_main or not self.tensorboard_dir.is_dir():
+            return
+        target = join_uri(self.output_uri, tracking.TENSORBOARD_DIR + "/")
+        try:
+            for path in sorted(p for p in self.tensorboard_dir.rglob("*") if p.is_file()):
+                self.storage.upload_file(path, join_uri(target, path.relative_to(self.tensorboard_dir).as_posix()))
+        except Exception as exc:  # storage trouble must not stop training; the final upload is checked
+            log.warning("could not upload the TensorBoard logs to %s: %s", target, exc)
+            return
+        if report and self.reporter is not None:
+            self.reporter.artifacts(tensorboard=target)
 
     # -- train -------------------------------------------------------------------------------------------------
 
@@ -388,11 +428,14 @@ class FineTuneRecipe:
             shutil.rmtree(self.final_dir)
         self._barrier()
         trainer.save_model(str(self.final_dir))  # every rank: under ZeRO-3 the weights are gathered collectively
+        samples = self._write_samples()
         if not self.ranks.is_main:
             return  # only rank 0 uploads; the others must not sit in a collective while it does
         trainer.state.save_to_json(str(self.final_dir / "trainer_state.json"))
         if self.config.output.plot_loss:  # no file when nothing was logged: see report_artifacts
             plot_loss(trainer.state.log_history, self.final_dir / LOSS_PLOT, title=self.config.job_name)
+        if self.tensorboard_dir.is_dir():  # the Trainer closed its writer at the end of training
+            shutil.copytree(self.tensorboard_dir, self.final_dir / tracking.TENSORBOARD_DIR)
         files = describe_files(self.final_dir)
         for entry in files:
             self.storage.upload_file(self.final_dir / entry["path"], join_uri(self.output_uri, entry["path"]))
@@ -405,21 +448,50 @@ class FineTuneRecipe:
             "files": files,
             "run": self.identity.record(),
         }
+        if samples is not None:
+            manifest["samples"] = samples
         self.storage.write_bytes(join_uri(self.output_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
         log.info("final outputs uploaded to %s (%d files)", self.output_uri, len(files))
         apply_retention(self.storage, self.output_uri, self.config.output.checkpoints.keep)
         self.report_artifacts(manifest)
 
+    def _write_samples(self) -> int | None:
+        """output.samples: generate with the trained model into the final directory; the number of rows. Global
+        rank 0 generates; under ZeRO-3 every rank takes part (the weights are partitioned), rank 0 writes."""
+        if self.config.output.samples is None:
+            return None
+        from finetune_trainer.samples import write_samples
+
+        zero3 = self.config.deepspeed is not None and self.config.deepspeed.zero_stage == 3 and self.ranks.distributed
+        if not (self.ranks.is_main or zero3):
+            return None
+        path = self.final_dir / SAMPLES_FILE if self.ranks.is_main else None
+        rows = write_samples(
+            self.trainer.model, self.trainer.processing_class, self.config, self.data.eval, path, synced=zero3
+        )
+        return len(rows)
+
     def report_artifacts(self, manifest: dict[str, Any]) -> None:
         """Report the final outputs that `manifest` lists: the loss plot only with plotLoss on and only if it was
-        written and uploaded (a run that logged no loss has none)."""
+        written and uploaded (a run that logged no loss has none); TensorBoard's logs and the samples when
+        uploaded."""
         if self.reporter is None:
             return
         kind = "adapter" if self.config.method.uses_adapter else "model"
         listed = {str(f.get("path")) for f in manifest.get("files") or [] if isinstance(f, dict)}
         written = self.config.output.plot_loss and LOSS_PLOT in listed
-        plot = join_uri(self.output_uri, LOSS_PLOT) if written else ""
-        self.reporter.artifacts(**{kind: self.output_uri}, loss_plot=plot)
+        uris: dict[str, str] = {
+            kind: self.output_uri,
+            "loss_plot": join_uri(self.output_uri, LOSS_PLOT) if written else "",
+        }
+        if any(path.startswith(tracking.TENSORBOARD_DIR + "/") for path in listed):
+            uris["tensorboard"] = join_uri(self.output_uri, tracking.TENSORBOARD_DIR + "/")
+        if SAMPLES_FILE in listed:
+            uris["samples"] = join_uri(self.output_uri, SAMPLES_FILE)
+        count = manifest.get("samples")
+        self.reporter.artifacts(**uris)
+        if SAMPLES_FILE in listed and isinstance(count, int):
+            self.reporter.samples(count)
 
     def _barrier(self) -> None:
         if not self.ranks.distributed:

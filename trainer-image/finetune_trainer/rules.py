@@ -191,6 +191,23 @@ class Needs(Rule):
         return f"!({when}) || {_cel_value(model, self.other)} == {_cel_literal(self.other_value)}"
 
 
+@dataclass(frozen=True)
+class WithItem(Rule):
+    """`field` may be set only while the list `within` holds `item`."""
+
+    field: str = ""
+    within: str = ""
+    item: Any = None
+
+    def violated(self, model: type[BaseModel], data: Raw) -> bool:
+        return data.has(self.field) and self.item not in (data.value(self.within) or [])
+
+    def cel(self, model: type[BaseModel]) -> str:
+        within = to_camel(self.within)
+        present = f"has(self.{within}) && {_cel_literal(self.item)} in self.{within}"
+        return f"!{_cel_present(model, self.field)} || ({present})"
+
+
 def human_list(names: Sequence[str], conjunction: str = "and") -> str:
     """a, b and c."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"

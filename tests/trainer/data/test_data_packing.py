@@ -148,3 +148,32 @@ def test_pack_keeps_each_samples_tokens_together() -> None:
     assert rows.input_ids.tolist() == [6, 7, 8, 9, 4, 5, 1, 2, 3]
     assert rows.position_ids is not None
     assert rows.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize(("attention", "expected"), [("auto", "sdpa"), ("sdpa", "sdpa"), ("eager", "eager")])
+def test_every_attention_choice_that_runs_on_cpu_keeps_packed_samples_apart(
+    packed_and_unpacked: tuple[Any, Any], tokenizer: Any, tmp_path: Path, attention: str, expected: str
+) -> None:
+    # The product's path: training.attention -> load_model -> the collator the data bundle picks for that model.
+    from trainer.tinymodels import write_model
+
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.methods import load_model
+
+    packed, unpacked = packed_and_unpacked
+    model_dir = write_model(tmp_path / "model")
+    config = TrainerConfig.model_validate(
+        {
+            "model": {"uri": model_dir.as_uri()},
+            "datasets": [{"uri": "file:///unused.jsonl"}],
+            "method": {"type": "full"},
+            "training": {"attention": attention, "precision": "fp32", "gradientCheckpointing": False},
+            "output": {"uri": (tmp_path / "out").as_uri()},
+        }
+    )
+    model = load_model(config, model_dir)
+    assert model.config._attn_implementation == expected
+    reference = loss(model, unpacked.collator(expected)(list(unpacked.train)))
+    assert loss(model, packed.collator(model.config._attn_implementation)(list(packed.train))) == pytest.approx(
+        reference, abs=1e-5
+    )

@@ -7,11 +7,15 @@ they are at hand, the output layout); it never includes storage settings or secr
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.config import METHOD_REGISTRY, TrainerConfig
+from finetune_trainer.samples import perplexity
+
+# Samples shown in the card (samples.jsonl beside the adapter has them all).
+CARD_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class CardFacts:
     config: TrainerConfig | None = None
     trainer_state: Mapping[str, Any] | None = None
     run_manifest: Mapping[str, Any] | None = None
+    samples: Sequence[Mapping[str, Any]] = ()  # the run's samples.jsonl (output.samples)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -109,18 +114,42 @@ def _training_section(facts: CardFacts) -> list[str]:
     state = facts.trainer_state or {}
     history = [r for r in state.get("log_history", []) if isinstance(r, Mapping)]
     manifest = facts.run_manifest or {}
+    eval_loss = _last_logged(history, "eval_loss")
+    ppl = perplexity(float(eval_loss)) if isinstance(eval_loss, int | float) else None
     rows = [
         ("job", manifest.get("job") if facts.config is None else None),
         ("optimizer steps", state.get("global_step") or manifest.get("step")),
         ("epochs", state.get("epoch")),
         ("train batch size", state.get("train_batch_size")),
         ("last train loss", _last_logged(history, "loss")),
-        ("last eval loss", _last_logged(history, "eval_loss")),
+        ("final eval loss", eval_loss),
+        ("eval perplexity", None if ppl is None else round(ppl, 4)),
         ("finished", manifest.get("time")),
     ]
     if any(value is not None for _, value in rows):
         lines += ["Training record (trainer_state.json and the run's manifest):", "", *_table(rows), ""]
     return lines or ["No training record was found next to the adapter.", ""]
+
+
+def _quoted(text: str) -> list[str]:
+    return [f"> {line}" if line else ">" for line in text.splitlines() or [""]]
+
+
+def _samples_section(samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    shown = samples[:CARD_SAMPLES]
+    lines = [
+        "## Samples",
+        "",
+        f"Greedy generations of the trained model after training ({len(shown)} of {len(samples)}; all are in the "
+        "run's samples.jsonl).",
+        "",
+    ]
+    for number, row in enumerate(shown, 1):
+        lines += [f"**{number}. Prompt** ({row.get('source', 'prompt')})", "", *_quoted(str(row.get("prompt", ""))), ""]
+        if row.get("reference") is not None:
+            lines += ["Reference:", "", *_quoted(str(row["reference"])), ""]
+        lines += ["Generation:", "", *_quoted(str(row.get("generation", ""))), ""]
+    return lines
 
 
 def render_model_card(facts: CardFacts) -> str:
@@ -166,6 +195,8 @@ def render_model_card(facts: CardFacts) -> str:
         "",
         *_training_section(facts),
     ]
+    if facts.samples:
+        lines += _samples_section(facts.samples)
     if facts.extra:
         lines += ["## Notes", "", *_table([(str(k), v) for k, v in facts.extra.items()]), ""]
     lines += [

@@ -48,6 +48,7 @@ from finetune_trainer.merge.shards import (
     plan_shards,
 )
 from finetune_trainer.merge.weights import AdapterWeights, fit_problems, merge_tensor, parse_adapter
+from finetune_trainer.samples import SAMPLES_FILE, read_samples
 from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,18 @@ class LoadedAdapter:
     sha256: str
     trainer_state: dict[str, Any] | None
     run_manifest: dict[str, Any] | None
+    samples: list[dict[str, Any]]
+
+
+def _optional_samples(path: Path) -> list[dict[str, Any]]:
+    """The run's samples.jsonl for the model card; an unreadable file is left out with a warning."""
+    if not path.is_file():
+        return []
+    try:
+        return [row for row in read_samples(path.read_text()) if isinstance(row, dict)]
+    except ValueError as exc:
+        log.warning("not showing samples in the model card: %s is unreadable (%s)", path, exc)
+        return []
 
 
 def load_adapter(directory: Path, label: str) -> LoadedAdapter:
@@ -188,6 +201,7 @@ def load_adapter(directory: Path, label: str) -> LoadedAdapter:
         sha256=sha256_file(weights_path),
         trainer_state=_optional_json(directory / "trainer_state.json"),
         run_manifest=run_manifest,
+        samples=_optional_samples(directory / SAMPLES_FILE),
     )
 
 
@@ -499,6 +513,7 @@ def merge_into(
         config=settings.config,
         trainer_state=adapter.trainer_state,
         run_manifest=adapter.run_manifest,
+        samples=adapter.samples,
         extra=dict(settings.model_card_extra or {}),
     )
     (out_dir / "README.md").write_text(render_model_card(facts))

@@ -110,7 +110,9 @@ def fetch_adapter(storage: Storage, uri: str, dest: Path) -> Path:
     if raw:
         try:
             names = [str(f["path"]) for f in json.loads(raw)["files"]]
-            chosen = [present[n] for n in names if n in present]
+            # The run's top-level files (adapter, tokenizer, trainer_state.json, samples.jsonl), not its
+            # TensorBoard logs.
+            chosen = [present[n] for n in names if n in present and "/" not in n]
         except (ValueError, KeyError, TypeError):
             log.warning("the run manifest at %s is unreadable; fetching the top-level files", uri)
     if not chosen:
