@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.api import API_VERSION_FULL, KIND, MAX_JOB_NAME
-from finetune_trainer.config import METHOD_REGISTRY, TEMPLATES
+from finetune_trainer.config import METHOD_REGISTRY, TEMPLATES, TRACKERS
 from finetune_trainer.rules import human_list
 
 # Keys that need no field because the operator does that job itself.
@@ -33,7 +33,6 @@ IMPLIED = {
     "evaluation_strategy": "evaluation runs every evalSteps when eval data exist",
     "ddp_timeout": "the trainer sets collective timeouts itself",
     "save_only_model": "checkpoints always hold optimizer, scheduler and RNG state for exact resume",
-    "report_to": "progress goes to FineTuneJob.status and structured logs",
     "preprocessing_num_workers": "tokenization runs once per node with the node's cores",
     "dataloader_num_workers": "chosen by the trainer",
     "quantization_method": "bitsandbytes is the quantization backend",
@@ -374,6 +373,77 @@ def _deepspeed(ctx: _Context, value: Any) -> Any:
     return _MISSING
 
 
+# LLaMA-Factory's flash_attn values -> training.attention.
+_ATTENTION = {
+    "auto": "auto",
+    "disabled": "eager",
+    "sdpa": "sdpa",
+    "fa2": "flash_attention_2",
+    "fa3": "flash_attention_3",
+}
+
+
+def _attention(ctx: _Context, value: Any) -> Any:
+    if value is _MISSING:
+        return _MISSING
+    found = _ATTENTION.get(str(value).lower())
+    if found is None:
+        ctx.conv.errors.append(f"flash_attn: {value!r} is not one of {', '.join(_ATTENTION)}")
+        return _MISSING
+    return found
+
+
+def _tracking(
+    ctx: _Context,
+    report_to: Any,
+    use_swanlab: Any,
+    swanlab_project: Any,
+    swanlab_run_name: Any,
+    run_name: Any,
+) -> Any:
+    """report_to (a name, a comma list or a list) and use_swanlab -> tracking.reportTo; the SwanLab project and run
+    name; TensorBoard needs no key (its files are always written). SwanLab's other keys are reported by the caller."""
+    names = report_to if isinstance(report_to, list) else _names(report_to) if report_to is not _MISSING else []
+    services: list[str] = []
+    for name in (str(n).strip().lower() for n in names):
+        if name in TRACKERS and name not in services:
+            services.append(name)
+        elif name == "all":
+            ctx.conv.not_carried.append(
+                f"report_to: all; name the services instead (tracking.reportTo: {', '.join(TRACKERS)})"
+            )
+        elif name not in ("none", "tensorboard", ""):
+            ctx.conv.not_carried.append(
+                f"report_to: {name} is not supported (tracking.reportTo takes {human_list(TRACKERS, 'or')}; "
+                "TensorBoard files are always written)"
+            )
+    if _truthy(use_swanlab) and "swanlab" not in services:
+        services.append("swanlab")
+    out: dict[str, Any] = {}
+    if services:
+        out["reportTo"] = services
+    if swanlab_project is not _MISSING:
+        out["project"] = str(swanlab_project)
+    name = swanlab_run_name if swanlab_run_name is not _MISSING else run_name
+    if name is not _MISSING:
+        out["runName"] = str(name)
+    for key, hint in (
+        (
+            "swanlab_api_key",
+            "a key does not belong in a spec: put SWANLAB_API_KEY into a Secret named by tracking.secretRef",
+        ),
+        ("swanlab_mode", "set SWANLAB_MODE in spec.env"),
+        ("swanlab_workspace", "set SWANLAB_WORKSPACE in spec.env"),
+        ("swanlab_logdir", "SwanLab's local files stay in the trainer's scratch directory"),
+        ("swanlab_lark_webhook_url", "not supported"),
+        ("swanlab_lark_secret", "not supported"),
+    ):
+        if key in ctx.left:
+            ctx.take(key)  # the value is never echoed: it may be a credential
+            ctx.conv.not_carried.append(f"{key}: {hint}")
+    return out or _MISSING
+
+
 def _output(ctx: _Context, output_dir: Any) -> dict[str, Any]:
     if ctx.options.output_uri:
         return {"uri": ctx.options.output_uri}
@@ -416,9 +486,22 @@ MAPPING: tuple[Field | Rule, ...] = (
     Rule({"packing": False, "neat_packing": False}, "training.packing", _packing),
     Rule({"bf16": False, "fp16": False, "pure_bf16": None}, "training.precision", _precision),
     Field("disable_gradient_checkpointing", "training.gradientCheckpointing", _not_truthy),
+    Rule({"flash_attn": _MISSING}, "training.attention", _attention),
+    Field("enable_liger_kernel", "training.liger", _truthy),
     Rule({"deepspeed": None}, "deepspeed", _deepspeed),
     Rule({"output_dir": None}, "output", _output),
     Field("plot_loss", "output.plotLoss", _truthy),
+    Rule(
+        {
+            "report_to": _MISSING,
+            "use_swanlab": False,
+            "swanlab_project": _MISSING,
+            "swanlab_run_name": _MISSING,
+            "run_name": _MISSING,
+        },
+        "tracking",
+        _tracking,
+    ),
     Field("export_dir", "output.merge.uri", _file_uri),
     Field("export_size", "output.merge.maxShardSize", _gigabytes),
 )

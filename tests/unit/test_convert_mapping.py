@@ -327,3 +327,60 @@ def test_bad_values_raise_as_before(tmp_path: Path) -> None:
     train = {"model_name_or_path": "org/m", "dataset": "mine", "lora_rank": "eight"}
     with pytest.raises(ValueError, match="invalid literal for int"):
         convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://o/"))
+
+
+def test_tracking_attention_and_liger_keys_are_carried(tmp_path: Path) -> None:
+    from finetune_operator.api import validate_document
+
+    train = {
+        "model_name_or_path": "s3://models/base/",
+        "dataset": "mine",
+        "output_dir": "s3://runs/out/",
+        "report_to": "wandb,tensorboard,comet_ml",
+        "use_swanlab": True,
+        "swanlab_project": "llamafactory",
+        "swanlab_run_name": "qwen2-7b-lora-math",
+        "swanlab_api_key": "sk-do-not-echo",
+        "swanlab_mode": "cloud",
+        "flash_attn": "fa2",
+        "enable_liger_kernel": True,
+    }
+    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    spec = conversion.document["spec"]
+    assert spec["tracking"] == {
+        "reportTo": ["wandb", "swanlab"],
+        "project": "llamafactory",
+        "runName": "qwen2-7b-lora-math",
+    }
+    assert spec["training"]["attention"] == "flash_attention_2"
+    assert spec["training"]["liger"] is True
+    assert conversion.errors == []
+    unsupported = "report_to: comet_ml is not supported (tracking.reportTo takes wandb, mlflow or swanlab; "
+    assert unsupported + "TensorBoard files are always written)" in conversion.not_carried
+    assert any(line.startswith("swanlab_api_key: a key does not belong in a spec") for line in conversion.not_carried)
+    assert "sk-do-not-echo" not in json.dumps([conversion.document, conversion.not_carried])
+    assert "swanlab_mode: set SWANLAB_MODE in spec.env" in conversion.not_carried
+    job, errors = validate_document(conversion.document)
+    assert job is not None, errors
+
+
+@pytest.mark.parametrize(
+    ("flash_attn", "attention"),
+    [
+        ("auto", "auto"),
+        ("disabled", "eager"),
+        ("sdpa", "sdpa"),
+        ("fa2", "flash_attention_2"),
+        ("fa3", "flash_attention_3"),
+    ],
+)
+def test_flash_attn_values_map_to_training_attention(tmp_path: Path, flash_attn: str, attention: str) -> None:
+    train = {"model_name_or_path": "s3://m/", "dataset": "mine", "flash_attn": flash_attn}
+    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://o/"))
+    assert conversion.document["spec"]["training"]["attention"] == attention
+
+
+def test_an_unknown_flash_attn_value_is_an_error(tmp_path: Path) -> None:
+    train = {"model_name_or_path": "s3://m/", "dataset": "mine", "flash_attn": "fa9"}
+    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://o/"))
+    assert conversion.errors == ["flash_attn: 'fa9' is not one of auto, disabled, sdpa, fa2, fa3"]
