@@ -105,6 +105,7 @@ def _lf_project(tmp_path: Path, extra: str = "") -> Path:
             eval_steps: 25
             output_dir: saves/out
             use_swanlab: true
+            swanlab_mode: local
             """
         )
         + extra
@@ -149,8 +150,9 @@ def test_convert_carries_llamafactory_keys(tmp_path: Path, capsys: pytest.Captur
         "packing": False,
         "precision": "fp16",
     }
+    assert spec["tracking"] == {"reportTo": ["swanlab"]}
     err = capsys.readouterr().err
-    assert "not carried: use_swanlab: True (no FineTuneJob field)" in err
+    assert "not carried: swanlab_mode: set SWANLAB_MODE in spec.env" in err
     assert "# Not carried over:" in out.read_text()
 
 
