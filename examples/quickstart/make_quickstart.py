@@ -107,7 +107,12 @@ def finetunejob(root: Path) -> dict[str, object]:
                 "saveSteps": 25,
                 "evalSteps": 25,
             },
-            "output": {"uri": f"file://{root / 'runs' / 'quickstart'}", "checkpoints": {"keep": 2}},
+            "output": {
+                "uri": f"file://{root / 'runs' / 'quickstart'}",
+                "checkpoints": {"keep": 2},
+                # After training: answers to these prompts and to three held-out samples, in samples.jsonl.
+                "samples": {"prompts": ["Add 7 and 5.", "Multiply 3 and 4."], "fromEval": 3, "maxNewTokens": 16},
+            },
         },
     }
 

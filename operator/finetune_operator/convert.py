@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from finetune_operator.api import API_VERSION_FULL, KIND, MAX_JOB_NAME
 from finetune_trainer.config import METHOD_REGISTRY, TEMPLATES, TRACKERS
 from finetune_trainer.rules import human_list
@@ -444,6 +446,46 @@ def _tracking(
     return out or _MISSING
 
 
+# transformers' fsdp options (LLaMA-Factory passes them through) that FineTuneJobs express, or not.
+_FSDP_IMPLIED = {"full_shard", "auto_wrap", "true", "1", "yes"}
+_FSDP_OFFLOAD_KEYS = ("offload_params", "fsdp_offload_params", "cpu_offload", "fsdp_cpu_offload")
+
+
+def _fsdp(ctx: _Context, fsdp: Any, fsdp_config: Any) -> Any:
+    """fsdp ("full_shard auto_wrap [offload]", a list of them, or true) and fsdp_config (a dict or a JSON/YAML
+    file) -> spec.fsdp; sharding strategies other than full sharding and other fsdp_config keys are reported."""
+    options = fsdp if isinstance(fsdp, list) else str(fsdp).split() if fsdp is not _MISSING else []
+    options = [str(o).strip().lower() for o in options if str(o).strip()]
+    if not options or options in (["false"], ["0"], ["no"]):
+        if fsdp_config is not _MISSING:
+            ctx.conv.not_carried.append("fsdp_config: without fsdp it has no effect")
+        return _MISSING
+    out: dict[str, Any] = {}
+    for option in options:
+        if option == "offload":
+            out["offload"] = True
+        elif option not in _FSDP_IMPLIED:
+            ctx.conv.not_carried.append(f"fsdp: {option} (FineTuneJobs shard fully: full_shard, FSDP2)")
+    settings: Any = fsdp_config
+    if isinstance(fsdp_config, str):
+        path = Path(fsdp_config) if Path(fsdp_config).is_absolute() else ctx.source.parent / fsdp_config
+        try:
+            settings = yaml.safe_load(path.read_text())
+        except (OSError, ValueError) as exc:
+            ctx.conv.errors.append(f"fsdp_config: cannot read {fsdp_config}: {exc}")
+            settings = {}
+    if isinstance(settings, dict):
+        for key, value in settings.items():
+            if key in _FSDP_OFFLOAD_KEYS:
+                if _truthy(value):
+                    out["offload"] = True
+            elif key in ("version", "fsdp_version") and str(value) == "2":
+                pass
+            else:
+                ctx.conv.not_carried.append(f"fsdp_config.{key}: {value!r} (FSDP2 settings are the operator's)")
+    return out
+
+
 def _output(ctx: _Context, output_dir: Any) -> dict[str, Any]:
     if ctx.options.output_uri:
         return {"uri": ctx.options.output_uri}
@@ -489,6 +531,7 @@ MAPPING: tuple[Field | Rule, ...] = (
     Rule({"flash_attn": _MISSING}, "training.attention", _attention),
     Field("enable_liger_kernel", "training.liger", _truthy),
     Rule({"deepspeed": None}, "deepspeed", _deepspeed),
+    Rule({"fsdp": _MISSING, "fsdp_config": _MISSING}, "fsdp", _fsdp),
     Rule({"output_dir": None}, "output", _output),
     Field("plot_loss", "output.plotLoss", _truthy),
     Rule(

@@ -2,8 +2,8 @@
 
 Status has two writers, each with its own server-side-apply field manager. The operator owns phase, message, its
 conditions (CONDITION_TYPES), times, children, observedGeneration and the adapter/model/merged artifacts; the trainer
-owns progress, checkpoints, resumedFromStep, artifacts.lossPlot and its own conditions (TrainerFailed). What
-`operator_status` builds is the operator's whole part, applied as one document.
+owns progress, checkpoints, resumedFromStep, artifacts.lossPlot/tensorboard/samples, sampleCount, tracking and its
+own conditions (TrainerFailed). What `operator_status` builds is the operator's whole part, applied as one document.
 """
 
 from __future__ import annotations

@@ -108,6 +108,8 @@ CROSS_FIELD = [
     {"datasets": [{"uri": "s3://data/t.json", "format": "alpaca", "tags": {"role_tag": "role"}}]},
     {"tracking": {"reportTo": ["wandb"], "mlflowTrackingUri": "http://mlflow:5000"}},
     {"tracking": {"mlflowTrackingUri": "http://mlflow:5000"}},
+    {"deepspeed": {"zeroStage": 3}, "fsdp": {"offload": True}},
+    {"deepspeed": {}, "fsdp": {}},
 ]
 
 

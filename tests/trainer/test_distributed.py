@@ -221,3 +221,74 @@ def test_deepspeed_zero3_loads_partitioned_and_exports_the_gathered_full_model(
     for name, tensor in base.items():
         assert trained[name].shape == tensor.shape, name
         assert not trained[name].equal(tensor), name
+
+
+def _sigterm_node1_after(procs: list[Any], logs: list[Path], step: int) -> None:
+    """Evict node 1 once rank 0 reported `step`: the kubelet signals its main process, torchrun, which forwards it."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        steps = [r["step"] for r in progress_lines(logs[0].read_text(errors="replace"))]
+        if steps and max(steps) >= step:
+            break
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in procs), _tails(logs)
+    procs[1].send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("method", [{"type": "full"}, METHOD], ids=["full", "lora"])
+def test_fsdp_on_two_nodes_resumes_its_sharded_checkpoint_with_the_losses_of_an_uninterrupted_run(
+    tmp_path: Path, sources: tuple[Path, Path], method: dict[str, Any]
+) -> None:
+    from safetensors.torch import load_file
+
+    fields: dict[str, Any] = {
+        "method": method,
+        "training": {"maxSteps": 30, "saveSteps": 100, "perDeviceBatchSize": 2, "learningRate": 2e-3},
+        "fsdp": {},
+    }
+    # The uninterrupted run.
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    procs, logs = _launch_nodes(ref, _write_node_configs(ref, sources, **fields), "pytorchjob", free_port(), "ref")
+    assert list(wait_all(procs, timeout=420)) == [0, 0], _tails(logs)
+    reference = losses_by_step(progress_lines(logs[0].read_text(errors="replace")))
+    assert sorted(reference) == list(range(1, 31))
+
+    # The same run, node 1 evicted part-way: every rank saves its shards, the next attempt restores them.
+    run = tmp_path / "preempted"
+    run.mkdir()
+    configs = _write_node_configs(run, sources, **fields)
+    procs, logs = _launch_nodes(run, configs, "pytorchjob", free_port(), "first")
+    _sigterm_node1_after(procs, logs, 3)
+    codes = list(wait_all(procs, timeout=240))
+    assert codes == [RETRYABLE_EXIT_CODE] * 2, f"a preempted run is restarted, not done: {codes}{_tails(logs)}"
+    listing = list_checkpoints(LocalStorage(), (run / "out").as_uri())
+    assert len(listing.complete) == 1, _tails(logs)
+    stopped = listing.complete[0]
+    assert 3 <= stopped < 30
+    manifest = json.loads((run / "out" / "checkpoints" / f"step-{stopped}" / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    # Sharded state: one distributed-checkpoint file per rank for the model and for the optimizer, each written
+    # on its own node's scratch disk.
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        shards = {n for n in names if n.startswith(part + "/") and n.endswith(".distcp")}
+        assert len(shards) == 2, (part, sorted(names))
+
+    procs, logs = _launch_nodes(run, configs, "pytorchjob", free_port(), "second")
+    assert list(wait_all(procs, timeout=420)) == [0, 0], _tails(logs)
+    text = logs[0].read_text(errors="replace")
+    resumed = [json.loads(line) for line in text.splitlines() if '"event":"resumed"' in line]
+    assert resumed[0]["resumedFromStep"] == stopped
+    losses = losses_by_step(progress_lines(text))
+    assert sorted(losses) == list(range(stopped + 1, 31))
+    for step, value in losses.items():
+        assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, value, reference[step])
+
+    # The final outputs are gathered whole, as DDP saves them.
+    name = "adapter_model.safetensors" if method["type"] == "lora" else "model.safetensors"
+    trained = load_file(str(run / "out" / name))
+    expected = load_file(str(ref / "out" / name))
+    assert set(trained) == set(expected)
+    if method["type"] == "full":
+        base = load_file(str(sources[0] / "model.safetensors"))
+        assert {n: t.shape for n, t in trained.items()} == {n: t.shape for n, t in base.items()}

@@ -68,6 +68,14 @@ def test_quickstart_trains_merges_and_reports(quickstart: Path) -> None:
     assert (run / "adapter_model.safetensors").is_file()
     assert (run / "loss.png").stat().st_size > 1000
     assert f"merged:      {run}/merged/" in out
+    # output.samples: the summary shows where they are and the first few; the merged model's card has them too.
+    assert f"samples:     {run}/samples.jsonl (5 rows)" in out
+    assert "    > Add 7 and 5." in out
+    assert f"tensorboard: tensorboard --logdir {run}/tensorboard/" in out
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["prompt", "prompt", "eval", "eval", "eval"]
+    assert all(r["reference"].startswith("The answer is") for r in rows[2:])
+    assert "## Samples" in (run / "merged" / "README.md").read_text()
     assert (run / "merged" / "manifest.json").is_file()
     assert any(p.suffix == ".safetensors" for p in (run / "merged").iterdir())
     losses = [r["loss"] for r in _progress(quickstart / "work-lora" / "node-0.log") if "loss" in r]

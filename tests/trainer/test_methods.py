@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -204,16 +205,21 @@ def test_the_loss_plot_is_reported_only_when_it_was_written_and_uploaded(
         output={"uri": out.as_uri(), "plotLoss": plot_loss},
     )
     # The run reports the plot, and so does a restarted Pod that finds the outputs complete.
+    tracking_env = ("WANDB_", "MLFLOW_", "TENSORBOARD_")
+    env_before = {k: v for k, v in os.environ.items() if k.startswith(tracking_env)}
     reported = []
     for _ in range(2):
         stream = io.StringIO()
         status = run(config, reporter=ProgressReporter("tiny", stream=stream)).status
-        (artifacts,) = progress_lines(stream.getvalue(), event="artifacts")
+        # The final outputs' event (TensorBoard's logs are reported on their own once the first sync uploaded them).
+        (artifacts,) = [a for a in progress_lines(stream.getvalue(), event="artifacts") if "adapter" in a]
         assert artifacts["adapter"] == out.as_uri() + "/"
         reported.append((status, artifacts.get("lossPlot")))
     assert (out / "loss.png").is_file() == plotted
     plot = (out / "loss.png").as_uri() if plotted else None
     assert reported == [("finished", plot), ("already-complete", plot)]
+    # The run's tracking settings do not outlive it in this process.
+    assert {k: v for k, v in os.environ.items() if k.startswith(tracking_env)} == env_before
 
 
 def test_unknown_lora_target_fails_with_the_models_linear_module_names(model_dir: Path) -> None:

@@ -133,6 +133,9 @@ def test_rank0_applies_progress_checkpoints_and_a_failure_into_its_own_finetunej
     reporter.checkpoint(5, "s3://runs/tiny/checkpoints/step-5/", 0.4)
     reporter.checkpoint(10, "s3://runs/tiny/checkpoints/step-10/", 0.2, deleted=[5])
     reporter.artifacts(adapter="s3://runs/tiny/", loss_plot="s3://runs/tiny/loss.png")
+    reporter.artifacts(tensorboard="s3://runs/tiny/tensorboard/", samples="s3://runs/tiny/samples.jsonl")
+    reporter.samples(4)
+    reporter.tracking({"mlflow": "http://mlflow:5000/#/experiments/1/runs/abc"})
     reporter.flush()
 
     got = _status(k8s_api, namespace, "tiny")
@@ -151,7 +154,13 @@ def test_rank0_applies_progress_checkpoints_and_a_failure_into_its_own_finetunej
     assert [c["step"] for c in got["checkpoints"]] == [10], "retention's deletions leave the list"
     assert got["checkpoints"][0]["uri"] == "s3://runs/tiny/checkpoints/step-10/"
     assert got["resumedFromStep"] == 3
-    assert got["artifacts"] == {"lossPlot": "s3://runs/tiny/loss.png"}, "the adapter is the operator's to report"
+    assert got["artifacts"] == {
+        "lossPlot": "s3://runs/tiny/loss.png",
+        "tensorboard": "s3://runs/tiny/tensorboard/",
+        "samples": "s3://runs/tiny/samples.jsonl",
+    }, "the adapter is the operator's to report"
+    assert got["sampleCount"] == 4
+    assert got["tracking"] == {"mlflow": "http://mlflow:5000/#/experiments/1/runs/abc"}
     assert got["phase"] == "Running", "the trainer must not touch the operator's fields"
 
     reporter.failure("DataError", "s3://data/train.jsonl line 7: not valid JSON")
@@ -166,7 +175,9 @@ def test_rank0_applies_progress_checkpoints_and_a_failure_into_its_own_finetunej
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["event"] for line in lines][:3] == ["resumed", "progress", "progress"]
     assert lines[-1]["event"] == "failed"
-    assert {"event": "artifacts", "adapter": "s3://runs/tiny/"}.items() <= lines[-2].items(), "the log has it all"
+    assert {"event": "artifacts", "adapter": "s3://runs/tiny/"}.items() <= lines[-5].items(), "the log has it all"
+    assert [line["event"] for line in lines[-4:-1]] == ["artifacts", "samples", "tracking"]
+    assert lines[-2]["mlflow"] == "http://mlflow:5000/#/experiments/1/runs/abc"
 
     # Each writer owns its own fields, by server-side apply.
     obj = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(

@@ -140,7 +140,9 @@ def free_port() -> int:
 
 def trainer_env(**extra: str) -> dict[str, str]:
     """Environment for trainer subprocesses: the repository's packages importable, no GPU, quiet tokenizers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "FTJ_", "KUBERNETES_"))}
+    # Nothing of the test process's own tracking settings either (WANDB_*, MLFLOW_*, ...).
+    tracking = ("WANDB_", "MLFLOW_", "SWANLAB_", "TENSORBOARD_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "FTJ_", "KUBERNETES_", *tracking))}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     env.update(

@@ -384,3 +384,40 @@ def test_an_unknown_flash_attn_value_is_an_error(tmp_path: Path) -> None:
     train = {"model_name_or_path": "s3://m/", "dataset": "mine", "flash_attn": "fa9"}
     conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://o/"))
     assert conversion.errors == ["flash_attn: 'fa9' is not one of auto, disabled, sdpa, fa2, fa3"]
+
+
+def test_fsdp_settings_are_carried_and_other_strategies_reported(tmp_path: Path) -> None:
+    from finetune_operator.api import validate_document
+
+    (tmp_path / "fsdp.yaml").write_text(
+        "fsdp_offload_params: true\nfsdp_version: 2\nfsdp_backward_prefetch: BACKWARD_PRE\n"
+    )
+    train = {
+        "model_name_or_path": "s3://models/base/",
+        "dataset": "mine",
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": "fsdp.yaml",
+    }
+    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    assert conversion.errors == []
+    assert conversion.document["spec"]["fsdp"] == {"offload": True}
+    fsdp_lines = [line for line in conversion.not_carried if line.startswith("fsdp")]
+    assert fsdp_lines == ["fsdp_config.fsdp_backward_prefetch: 'BACKWARD_PRE' (FSDP2 settings are the operator's)"]
+    job, errors = validate_document(conversion.document)
+    assert job is not None, errors
+
+    train = {"model_name_or_path": "s3://models/base/", "dataset": "mine", "fsdp": ["shard_grad_op", "auto_wrap"]}
+    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    assert conversion.document["spec"]["fsdp"] == {}
+    fsdp_lines = [line for line in conversion.not_carried if line.startswith("fsdp")]
+    assert fsdp_lines == ["fsdp: shard_grad_op (FineTuneJobs shard fully: full_shard, FSDP2)"]
+
+    both = {
+        "model_name_or_path": "s3://models/base/",
+        "dataset": "mine",
+        "fsdp": "full_shard",
+        "deepspeed": "ds_z3_config.json",
+    }
+    conversion = convert(both, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    _, errors = validate_document(conversion.document)
+    assert errors == ["spec: set deepspeed or fsdp, not both"]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
@@ -170,3 +171,18 @@ def test_api_reference_lists_every_spec_field() -> None:
     text = api_markdown()
     for field in ("spec.method.lora.rank", "spec.training.cutoffLen", "spec.datasets[].tags.role_tag", "status.phase"):
         assert f"| `{field}` |" in text
+
+
+def test_fsdp_settings_are_fsdp2_full_shard_with_sharded_checkpoints() -> None:
+    from finetune_trainer.config import RunSpec as Spec
+    from finetune_trainer.deepspeed import fsdp_config
+
+    base = {"model": {"uri": "s3://models/base/"}, "datasets": [{"uri": "s3://data/t.json"}]}
+    spec = Spec.model_validate({**base, "output": {"uri": "s3://runs/x/"}, "fsdp": {"offload": True}})
+    got = fsdp_config(spec)
+    assert (got["version"], got["reshard_after_forward"], got["state_dict_type"]) == (2, True, "SHARDED_STATE_DICT")
+    assert got["cpu_offload"] is True
+    assert got["activation_checkpointing"] is True  # gradientCheckpointing defaults on: FSDP's own does it
+    assert spec.sharded()
+    with pytest.raises(ValueError, match="set deepspeed or fsdp, not both"):
+        Spec.model_validate({**base, "output": {"uri": "s3://runs/x/"}, "fsdp": {}, "deepspeed": {}})

@@ -77,6 +77,20 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             self._tokens_mark = (now, tokens)
         super().log(logs, *args, **kwargs)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """FSDP on the CPU too. accelerate (1.15) turns an FSDP plugin into FSDP only for accelerator process groups
+        (its AcceleratorState ignores the plugin for MULTI_CPU, gloo): the Trainer would train plain DDP while the
+        spec asked for sharding, and its FSDP save path would fail at the end. torch's FSDP2 runs on the CPU with
+        gloo, and accelerate's FSDP2 preparation works there once the state says FSDP; so this sets it."""
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         if 0 < self.state.max_steps <= self.state.global_step:
             log.info("the checkpoint is at the last step (%d): nothing left to train", self.state.global_step)

@@ -417,6 +417,14 @@ class DeepSpeedSpec(Model):
     )
 
 
+class FsdpSpec(Model):
+    """FSDP2 through transformers/Accelerate, the alternative to DeepSpeed: parameters, gradients and optimizer
+    state fully sharded over every process, each decoder layer wrapped on its own (the model's _no_split_modules).
+    Checkpoints hold each rank's shards; the final model or adapter is gathered whole."""
+
+    offload: bool = Field(False, description="Keep the sharded parameters and optimizer state in CPU memory.")
+
+
 class ModelSource(Model):
     """The base model."""
 
@@ -569,14 +577,19 @@ class RunSpec(Model):
     )
     method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
-    deepspeed: DeepSpeedSpec | None = Field(None, description="DeepSpeed ZeRO; DDP when absent.")
+    deepspeed: DeepSpeedSpec | None = Field(None, description="DeepSpeed ZeRO; exclusive with fsdp; DDP when neither.")
+    fsdp: FsdpSpec | None = Field(None, description="FSDP2 full sharding (fsdp: {}); exclusive with deepspeed.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3-compatible storage settings.")
     output: OutputSpec = Field(description="Output location.")
     tracking: TrackingSpec | None = Field(
         None, description="Experiment tracking (wandb, mlflow, swanlab); TensorBoard files are always written."
     )
 
-    RULES = (not_both("eval_datasets", "val_size"),)
+    RULES = (not_both("eval_datasets", "val_size"), not_both("deepspeed", "fsdp"))
+
+    def sharded(self) -> bool:
+        """Whether the weights are partitioned across processes (ZeRO-3 or FSDP): collective saves and generation."""
+        return self.fsdp is not None or (self.deepspeed is not None and self.deepspeed.zero_stage == 3)
 
     def merge_enabled(self) -> bool:
         enabled = self.output.merge.enabled
@@ -598,7 +611,7 @@ class TrainerConfig(RunSpec):
 # who runs it and where things are on this machine) except these: how storage is reached, and settings that change
 # neither the trained weights nor where they go. A FineTuneJob re-created with only these changed (GitOps delete and
 # re-apply, another S3 endpoint or keys, other retention, merge or reporting settings) resumes its own checkpoints.
-# Everything else (model, datasets, evalDatasets, valSize, template, method, the other training fields, deepspeed,
+# Everything else (model, datasets, evalDatasets, valSize, template, method, the other training fields, deepspeed, fsdp,
 # output.uri) defines the run; a field added to RunSpec is run-defining unless it is listed here.
 NOT_RUN_DEFINING: dict[str, Any] = {
     "storage": True,  # endpoint, region, addressing style, credentials

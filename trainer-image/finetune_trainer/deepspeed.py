@@ -1,13 +1,15 @@
-"""Render a DeepSpeed JSON config from a DeepSpeedSpec, with the "auto" values the Hugging Face integration fills in.
+"""The sharding engines' settings: a DeepSpeed JSON config from a DeepSpeedSpec (with the "auto" values the Hugging
+Face integration fills in) and transformers' fsdp_config from an FsdpSpec.
 
-Importable without torch: the operator renders this JSON into the trainer ConfigMap, and the trainer reads it back.
+Importable without torch: the operator renders the DeepSpeed JSON into the trainer ConfigMap, and the trainer reads
+it back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from finetune_trainer.config import DeepSpeedSpec
+from finetune_trainer.config import DeepSpeedSpec, RunSpec
 
 _BUCKET = 500_000_000
 
@@ -68,3 +70,20 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any]:
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
         }
     return config
+
+
+def fsdp_config(config: RunSpec) -> dict[str, Any]:
+    """transformers' fsdp_config for spec.fsdp: FSDP2, full sharding (parameters resharded after forward), each
+    decoder layer its own unit (transformer-based wrapping over the model's _no_split_modules), sharded checkpoints
+    (every rank writes its own; resume reads them back), CPU offload on request, FSDP's own activation checkpointing
+    when gradientCheckpointing is on."""
+    assert config.fsdp is not None
+    return {
+        "version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "cpu_offload": config.fsdp.offload,
+        "activation_checkpointing": config.training.gradient_checkpointing,
+        "cpu_ram_efficient_loading": False,
+    }

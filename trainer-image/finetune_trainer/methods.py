@@ -136,8 +136,8 @@ def load_model(config: TrainerConfig, model_dir: Path, ranks: Ranks | None = Non
         quant = config.method.quantization_or_default()
         if quant.bits == 4:
             extra: dict[str, Any] = {}
-            if config.deepspeed is not None and config.deepspeed.zero_stage == 3:
-                # ZeRO-3 partitions parameters by dtype; packed 4-bit storage must look like the compute dtype.
+            if config.sharded():
+                # ZeRO-3 and FSDP shard parameters by dtype; packed 4-bit storage must look like the compute dtype.
                 extra["bnb_4bit_quant_storage"] = compute_dtype(config)
             kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
                 load_in_4bit=True,

@@ -32,7 +32,7 @@ from finetune_trainer.checkpoints import (
     step_uri,
 )
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.deepspeed import deepspeed_config
+from finetune_trainer.deepspeed import deepspeed_config, fsdp_config
 from finetune_trainer.device import collective_backend, device_type
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.errors import OutputInUseError
@@ -80,6 +80,7 @@ class FineTuneRecipe:
         self.work_dir = Path(config.cache_dir) / "work" / config.job_name
         self.final_dir = self.work_dir / "final"
         self.tensorboard_dir = self.work_dir / tracking.TENSORBOARD_DIR
+        self._environ_before: dict[str, str | None] = {}
         if reporter is None and self.ranks.is_main:
             reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
         self.reporter = reporter
@@ -137,9 +138,8 @@ class FineTuneRecipe:
 
     def _configure_tracking(self) -> None:
         """TensorBoard's directory (this attempt's event files, uploaded to <output>/tensorboard/ with every
-        checkpoint and at the end) and the tracking services' environment."""
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.tensorboard_dir)
-        tracking.configure(self.config, self.work_dir)
+        checkpoint and at the end) and the tracking services' environment (undone in cleanup)."""
+        self._environ_before = tracking.configure(self.config, self.work_dir, self.tensorboard_dir)
 
     def _init_deepspeed_comm(self) -> None:
         """ZeRO-3 partitions while the model loads, with DeepSpeed's view of the world; on CPU (gloo) accelerate
@@ -307,6 +307,12 @@ class FineTuneRecipe:
         }
         if cfg.deepspeed is not None:
             kwargs["deepspeed"] = self._deepspeed_config_path()
+        if cfg.fsdp is not None:
+            kwargs["fsdp"] = True
+            kwargs["fsdp_config"] = fsdp_config(cfg)
+            # FSDP checkpoints activations itself (fsdp_config); the Trainer's own would add an all-gather.
+            kwargs["activation_checkpointing"] = False
+            kwargs["activation_checkpointing_kwargs"] = None
         return TrainingArguments(**kwargs)
 
     def _deepspeed_config_path(self) -> str:
@@ -374,7 +380,7 @@ class FineTuneRecipe:
             deleted = [s for s in self.reporter.checkpoints if s not in existing]
             self.reporter.checkpoint(step, uri, loss, deleted=deleted)
 
-    def sync_tensorboard(self, report: bool = True) -> None:
+    def sync_tensorboard(self) -> None:
         """Global rank 0: upload this attempt's TensorBoard event files to <output>/tensorboard/ (each file whole,
         replacing its earlier copy; the files of earlier attempts stay beside them). A failed upload is logged, not
         raised: the next checkpoint or the end of training uploads again."""
@@ -387,7 +393,7 @@ class FineTuneRecipe:
         except Exception as exc:  # storage trouble must not stop training; the final upload is checked
             log.warning("could not upload the TensorBoard logs to %s: %s", target, exc)
             return
-        if report and self.reporter is not None:
+        if self.reporter is not None and "tensorboard" not in self.reporter.trainer_artifacts:
             self.reporter.artifacts(tensorboard=target)
 
     # -- train -------------------------------------------------------------------------------------------------
@@ -427,7 +433,7 @@ class FineTuneRecipe:
         if self.final_dir.exists() and self.ranks.is_local_main:
             shutil.rmtree(self.final_dir)
         self._barrier()
-        trainer.save_model(str(self.final_dir))  # every rank: under ZeRO-3 the weights are gathered collectively
+        self._save_final_model()  # every rank: under ZeRO-3 and FSDP the weights are gathered collectively
         samples = self._write_samples()
         if not self.ranks.is_main:
             return  # only rank 0 uploads; the others must not sit in a collective while it does
@@ -455,19 +461,36 @@ class FineTuneRecipe:
         apply_retention(self.storage, self.output_uri, self.config.output.checkpoints.keep)
         self.report_artifacts(manifest)
 
+    def _save_final_model(self) -> None:
+        """The model or adapter into the final directory, whole. FSDP checkpoints keep each rank's shards (the
+        Trainer's sharded state dict); the final save gathers the full state dict on every rank and rank 0 writes it,
+        as DDP saves it. (accelerate's own gather offloads to the CPU, and in a CPU process group the offloaded
+        tensors alias storage FSDP frees again: safetensors cannot save them; on the CPU nothing needs offloading.)"""
+        trainer = self.trainer
+        if self.config.fsdp is None:
+            trainer.save_model(str(self.final_dir))
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=device_type() != "cpu")
+        state = get_model_state_dict(trainer.model, options=options)
+        if self.ranks.is_main:
+            trainer._save(str(self.final_dir), state_dict=state)
+
     def _write_samples(self) -> int | None:
         """output.samples: generate with the trained model into the final directory; the number of rows. Global
-        rank 0 generates; under ZeRO-3 every rank takes part (the weights are partitioned), rank 0 writes."""
+        rank 0 generates; under ZeRO-3 and FSDP every rank takes part (the weights are partitioned), rank 0
+        writes."""
         if self.config.output.samples is None:
             return None
         from finetune_trainer.samples import write_samples
 
-        zero3 = self.config.deepspeed is not None and self.config.deepspeed.zero_stage == 3 and self.ranks.distributed
-        if not (self.ranks.is_main or zero3):
+        synced = self.config.sharded() and self.ranks.distributed
+        if not (self.ranks.is_main or synced):
             return None
         path = self.final_dir / SAMPLES_FILE if self.ranks.is_main else None
         rows = write_samples(
-            self.trainer.model, self.trainer.processing_class, self.config, self.data.eval, path, synced=zero3
+            self.trainer.model, self.trainer.processing_class, self.config, self.data.eval, path, synced=synced
         )
         return len(rows)
 
@@ -504,6 +527,7 @@ class FineTuneRecipe:
     # -- cleanup -----------------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
+        tracking.restore(self._environ_before)
         if self.preemption is not None:
             self.preemption.uninstall()
         if self.uploader is not None:

@@ -59,28 +59,40 @@ def run_name(config: TrainerConfig) -> str:
     return spec_of(config).run_name or config.job_name
 
 
-def environment(config: TrainerConfig, work_dir: Path) -> dict[str, str]:
-    """What the integrations read from the environment: project/experiment, tracking URI, local directories (the
-    container's root file system is read-only: everything goes under the scratch work directory)."""
+def environment(config: TrainerConfig, work_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What the integrations read from the environment, as (from the spec, defaults): the spec's project, run name
+    and tracking URI override the environment; the defaults (project, local directories: the container's root file
+    system is read-only, everything goes under the scratch work directory) give way to values the job's env sets."""
     spec = spec_of(config)
-    project = spec.project or DEFAULT_PROJECT
     local = work_dir / "tracking"
-    env = {
-        "WANDB_PROJECT": project,
-        "WANDB_DIR": str(local),
-        "WANDB_NAME": run_name(config),
-        "MLFLOW_EXPERIMENT_NAME": project,
-    }
+    explicit = {"WANDB_NAME": run_name(config)}
+    defaults = {"WANDB_DIR": str(local)}
+    for name in ("WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME"):
+        (explicit if spec.project else defaults)[name] = spec.project or DEFAULT_PROJECT
     if spec.mlflow_tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = spec.mlflow_tracking_uri
-    return env
+        explicit["MLFLOW_TRACKING_URI"] = spec.mlflow_tracking_uri
+    return explicit, defaults
 
 
-def configure(config: TrainerConfig, work_dir: Path) -> None:
-    """Set the integrations' environment (values the job's own env already sets are kept)."""
+def configure(config: TrainerConfig, work_dir: Path, tensorboard_dir: Path) -> dict[str, str | None]:
+    """Set the integrations' environment and TensorBoard's directory; returns the previous values, for restore()."""
     (work_dir / "tracking").mkdir(parents=True, exist_ok=True)
-    for name, value in environment(config, work_dir).items():
-        os.environ.setdefault(name, value)
+    explicit, defaults = environment(config, work_dir)
+    explicit["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
+    changes = {**{k: v for k, v in defaults.items() if k not in os.environ}, **explicit}
+    previous = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
+    return previous
+
+
+def restore(previous: dict[str, str | None]) -> None:
+    """Undo configure() (a process that runs several recipes, such as a test session, must not carry one run's
+    settings into the next)."""
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def run_links(names: list[str], mlflow_uri: str | None = None) -> dict[str, str]:
