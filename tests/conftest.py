@@ -44,6 +44,7 @@ MARKERS = {
     "controlplane": "needs the real etcd + kube-apiserver built by tests/testbin/build.sh",
     "workloads": "needs kube-controller-manager, kube-scheduler and kwok (pods get scheduled and run)",
     "training_operator": "needs the Kubeflow training operator v1 and its PyTorchJob CRD",
+    "trainer_v2": "needs Kubeflow Trainer v2 (TrainJob) and the JobSet controller, with their CRDs",
     "s3": "needs the real MinIO S3 server built by tests/testbin/build.sh",
     "operator": "runs a kopf operator subprocess against the control plane",
     "e2e": "Pods really run, under the node agent (tests/e2e; support.nodeagent)",
@@ -56,6 +57,7 @@ _FIXTURE_MARKERS = {
     "workloads": "workloads",
     "kwok": "workloads",
     "training_operator": "training_operator",
+    "trainer_v2": "trainer_v2",
     "s3": "s3",
     "minio": "s3",
     "run_operator": "operator",
@@ -205,6 +207,12 @@ def workloads(control_plane: ControlPlane, controller_manager: Any, scheduler: A
 def training_operator(workloads: ControlPlane) -> Any:
     """The Kubeflow training operator v1 (PyTorchJob), out of cluster, with its upstream CRD applied."""
     return _ensure(workloads.ensure_training_operator)
+
+
+@pytest.fixture(scope="session")
+def trainer_v2(workloads: ControlPlane) -> Any:
+    """Kubeflow Trainer v2 (TrainJob) and JobSet, out of cluster, with their upstream CRDs applied."""
+    return _ensure(workloads.ensure_trainer_v2)
 
 
 @pytest.fixture

@@ -487,6 +487,106 @@ class ControlPlane:
             self.timings["training-operator"] = time.monotonic() - started
             return proc
 
+    def ensure_trainer_v2(self) -> ManagedProcess:
+        """Kubeflow Trainer v2 with JobSet underneath, once: their upstream CRDs from the Go module cache, the JobSet
+        controller and the trainer controller manager (out of cluster, admin kubeconfig, leader election off).
+
+        As for the training operator v1, no webhook configurations are registered (admission is the CRDs' schemas
+        and CEL rules) and each controller's certificate management is off: their webhook servers still start and
+        read a serving pair the test issues into a directory of their own.
+        """
+        with self._lock:
+            if "trainer-v2" in self._processes:
+                return self._processes["trainer-v2"]
+            started = time.monotonic()
+            self.apply_crd_files([testbin.jobset_crd(), *testbin.trainer_v2_crds()])
+            self.create("/api/v1/namespaces", {"metadata": {"name": TRAINING_OPERATOR_NAMESPACE}})
+            base = self.workdir / "trainer-v2"
+            ca = pki.CertificateAuthority(base / "pki", "ftj-trainer-v2-ca")
+            jobset_port, trainer_port = free_port(), free_port()
+            self._start_v2_component(
+                "jobset",
+                testbin.binary("jobset"),
+                base / "jobset",
+                ca,
+                lambda probe, certs: {
+                    "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+                    "kind": "Configuration",
+                    "internalCertManagement": {"enable": False},
+                    "webhook": {"port": jobset_port, "host": "127.0.0.1", "certDir": str(certs)},
+                    "metrics": {"bindAddress": "0"},
+                    "health": {"healthProbeBindAddress": f"127.0.0.1:{probe}"},
+                    "leaderElection": {"leaderElect": False},
+                },
+            )
+            trainer = self._start_v2_component(
+                "trainer-v2",
+                testbin.binary("trainer-v2", "trainer-controller-manager"),
+                base / "trainer",
+                ca,
+                lambda probe, certs: {
+                    "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
+                    "kind": "Configuration",
+                    "certManagement": {"enable": False},
+                    "webhook": {"port": trainer_port, "host": "127.0.0.1"},
+                    "metrics": {"bindAddress": "0"},
+                    "health": {"healthProbeBindAddress": f"127.0.0.1:{probe}"},
+                    "leaderElection": {"leaderElect": False},
+                },
+            )
+            # Their defaulting lives in mutating webhooks (a JobSet without it has no spec.network and its controller
+            # panics), so unlike the v1 operator's, these are registered, pointing at the local servers.
+            self._register_webhooks("jobset", testbin.jobset_webhooks(), jobset_port, ca.cert_path)
+            self._register_webhooks("trainer-v2", testbin.trainer_v2_webhooks(), trainer_port, ca.cert_path)
+            self.timings["trainer-v2"] = time.monotonic() - started
+            return trainer
+
+    def _register_webhooks(self, owner: str, manifest: Path, port: int, ca_cert: Path) -> None:
+        """The upstream webhook configurations, each webhook called at https://127.0.0.1:<port><path>. Pod webhooks
+        (JobSet's) see only Pods of a JobSet, so the other tests' Pods never depend on these servers."""
+        bundle = b64encode(ca_cert.read_bytes()).decode()
+        for document in yaml.safe_load_all(manifest.read_text()):
+            if not isinstance(document, dict) or not document.get("kind", "").endswith("WebhookConfiguration"):
+                continue
+            kind = document["kind"]
+            plural = (
+                "mutatingwebhookconfigurations" if kind.startswith("Mutating") else "validatingwebhookconfigurations"
+            )
+            document["metadata"] = {"name": f"{owner}-{document['metadata']['name']}"}
+            for webhook in document["webhooks"]:
+                path = webhook["clientConfig"]["service"]["path"]
+                webhook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": bundle}
+                if any("pods" in rule.get("resources", []) for rule in webhook.get("rules", [])):
+                    webhook["objectSelector"] = {
+                        "matchExpressions": [{"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]
+                    }
+            self.create(f"/apis/admissionregistration.k8s.io/v1/{plural}", document)
+
+    def _start_v2_component(
+        self, name: str, binary: Path, base: Path, ca: pki.CertificateAuthority, configuration: Any
+    ) -> ManagedProcess:
+        """One controller-runtime manager of the Trainer v2 stack, with its Configuration file and serving certs."""
+        tmpdir = base / "tmp"
+        certs = tmpdir / "k8s-webhook-server" / "serving-certs"
+        certs.mkdir(parents=True)
+        serving = ca.issue(
+            f"{name}-webhook", "localhost", dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True
+        )
+        for target, source in (("tls.crt", serving.cert), ("tls.key", serving.key)):
+            shutil.copyfile(source, certs / target)
+        probe = free_port()
+        config_file = base / "config.yaml"
+        config_file.write_text(yaml.safe_dump(configuration(probe, certs)))
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "TMPDIR": str(tmpdir)}
+        proc = self._spawn(name, [binary, f"--config={config_file}", "--zap-log-level=info"], env=env)
+        wait_until(
+            lambda: _ok(f"http://127.0.0.1:{probe}/readyz"),
+            timeout=START_TIMEOUT,
+            what=f"{name} /readyz",
+            watch=[proc],
+        )
+        return proc
+
     def _prepare_webhook_certs(self) -> Path:
         """Give the training operator its webhook certificates before it starts; return its private TMPDIR.
 

@@ -25,6 +25,8 @@ _VERSION_KEYS = {
     "training-operator": "TRAINING_OPERATOR_VERSION",
     "minio": "MINIO_VERSION",
     "helm": "HELM_VERSION",
+    "trainer-v2": "TRAINER_V2_VERSION",
+    "jobset": "JOBSET_VERSION",
 }
 
 
@@ -114,3 +116,40 @@ def training_operator_crd(kind_plural: str = "pytorchjobs") -> Path:
             f"training operator CRD {path} is not in the Go module cache; run `{BUILD_HINT} training-operator`"
         )
     return path
+
+
+def _module_file(module: str, component: str, relative: str) -> Path:
+    path = go_module_cache() / f"{module}@{versions()[component]}" / relative
+    if not path.is_file():
+        raise MissingBinaryError(f"{path} is not in the Go module cache; run `{BUILD_HINT} {component}`")
+    return path
+
+
+def trainer_v2_crds() -> list[Path]:
+    """Kubeflow Trainer v2's CRDs (TrainJob, TrainingRuntime, ClusterTrainingRuntime) from the module cache."""
+    return [
+        _module_file(
+            "github.com/kubeflow/trainer/v2", "trainer-v2", f"manifests/base/crds/trainer.kubeflow.org_{name}.yaml"
+        )
+        for name in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")
+    ]
+
+
+def trainer_v2_runtime(name: str = "torch_distributed") -> Path:
+    """An upstream ClusterTrainingRuntime manifest (manifests/base/runtimes/<name>.yaml)."""
+    return _module_file("github.com/kubeflow/trainer/v2", "trainer-v2", f"manifests/base/runtimes/{name}.yaml")
+
+
+def jobset_crd() -> Path:
+    """JobSet's CRD from the module cache."""
+    return _module_file("sigs.k8s.io/jobset", "jobset", "config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml")
+
+
+def trainer_v2_webhooks() -> Path:
+    """Trainer v2's webhook configurations (their services are replaced by URLs in the test control plane)."""
+    return _module_file("github.com/kubeflow/trainer/v2", "trainer-v2", "manifests/base/webhook/manifests.yaml")
+
+
+def jobset_webhooks() -> Path:
+    """JobSet's webhook configurations."""
+    return _module_file("sigs.k8s.io/jobset", "jobset", "config/components/webhook/manifests.yaml")

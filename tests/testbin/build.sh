@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the real servers used by the controlplane and trainer test tiers from their published Go modules:
 # etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1,
-# MinIO, the Helm v3 CLI (the chart tests render and lint with it), kubectl (the e2e tier drives the cluster
+# Kubeflow Trainer v2's controller manager and the JobSet controller under it, MinIO, the Helm v3 CLI (the chart tests render and lint with it), kubectl (the e2e tier drives the cluster
 # with it, as a user would) and s5cmd (the S3 client bench/bench_s3_pull.py compares the trainer's transfers with;
 # no test needs it, so it is not in the default set). Binaries go to a cache outside the
 # repository, one directory per component and version:
@@ -12,7 +12,7 @@
 # redone and a finished one is reused. Idempotent: run it as often as you like; only what is missing is built.
 #
 # Usage: bash tests/testbin/build.sh [--force] [component ...]
-#   components: etcd kubernetes kubectl kwok training-operator minio helm s5cmd
+#   components: etcd kubernetes kubectl kwok training-operator trainer-v2 jobset minio helm s5cmd
 #               (default: all but s5cmd, which only the S3 benchmark uses)
 #   --force     rebuild even when the stamp is present
 #   --print-dir print the cache directory and exit
@@ -26,7 +26,7 @@ source "$here/versions.env"
 S5CMD_VERSION="${S5CMD_VERSION:-v2.3.0}"
 
 cache="${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}"
-all_components=(etcd kubernetes kubectl kwok training-operator minio helm)
+all_components=(etcd kubernetes kubectl kwok training-operator trainer-v2 jobset minio helm)
 
 force=0
 components=()
@@ -35,7 +35,7 @@ for arg in "$@"; do
         --force) force=1 ;;
         --print-dir) echo "$cache"; exit 0 ;;
         -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        etcd|kubernetes|kubectl|kwok|training-operator|minio|helm|s5cmd) components+=("$arg") ;;
+        etcd|kubernetes|kubectl|kwok|training-operator|trainer-v2|jobset|minio|helm|s5cmd) components+=("$arg") ;;
         *) echo "build.sh: unknown argument '$arg' (components: ${all_components[*]} s5cmd)" >&2; exit 2 ;;
     esac
 done
@@ -71,6 +71,8 @@ component_version() {
         minio) echo "$MINIO_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
         s5cmd) echo "$S5CMD_VERSION" ;;
+        trainer-v2) echo "$TRAINER_V2_VERSION" ;;
+        jobset) echo "$JOBSET_VERSION" ;;
     esac
 }
 
@@ -159,6 +161,24 @@ build_s5cmd() {
     (cd "$dir" && go build "${gobuild_flags[@]}" -mod=mod -ldflags "$ldflags" -o "$out/s5cmd" .)
 }
 
+# Kubeflow Trainer v2's controller manager; its module (manifests/base/crds, runtimes) stays in the module cache for
+# the tests.
+build_trainer-v2() {
+    local out="$1"
+    GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" \
+        "github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager@$TRAINER_V2_VERSION"
+    go mod download "github.com/kubeflow/trainer/v2@$TRAINER_V2_VERSION"
+}
+
+# JobSet, built in its released module like s5cmd (the proxy serves it by exact version only, so `go install
+# ...@version` cannot ask for its version list); its CRD stays in the module cache for the tests.
+build_jobset() {
+    local out="$1" dir
+    dir="$(cd "$here" && go mod download -json "sigs.k8s.io/jobset@$JOBSET_VERSION" | \
+        sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    (cd "$dir" && go build "${gobuild_flags[@]}" -mod=mod -ldflags "-s -w" -o "$out/jobset" .)
+}
+
 # The loop sits in a function so bash parses all of it before running any of it (editing this file while a
 # build runs then cannot change what that build does).
 main() {
@@ -168,10 +188,15 @@ main() {
         dir="$cache/$c-$v"
         if [ "$force" -eq 0 ] && [ -f "$dir/.complete" ]; then
             echo "testbin: $c $v present in $dir"
-            if [ "$c" = training-operator ] && \
-                [ ! -d "$(go env GOMODCACHE)/github.com/kubeflow/training-operator@$v/manifests/base/crds" ]; then
-                # The tests read its CRDs from the module cache, which may have been cleaned since the build.
-                go mod download "github.com/kubeflow/training-operator@$v"
+            # The tests read CRDs from the module cache, which may have been cleaned since the build.
+            case "$c" in
+                training-operator) module="github.com/kubeflow/training-operator" ;;
+                trainer-v2) module="github.com/kubeflow/trainer/v2" ;;
+                jobset) module="sigs.k8s.io/jobset" ;;
+                *) module="" ;;
+            esac
+            if [ -n "$module" ] && [ ! -d "$(go env GOMODCACHE)/$module@$v" ]; then
+                (cd "$here" && go mod download "$module@$v")
             fi
             continue
         fi
