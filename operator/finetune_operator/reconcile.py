@@ -118,6 +118,8 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
             obs, merged = _follow_merge(job, settings)
             artifacts.update(merged)
     _record(body, obs, events, children=kids.refs, artifacts=artifacts, failed_replicas=failed, created=kids.created)
+    if failed is not None:
+        forget_transient(workload["metadata"].get("uid") or "", failed, obs.phase in ("Succeeded", "Failed"))
     return None
 
 
@@ -134,6 +136,16 @@ def note_pod(pod: dict[str, Any]) -> None:
     for uid in transient_failures([pod], CONTAINER):
         if owner:
             _transient.setdefault(owner, set()).add(uid)
+
+
+def forget_transient(workload_uid: str, recorded: list[str], finished: bool) -> None:
+    """Once status.failedReplicas holds them (or the run is over), the failures remembered from Pod events are not
+    needed any more: without this the map would grow by every failed replica the operator ever saw."""
+    remaining = set() if finished else _transient.get(workload_uid, set()) - set(recorded)
+    if remaining:
+        _transient[workload_uid] = remaining
+    else:
+        _transient.pop(workload_uid, None)
 
 
 def _count_transient_failures(

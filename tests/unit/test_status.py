@@ -219,3 +219,31 @@ def test_replicas_finishing_before_the_workload_completes_stay_running() -> None
     # Pods end one after the other, and the Job or PyTorchJob says Complete only after that: no step back.
     assert observe(child(), [pod("m", "Succeeded"), pod("w")], 2, False).phase == "Running"
     assert observe(child(), [pod("m", "Succeeded"), pod("w", "Succeeded")], 2, False).phase == "Running"
+
+
+def _failed_replica(uid: str, owner: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"demo-worker-{uid}",
+            "uid": uid,
+            "labels": {"app.kubernetes.io/component": "trainer"},
+            "ownerReferences": [{"controller": True, "uid": owner}],
+        },
+        "status": {"phase": "Failed", "containerStatuses": [terminated("Error", 200)]},
+    }
+
+
+def test_failures_remembered_from_pod_events_are_forgotten_once_status_holds_them_or_the_run_ends() -> None:
+    from finetune_operator import reconcile
+
+    owner = "workload-uid-1"
+    reconcile.note_pod(_failed_replica("pod-a", owner))
+    reconcile.note_pod(_failed_replica("pod-b", owner))
+    assert reconcile._transient[owner] == {"pod-a", "pod-b"}
+    reconcile.forget_transient(owner, ["pod-a"], finished=False)  # pod-b not recorded yet: kept
+    assert reconcile._transient[owner] == {"pod-b"}
+    reconcile.forget_transient(owner, ["pod-a", "pod-b"], finished=False)
+    assert owner not in reconcile._transient
+    reconcile.note_pod(_failed_replica("pod-c", owner))
+    reconcile.forget_transient(owner, [], finished=True)  # a finished run needs none of them
+    assert owner not in reconcile._transient
