@@ -184,5 +184,6 @@ def test_fsdp_settings_are_fsdp2_full_shard_with_sharded_checkpoints() -> None:
     assert got["cpu_offload"] is True
     assert got["activation_checkpointing"] is True  # gradientCheckpointing defaults on: FSDP's own does it
     assert spec.sharded()
+    assert fsdp_config(spec, on_cpu=True)["cpu_offload"] is False  # on the CPU the shards are in CPU memory already
     with pytest.raises(ValueError, match="set deepspeed or fsdp, not both"):
         Spec.model_validate({**base, "output": {"uri": "s3://runs/x/"}, "fsdp": {}, "deepspeed": {}})

@@ -72,18 +72,19 @@ def deepspeed_config(spec: DeepSpeedSpec) -> dict[str, Any]:
     return config
 
 
-def fsdp_config(config: RunSpec) -> dict[str, Any]:
+def fsdp_config(config: RunSpec, *, on_cpu: bool = False) -> dict[str, Any]:
     """transformers' fsdp_config for spec.fsdp: FSDP2, full sharding (parameters resharded after forward), each
     decoder layer its own unit (transformer-based wrapping over the model's _no_split_modules), sharded checkpoints
     (every rank writes its own; resume reads them back), CPU offload on request, FSDP's own activation checkpointing
-    when gradientCheckpointing is on."""
+    when gradientCheckpointing is on. `on_cpu`: the processes train on the CPU, where the shards already are
+    (torch's offload policy would look for a GPU and fail), so offload is left out."""
     assert config.fsdp is not None
     return {
         "version": 2,
         "reshard_after_forward": True,
         "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "state_dict_type": "SHARDED_STATE_DICT",
-        "cpu_offload": config.fsdp.offload,
+        "cpu_offload": config.fsdp.offload and not on_cpu,
         "activation_checkpointing": config.training.gradient_checkpointing,
         "cpu_ram_efficient_loading": False,
     }

@@ -309,7 +309,9 @@ class FineTuneRecipe:
             kwargs["deepspeed"] = self._deepspeed_config_path()
         if cfg.fsdp is not None:
             kwargs["fsdp"] = True
-            kwargs["fsdp_config"] = fsdp_config(cfg)
+            if cfg.fsdp.offload and kind == "cpu":
+                log.warning("fsdp.offload has no effect here: this process trains on the CPU, where the shards are")
+            kwargs["fsdp_config"] = fsdp_config(cfg, on_cpu=kind == "cpu")
             # FSDP checkpoints activations itself (fsdp_config); the Trainer's own would add an all-gather.
             kwargs["activation_checkpointing"] = False
             kwargs["activation_checkpointing_kwargs"] = None
