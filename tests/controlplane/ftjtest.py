@@ -90,6 +90,17 @@ class Cluster:
         events = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
         return [e for e in events if e.involved_object.kind == "FineTuneJob"]
 
+    def wait_event(self, name: str, reason: str, kind: str | None = None, timeout: float = 30) -> client.CoreV1Event:
+        """The FineTuneJob's Event with `reason` (and type `kind`), waited for: the operator posts an Event after the
+        status write that a test may have just seen."""
+
+        def found() -> client.CoreV1Event | None:
+            matching = [e for e in self.events(name) if e.reason == reason and kind in (None, e.type)]
+            return matching[0] if matching else None
+
+        event: client.CoreV1Event = wait_until(found, timeout=timeout, what=f"a {kind or ''} {reason} Event of {name}")
+        return event
+
 
 def operator_env(namespace: str) -> dict[str, str]:
     return {

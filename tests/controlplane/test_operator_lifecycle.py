@@ -115,8 +115,7 @@ def test_failing_pod_gives_failed_with_its_reason(cluster: Cluster, operator: An
     assert failed_cond["reason"] == "DataError"
     assert "line 7" in failed_cond["message"]
     assert failed["status"]["completionTime"]
-    warnings = [e for e in cluster.events("bad-data") if e.type == "Warning"]
-    assert any(e.reason == "DataError" for e in warnings)
+    cluster.wait_event("bad-data", "DataError", "Warning")
 
 
 def test_oomkilled_pod_is_named_in_the_failure(cluster: Cluster, operator: Any) -> None:

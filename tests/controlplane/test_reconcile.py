@@ -225,9 +225,7 @@ def test_a_deleted_workload_is_recreated(
 
     wait_until(recreated, timeout=30, what=f"the {kind} to be recreated")
     cluster.wait_phase(name, "Running", timeout=90)
-    events = [e for e in cluster.events(name) if e.reason == "ChildRecreated"]
-    assert events
-    assert f"{kind}/{name}" in events[0].message
+    assert f"{kind}/{name}" in cluster.wait_event(name, "ChildRecreated").message
 
 
 def test_finished_jobs_never_train_again_across_a_restart(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
