@@ -110,8 +110,7 @@ def test_missing_kubeflow_api_gives_an_explanatory_condition(tmp_path: Path, con
                 assert "install the Kubeflow training operator" in cond["message"]
                 assert "backend: job" in cond["message"]
                 assert cluster.get("needs-kubeflow")["status"]["phase"] == "Pending"
-                events = cluster.events("needs-kubeflow")
-                assert any(e.reason == "PyTorchJobAPIMissing" and e.type == "Warning" for e in events)
+                cluster.wait_event("needs-kubeflow", "PyTorchJobAPIMissing", "Warning")
 
                 # The training operator is installed later: the waiting job is picked up without a restart.
                 plane.apply_crd_files([testbin.training_operator_crd()])
