@@ -60,7 +60,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # This checkout's trainer, not whichever one the venv's editable install points at (as tests/conftest.py does).
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "trainer-image")]
 
-import boto3  # noqa: E402
 import botocore.httpchecksum as httpchecksum  # noqa: E402
 from boto3.s3.transfer import TransferConfig, create_transfer_manager  # noqa: E402
 from botocore.config import Config  # noqa: E402
@@ -266,14 +265,7 @@ def main() -> None:
         client = bucket.client()
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = bucket.access_key, bucket.secret_key
         # What a user's TransferManager would get: botocore's default checksum settings, enough connections.
-        tm_client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=bucket.endpoint_url,
-            aws_access_key_id=bucket.access_key,
-            aws_secret_access_key=bucket.secret_key,
-            region_name=bucket.region,
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=args.workers + 4),
-        )
+        tm_client = bucket.client(config=Config(s3={"addressing_style": "path"}, max_pool_connections=args.workers + 4))
         tm_config = TransferConfig(max_concurrency=args.workers)
         spec = StorageSpec(endpoint=bucket.endpoint_url, region=bucket.region, addressing_style="path")
         storage = S3Storage(spec, workers=args.workers, chunk_size=args.chunk_mib * MiB)
@@ -318,17 +310,12 @@ def pull(
     listed = storage.list(bucket.uri("model/"))  # client and connection pool set up outside the timing
     sizes = {o.key: o.size for o in listed}
     # The same pool without verification (a client that leaves response checksums alone): what verifying costs.
-    bare_client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=bucket.endpoint_url,
-        aws_access_key_id=bucket.access_key,
-        aws_secret_access_key=bucket.secret_key,
-        region_name=bucket.region,
+    bare_client = bucket.client(
         config=Config(
             s3={"addressing_style": "path"},
             response_checksum_validation="when_required",
             max_pool_connections=args.workers + 4,
-        ),
+        )
     )
     dest = work / "dest"
 

@@ -4,7 +4,7 @@ Both sides train the same model (random weights in a given shape), tokenizer, al
 qwen, LoRA r16 (alpha 32) on all linear layers and a full fine-tune, packing without cross-sample attention
 (LLaMA-Factory's neat_packing; ours always keeps packed samples apart), the same per-device batch and gradient
 accumulation, a constant learning rate, a fixed number of optimizer steps, no saves. LLaMA-Factory 0.9.5 runs in its
-own venv (bench/gpu/lf_train_venv.sh, torch borrowed from the project venv so both use the same build) through its
+own venv (tests/parity/lf_venv.sh --train, torch borrowed from the project venv so both use the same build) through its
 own `run_exp`; ours through the recipe `python -m finetune_trainer train` runs. The same Trainer callback
 (steptimer.py) measures both: tokens/s = input tokens other than padding, counted at the model's forward, per
 second over the optimizer steps after the warm-up, seconds per step over the same steps, and the process's peak
@@ -39,15 +39,13 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench_gpu_throughput import SHAPES as THROUGHPUT_SHAPES  # noqa: E402
+
+# The throughput bench's shapes (qwen2.5-1.5b, tiny), and one for the CPU overhead bench: large enough that a step
+# is real work, small enough for 2 cores.
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
-    "small": {  # the CPU overhead bench: large enough that a step is real work, small enough for 2 cores
+    **THROUGHPUT_SHAPES,
+    "small": {
         "hidden_size": 256,
         "intermediate_size": 688,
         "num_hidden_layers": 4,
@@ -90,14 +88,10 @@ WORDS = _TEXT.split()
 
 
 def shape_config(mode: Mode, vocab: int) -> dict[str, Any]:
-    if mode.shape in SHAPES:
-        shape = dict(SHAPES[mode.shape])
-    else:
-        from bench_gpu_throughput import SHAPES as GPU_SHAPES
-
-        shape = dict(GPU_SHAPES[mode.shape])
+    shape = dict(SHAPES[mode.shape])
     shape["vocab_size"] = max(int(shape.get("vocab_size", 0)), vocab)
     shape.setdefault("max_position_embeddings", max(4096, mode.cutoff))
+    shape.setdefault("tie_word_embeddings", False)
     return shape
 
 
@@ -127,7 +121,6 @@ def make_sources(root: Path, mode: Mode, seed: int = 0) -> tuple[Path, Path]:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if mode.precision == "bf16" else torch.float32
@@ -305,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("--mode gpu needs CUDA; use --mode cpu or --mode smoke here")
     lf_python = (
-        subprocess.run(["bash", str(HERE / "lf_train_venv.sh")], check=True, capture_output=True, text=True)
+        subprocess.run(
+            ["bash", str(REPO / "tests" / "parity" / "lf_venv.sh"), "--train"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         .stdout.strip()
         .splitlines()[-1]
     )
@@ -313,14 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ftj-bench-lf-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "runs.log"
-    model, data = (
-        make_sources(work / "sources", mode)
-        if not (work / "sources").exists()
-        else (
-            work / "sources" / "model",
-            work / "sources" / "data",
-        )
-    )
+    sources = work / "sources"  # a kept --workdir reuses the model and data it made
+    model, data = (sources / "model", sources / "data") if sources.exists() else make_sources(sources, mode)
     results: dict[tuple[str, str], Result] = {}
     for _ in range(args.repeat):
         for method in methods:

@@ -1,6 +1,6 @@
 """Run one LLaMA-Factory SFT training from a YAML file with the bench's StepTimer (in the LLaMA-Factory venv).
 
-<lf-train-venv>/bin/python bench/gpu/lf_driver.py CONFIG.yaml TIMING.json
+$(tests/parity/lf_venv.sh --train) bench/gpu/lf_driver.py CONFIG.yaml TIMING.json
 """
 
 from __future__ import annotations

@@ -34,15 +34,18 @@ class S3Bucket:
     region: str
     bucket: str
 
-    def client(self, *, access_key: str | None = None, secret_key: str | None = None) -> Any:
-        """A boto3 S3 client for this endpoint (path-style addressing); override keys to test bad credentials."""
+    def client(
+        self, *, access_key: str | None = None, secret_key: str | None = None, config: Config | None = None
+    ) -> Any:
+        """A boto3 S3 client for this endpoint (path-style addressing); override keys to test bad credentials, or
+        the botocore config (default: path-style, 2 attempts)."""
         return boto3.session.Session().client(
             "s3",
             endpoint_url=self.endpoint_url,
             aws_access_key_id=access_key if access_key is not None else self.access_key,
             aws_secret_access_key=secret_key if secret_key is not None else self.secret_key,
             region_name=self.region,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+            config=config or Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
 
     def uri(self, key: str = "") -> str:

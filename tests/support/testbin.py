@@ -104,18 +104,11 @@ def go_module_cache() -> Path:
 
 def training_operator_crd(kind_plural: str = "pytorchjobs") -> Path:
     """The upstream CRD manifest of a Kubeflow training operator job kind, read from the module cache."""
-    version = versions()["training-operator"]
-    path = (
-        go_module_cache()
-        / f"github.com/kubeflow/training-operator@{version}"
-        / "manifests/base/crds"
-        / f"kubeflow.org_{kind_plural}.yaml"
+    return _module_file(
+        "github.com/kubeflow/training-operator",
+        "training-operator",
+        f"manifests/base/crds/kubeflow.org_{kind_plural}.yaml",
     )
-    if not path.is_file():
-        raise MissingBinaryError(
-            f"training operator CRD {path} is not in the Go module cache; run `{BUILD_HINT} training-operator`"
-        )
-    return path
 
 
 def _module_file(module: str, component: str, relative: str) -> Path:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build the real servers used by the controlplane and trainer test tiers from their published Go modules:
 # etcd, kube-apiserver / kube-controller-manager / kube-scheduler, kwok, the Kubeflow training operator v1,
-# Kubeflow Trainer v2's controller manager and the JobSet controller under it, MinIO, the Helm v3 CLI (the chart tests render and lint with it), kubectl (the e2e tier drives the cluster
-# with it, as a user would) and s5cmd (the S3 client bench/bench_s3_pull.py compares the trainer's transfers with;
-# no test needs it, so it is not in the default set). Binaries go to a cache outside the
-# repository, one directory per component and version:
+# Kubeflow Trainer v2's controller manager and the JobSet controller under it, MinIO, the Helm v3 CLI (the chart
+# tests render and lint with it), kubectl (the e2e tier drives the cluster with it, as a user would) and s5cmd (the
+# S3 client bench/bench_s3_pull.py compares the trainer's transfers with; no test needs it, so it is not in the
+# default set). Binaries go to a cache outside the repository, one directory per component and version:
 #
 #   ${FTJ_TESTBIN_DIR:-$HOME/.cache/finetune-operator/testbin}/<component>-<version>/
 #
@@ -122,8 +122,6 @@ build_training-operator() {
     local out="$1"
     GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" \
         "github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
-    # Make the module (with its manifests/base/crds) present in the module cache for the tests.
-    go mod download "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION"
 }
 
 build_minio() {
@@ -161,22 +159,34 @@ build_s5cmd() {
     (cd "$dir" && go build "${gobuild_flags[@]}" -mod=mod -ldflags "$ldflags" -o "$out/s5cmd" .)
 }
 
-# Kubeflow Trainer v2's controller manager; its module (manifests/base/crds, runtimes) stays in the module cache for
-# the tests.
 build_trainer-v2() {
     local out="$1"
     GOBIN="$out" go install "${gobuild_flags[@]}" -ldflags "-s -w" \
         "github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager@$TRAINER_V2_VERSION"
-    go mod download "github.com/kubeflow/trainer/v2@$TRAINER_V2_VERSION"
 }
 
 # JobSet, built in its released module like s5cmd (the proxy serves it by exact version only, so `go install
-# ...@version` cannot ask for its version list); its CRD stays in the module cache for the tests.
+# ...@version` cannot ask for its version list).
 build_jobset() {
     local out="$1" dir
     dir="$(cd "$here" && go mod download -json "sigs.k8s.io/jobset@$JOBSET_VERSION" | \
         sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
     (cd "$dir" && go build "${gobuild_flags[@]}" -mod=mod -ldflags "-s -w" -o "$out/jobset" .)
+}
+
+# The tests read CRDs, runtimes and webhook manifests of these components from their modules in the module cache
+# (never copied into this repository), which may have been cleaned since the build: make each present.
+ensure_test_module() {
+    local module
+    case "$1" in
+        training-operator) module="github.com/kubeflow/training-operator" ;;
+        trainer-v2) module="github.com/kubeflow/trainer/v2" ;;
+        jobset) module="sigs.k8s.io/jobset" ;;
+        *) return 0 ;;
+    esac
+    if [ ! -d "$(go env GOMODCACHE)/$module@$2" ]; then
+        (cd "$here" && go mod download "$module@$2")
+    fi
 }
 
 # The loop sits in a function so bash parses all of it before running any of it (editing this file while a
@@ -188,16 +198,7 @@ main() {
         dir="$cache/$c-$v"
         if [ "$force" -eq 0 ] && [ -f "$dir/.complete" ]; then
             echo "testbin: $c $v present in $dir"
-            # The tests read CRDs from the module cache, which may have been cleaned since the build.
-            case "$c" in
-                training-operator) module="github.com/kubeflow/training-operator" ;;
-                trainer-v2) module="github.com/kubeflow/trainer/v2" ;;
-                jobset) module="sigs.k8s.io/jobset" ;;
-                *) module="" ;;
-            esac
-            if [ -n "$module" ] && [ ! -d "$(go env GOMODCACHE)/$module@$v" ]; then
-                (cd "$here" && go mod download "$module@$v")
-            fi
+            ensure_test_module "$c" "$v"
             continue
         fi
         echo "testbin: building $c $v into $dir"
@@ -209,6 +210,7 @@ main() {
         printf 'component=%s\nversion=%s\ngo=%s\nbuild_seconds=%s\n' "$c" "$v" "$(go env GOVERSION)" "$elapsed" \
             >"$dir/.complete"
         echo "testbin: built $c $v in ${elapsed}s"
+        ensure_test_module "$c" "$v"
     done
     echo "testbin: done in $((SECONDS - total_start))s; binaries under $cache"
 }

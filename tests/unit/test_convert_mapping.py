@@ -364,6 +364,12 @@ def test_tracking_attention_and_liger_keys_are_carried(tmp_path: Path) -> None:
     assert job is not None, errors
 
 
+def _convert_with(tmp_path: Path, **keys: Any) -> Conversion:
+    """A minimal LLaMA-Factory config (model, dataset `mine`) plus `keys`, converted with an S3 output."""
+    train = {"model_name_or_path": "s3://models/base/", "dataset": "mine", **keys}
+    return convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+
+
 @pytest.mark.parametrize(
     ("flash_attn", "attention"),
     [
@@ -375,14 +381,12 @@ def test_tracking_attention_and_liger_keys_are_carried(tmp_path: Path) -> None:
     ],
 )
 def test_flash_attn_values_map_to_training_attention(tmp_path: Path, flash_attn: str, attention: str) -> None:
-    train = {"model_name_or_path": "s3://m/", "dataset": "mine", "flash_attn": flash_attn}
-    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://o/"))
+    conversion = _convert_with(tmp_path, flash_attn=flash_attn)
     assert conversion.document["spec"]["training"]["attention"] == attention
 
 
 def test_an_unknown_flash_attn_value_is_an_error(tmp_path: Path) -> None:
-    train = {"model_name_or_path": "s3://m/", "dataset": "mine", "flash_attn": "fa9"}
-    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://o/"))
+    conversion = _convert_with(tmp_path, flash_attn="fa9")
     assert conversion.errors == ["flash_attn: 'fa9' is not one of auto, disabled, sdpa, fa2, fa3"]
 
 
@@ -392,13 +396,7 @@ def test_fsdp_settings_are_carried_and_other_strategies_reported(tmp_path: Path)
     (tmp_path / "fsdp.yaml").write_text(
         "fsdp_offload_params: true\nfsdp_version: 2\nfsdp_backward_prefetch: BACKWARD_PRE\n"
     )
-    train = {
-        "model_name_or_path": "s3://models/base/",
-        "dataset": "mine",
-        "fsdp": "full_shard auto_wrap",
-        "fsdp_config": "fsdp.yaml",
-    }
-    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    conversion = _convert_with(tmp_path, fsdp="full_shard auto_wrap", fsdp_config="fsdp.yaml")
     assert conversion.errors == []
     assert conversion.document["spec"]["fsdp"] == {"offload": True}
     fsdp_lines = [line for line in conversion.not_carried if line.startswith("fsdp")]
@@ -406,18 +404,11 @@ def test_fsdp_settings_are_carried_and_other_strategies_reported(tmp_path: Path)
     job, errors = validate_document(conversion.document)
     assert job is not None, errors
 
-    train = {"model_name_or_path": "s3://models/base/", "dataset": "mine", "fsdp": ["shard_grad_op", "auto_wrap"]}
-    conversion = convert(train, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    conversion = _convert_with(tmp_path, fsdp=["shard_grad_op", "auto_wrap"])
     assert conversion.document["spec"]["fsdp"] == {}
     fsdp_lines = [line for line in conversion.not_carried if line.startswith("fsdp")]
     assert fsdp_lines == ["fsdp: shard_grad_op (FineTuneJobs shard fully: full_shard, FSDP2)"]
 
-    both = {
-        "model_name_or_path": "s3://models/base/",
-        "dataset": "mine",
-        "fsdp": "full_shard",
-        "deepspeed": "ds_z3_config.json",
-    }
-    conversion = convert(both, INFO, tmp_path / "t.yaml", None, ConvertOptions(output_uri="s3://runs/out/"))
+    conversion = _convert_with(tmp_path, fsdp="full_shard", deepspeed="ds_z3_config.json")
     _, errors = validate_document(conversion.document)
     assert errors == ["spec: set deepspeed or fsdp, not both"]

@@ -8,6 +8,7 @@ so that the rest of the trainer never names a vendor. Without an accelerator the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -19,27 +20,23 @@ BACKENDS = {"cuda": "nccl", "npu": "hccl", "hpu": "hccl", "xpu": "xccl", "mlu": 
 # Plugins that register their device type with torch on import.
 PLUGINS = ("torch_npu", "habana_frameworks.torch")
 
-_plugins_loaded = False
 
-
-def load_vendor_plugins() -> list[str]:
-    """Import the installed device plugins (once); returns the ones imported."""
-    global _plugins_loaded
+@functools.cache
+def load_vendor_plugins() -> tuple[str, ...]:
+    """Import the installed device plugins (once per process); returns the ones imported."""
     loaded = []
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        for name in PLUGINS:
+    for name in PLUGINS:
+        try:
+            present = importlib.util.find_spec(name.split(".")[0]) is not None
+        except (ImportError, ValueError):
+            present = False
+        if present:
             try:
-                present = importlib.util.find_spec(name.split(".")[0]) is not None
-            except (ImportError, ValueError):
-                present = False
-            if present:
-                try:
-                    importlib.import_module(name)
-                    loaded.append(name)
-                except Exception as exc:  # a broken vendor install: train on what torch itself sees
-                    log.warning("could not import the device plugin %s: %s", name, exc)
-    return loaded
+                importlib.import_module(name)
+                loaded.append(name)
+            except Exception as exc:  # a broken vendor install: train on what torch itself sees
+                log.warning("could not import the device plugin %s: %s", name, exc)
+    return tuple(loaded)
 
 
 def device_type() -> str:

@@ -80,6 +80,7 @@ class FineTuneRecipe:
         self.work_dir = Path(config.cache_dir) / "work" / config.job_name
         self.final_dir = self.work_dir / "final"
         self.tensorboard_dir = self.work_dir / tracking.TENSORBOARD_DIR
+        self.tensorboard_uri = join_uri(self.output_uri, tracking.TENSORBOARD_DIR + "/")
         self._environ_before: dict[str, str | None] = {}
         if reporter is None and self.ranks.is_main:
             reporter = ProgressReporter(config.job_name, StatusClient.in_cluster(config.job_name, config.namespace))
@@ -388,7 +389,7 @@ class FineTuneRecipe:
         raised: the next checkpoint or the end of training uploads again."""
         if not self.ranks.is_main or not self.tensorboard_dir.is_dir():
             return
-        target = join_uri(self.output_uri, tracking.TENSORBOARD_DIR + "/")
+        target = self.tensorboard_uri
         try:
             for path in sorted(p for p in self.tensorboard_dir.rglob("*") if p.is_file()):
                 self.storage.upload_file(path, join_uri(target, path.relative_to(self.tensorboard_dir).as_posix()))
@@ -510,7 +511,7 @@ class FineTuneRecipe:
             "loss_plot": join_uri(self.output_uri, LOSS_PLOT) if written else "",
         }
         if any(path.startswith(tracking.TENSORBOARD_DIR + "/") for path in listed):
-            uris["tensorboard"] = join_uri(self.output_uri, tracking.TENSORBOARD_DIR + "/")
+            uris["tensorboard"] = self.tensorboard_uri
         if SAMPLES_FILE in listed:
             uris["samples"] = join_uri(self.output_uri, SAMPLES_FILE)
         count = manifest.get("samples")

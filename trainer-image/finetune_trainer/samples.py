@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,20 +136,3 @@ def write_samples(
 
 def read_samples(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def final_eval_loss(log_history: list[dict[str, Any]]) -> float | None:
-    """The last eval loss the Trainer logged."""
-    for entry in reversed(log_history):
-        if isinstance(entry.get("eval_loss"), int | float):
-            return float(entry["eval_loss"])
-    return None
-
-
-def perplexity(loss: float | None) -> float | None:
-    if loss is None:
-        return None
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf

@@ -24,6 +24,12 @@ DEFAULT_PROJECT = "finetune"
 TENSORBOARD_DIR = "tensorboard"  # under the run's output prefix and its local work directory
 
 
+def local_dir(work_dir: Path) -> Path:
+    """The services' local files (wandb's run directory, SwanLab's logs) under the run's scratch work directory: the
+    container's root file system is read-only."""
+    return work_dir / "tracking"
+
+
 def spec_of(config: TrainerConfig) -> TrackingSpec:
     return config.tracking or TrackingSpec()
 
@@ -50,7 +56,7 @@ def callbacks(config: TrainerConfig, work_dir: Path) -> list[Any]:
         SwanLabCallback(
             project=spec.project or DEFAULT_PROJECT,
             experiment_name=run_name(config),
-            log_dir=str(work_dir / "tracking" / "swanlog"),
+            log_dir=str(local_dir(work_dir) / "swanlog"),
         )
     ]
 
@@ -61,12 +67,11 @@ def run_name(config: TrainerConfig) -> str:
 
 def environment(config: TrainerConfig, work_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
     """What the integrations read from the environment, as (from the spec, defaults): the spec's project, run name
-    and tracking URI override the environment; the defaults (project, local directories: the container's root file
-    system is read-only, everything goes under the scratch work directory) give way to values the job's env sets."""
+    and tracking URI override the environment; the defaults (project, local directory) give way to values the job's
+    env sets."""
     spec = spec_of(config)
-    local = work_dir / "tracking"
     explicit = {"WANDB_NAME": run_name(config)}
-    defaults = {"WANDB_DIR": str(local)}
+    defaults = {"WANDB_DIR": str(local_dir(work_dir))}
     for name in ("WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME"):
         (explicit if spec.project else defaults)[name] = spec.project or DEFAULT_PROJECT
     if spec.mlflow_tracking_uri:
@@ -76,7 +81,7 @@ def environment(config: TrainerConfig, work_dir: Path) -> tuple[dict[str, str], 
 
 def configure(config: TrainerConfig, work_dir: Path, tensorboard_dir: Path) -> dict[str, str | None]:
     """Set the integrations' environment and TensorBoard's directory; returns the previous values, for restore()."""
-    (work_dir / "tracking").mkdir(parents=True, exist_ok=True)
+    local_dir(work_dir).mkdir(parents=True, exist_ok=True)
     explicit, defaults = environment(config, work_dir)
     explicit["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
     changes = {**{k: v for k, v in defaults.items() if k not in os.environ}, **explicit}

@@ -7,12 +7,12 @@ they are at hand, the output layout); it never includes storage settings or secr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.config import METHOD_REGISTRY, TrainerConfig
-from finetune_trainer.samples import perplexity
 
 # Samples shown in the card (samples.jsonl beside the adapter has them all).
 CARD_SAMPLES = 3
@@ -47,6 +47,14 @@ def _cell(value: Any) -> str:
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {key} | {_cell(value)} |" for key, value in rows if value is not None)]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), infinite where that overflows."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def _last_logged(history: list[Mapping[str, Any]], key: str) -> Any:
