@@ -215,6 +215,17 @@ def trainer_v2(workloads: ControlPlane) -> Any:
     return _ensure(workloads.ensure_trainer_v2)
 
 
+@pytest.fixture(scope="session")
+def trainjob_runtime(trainer_v2: Any, workloads: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The chart's ClusterTrainingRuntime (finetune-torch), rendered by Helm as on a cluster with Trainer v2 and
+    installed: what FineTuneJobs with distribution.backend trainjob run on. Returns its name."""
+    helm = _support("helm")
+    runtime = helm.chart_runtime(_ensure(lambda: helm.Helm(tmp_path_factory.mktemp("helm-home"))))
+    workloads.create(helm.collection_path(runtime), runtime)
+    name: str = runtime["metadata"]["name"]
+    return name
+
+
 @pytest.fixture
 def run_operator(
     request: pytest.FixtureRequest, control_plane: ControlPlane, tmp_path: Path

@@ -26,7 +26,7 @@ from finetune_trainer.config import (
 )
 from finetune_trainer.config import KIND as KIND  # re-exported: the API's names, defined once in the trainer
 from finetune_trainer.config import PLURAL as PLURAL
-from finetune_trainer.rules import MUTABLE
+from finetune_trainer.rules import MUTABLE, NotOn
 
 SHORT_NAME = "ftj"
 API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
@@ -48,12 +48,23 @@ EXTENDED_RESOURCE_PATTERN = (
 class DistributionSpec(Model):
     """How many replicas torchrun spans and which workload kind carries them."""
 
-    backend: Literal["pytorchjob", "job"] = Field(
-        "pytorchjob", description="pytorchjob (Kubeflow training operator) or job (built-in Indexed Job)."
+    backend: Literal["pytorchjob", "job", "trainjob", "auto"] = Field(
+        "pytorchjob",
+        description=(
+            "pytorchjob (Kubeflow training operator v1), trainjob (Kubeflow Trainer v2 TrainJob on the chart's "
+            "ClusterTrainingRuntime), job (built-in Indexed Job), or auto: trainjob where that API and runtime are "
+            "there and the spec fits it, else pytorchjob where that API is served, else job (chosen once, recorded "
+            "in status.backend)."
+        ),
     )
     nodes: int = Field(1, ge=1, le=1024, description="Replicas (torchrun --nnodes).")
     procs_per_node: int = Field(1, ge=1, le=64, description="Processes per replica (torchrun --nproc_per_node).")
-    master_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port on the master replica.")
+    master_port: int = Field(
+        29500,
+        ge=1024,
+        le=65535,
+        description="Rendezvous port on the master replica (trainjob: the torch runtime's own port, 29400).",
+    )
     accelerator_resource: str | None = Field(
         None,
         max_length=MAX_NAME,
@@ -148,6 +159,40 @@ class FineTuneJobSpec(RunSpec):
     scratch: ScratchSpec | None = Field(None, description="Model cache volume and /dev/shm size.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, TTL, suspension.")
 
+    # What a TrainJob cannot carry: Kubeflow Trainer's runtimePatches (v2.3) reach only labels, volumes, container
+    # mounts and security, the service account and node placement; the rest is the ClusterTrainingRuntime's.
+    RULES = (
+        *RunSpec.RULES,
+        NotOn(
+            "scheduling.priorityClassName cannot be used with distribution.backend trainjob (a TrainJob cannot set "
+            "its Pods' priority): use a Kueue WorkloadPriorityClass, or backend pytorchjob or job",
+            "scheduling.priority_class_name",
+            "distribution.backend",
+            "trainjob",
+        ),
+        NotOn(
+            "scheduling.schedulerName cannot be used with distribution.backend trainjob (the ClusterTrainingRuntime "
+            "chooses the scheduler): use backend pytorchjob or job",
+            "scheduling.scheduler_name",
+            "distribution.backend",
+            "trainjob",
+        ),
+        NotOn(
+            "scheduling.gangScheduling cannot be used with distribution.backend trainjob (the ClusterTrainingRuntime's "
+            "podGroupPolicy decides it; Kueue admits a TrainJob's Pods together): use backend pytorchjob",
+            "scheduling.gang_scheduling",
+            "distribution.backend",
+            "trainjob",
+        ),
+        NotOn(
+            "imagePullPolicy cannot be used with distribution.backend trainjob (the ClusterTrainingRuntime sets it: "
+            "the chart's trainer.imagePullPolicy): leave it out, or use backend pytorchjob or job",
+            "image_pull_policy",
+            "distribution.backend",
+            "trainjob",
+        ),
+    )
+
     @field_validator("env")
     @classmethod
     def _no_reserved_env(cls, env: list[EnvVar] | None) -> list[EnvVar] | None:
@@ -203,6 +248,9 @@ class FineTuneJobStatus(Model):
     sample_count: int | None = Field(None, description="Rows in artifacts.samples.")
     tracking: dict[str, str] | None = Field(
         None, description="Links to the run in the tracking services (spec.tracking.reportTo) that give one."
+    )
+    backend: Literal["pytorchjob", "job", "trainjob"] | None = Field(
+        None, description="The backend that runs the job: distribution.backend, or what auto chose for it."
     )
     children: list[ChildRef] | None = None
     failed_replicas: list[str] | None = Field(

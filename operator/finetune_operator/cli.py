@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import KIND, FineTuneJob, validate_document
+from finetune_operator.api import KIND, FineTuneJob, FineTuneJobSpec, validate_document
 from finetune_operator.convert import ConvertOptions, convert
 from finetune_operator.yamlio import dump_all
+from finetune_trainer.rules import Raw
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -125,8 +126,16 @@ def render_file(path: Path, namespace: str, backend: str | None = None) -> tuple
         if not job.metadata.name:
             return [], [f"{path}: {KIND} metadata.name is required to render (generateName is resolved by the server)"]
         spec = job.spec
+        if not backend and spec.distribution.backend == "auto":
+            return [], [
+                f"{path}: {job.metadata.name}: distribution.backend auto is chosen by the operator against the "
+                "cluster; pass --backend trainjob, pytorchjob or job to render one"
+            ]
         if backend:
             spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"backend": backend})})
+            refused = FineTuneJobSpec.cross_field_errors(Raw(spec.to_wire()))
+            if refused:
+                return [], [f"{path}: {job.metadata.name} with backend {backend}: {'; '.join(refused)}"]
         ref = JobRef(job.metadata.name, job.metadata.namespace or namespace, spec)
         objects += children(ref, settings)
     return objects, []
@@ -274,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print every Kubernetes object the operator creates for FineTuneJobs")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("-n", "--namespace", default="default", help="namespace when the file names none")
-    p.add_argument("--backend", choices=["pytorchjob", "job"], help="override spec.distribution.backend")
+    p.add_argument("--backend", choices=["pytorchjob", "trainjob", "job"], help="override spec.distribution.backend")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("run", help="run a FineTuneJob on this machine (local torchrun, local dirs or S3)")

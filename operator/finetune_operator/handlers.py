@@ -149,3 +149,8 @@ def job_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=CHILD)
 def pytorchjob_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     _parent_changed(event, namespace, labels)
+
+
+@kopf.on.event("trainer.kubeflow.org", "v1alpha1", "trainjobs", labels=CHILD)
+def trainjob_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _parent_changed(event, namespace, labels)

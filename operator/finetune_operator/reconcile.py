@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from finetune_operator import k8s, metrics
+from finetune_operator import backends, k8s, metrics
 from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec, validate_spec
 from finetune_operator.render import (
     CONTAINER,
-    JOB_LABEL,
     QUEUE_LABEL,
     JobRef,
     children,
@@ -28,6 +27,7 @@ from finetune_operator.render import (
 )
 from finetune_operator.settings import Settings
 from finetune_operator.status import (
+    MISSING_REASONS,
     TERMINAL,
     Observation,
     backoff_exceeded,
@@ -40,12 +40,6 @@ from finetune_operator.status import (
 )
 
 log = logging.getLogger(__name__)
-KUBEFLOW_API = "kubeflow.org/v1"
-MISSING_KUBEFLOW = (
-    "the PyTorchJob API (kubeflow.org/v1) is not served by this cluster: install the Kubeflow training operator "
-    "(kubectl apply -k 'github.com/kubeflow/training-operator/manifests/overlays/standalone?ref=v1.8.1') "
-    "or set spec.distribution.backend: job; the operator re-checks every {delay}s"
-)
 # How soon a job waiting for an old run's children to go away looks again.
 CONFLICT_RECHECK_SECONDS = 5.0
 CHILDREN_CREATED = "ChildrenCreated"
@@ -90,6 +84,9 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
         # A spec that can never work: say so once, with the field paths, and do not retry.
         _record(body, invalid_spec(errors), events)
         return None
+    backend = backends.choose(spec, status.get("backend"), settings)
+    if backend != spec.distribution.backend:
+        spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"backend": backend})})
     job = JobRef(name, namespace, spec, meta.get("uid") or "")
     if phase == "Merging":
         # Training has succeeded: only the merge is left. A deleted workload is not recreated to train again.
@@ -103,21 +100,36 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
     workload = kids.workload
     assert workload is not None
     _converge_suspension(workload, spec)
-    pods = [] if kids.fresh_workload else _owned_pods(namespace, name, "trainer", workload)
+    jobset = backends.train_jobset(workload) if workload["kind"] == "TrainJob" and not kids.fresh_workload else None
+    pods = [] if kids.fresh_workload else backends.pods(namespace, name, "trainer", workload, jobset)
     obs = observe(workload, pods, spec.distribution.nodes, spec.run_policy.suspend)
     failed: list[str] | None = None
+    over: Observation | None = None
     if workload["kind"] == "PyTorchJob":
         failed, over = _count_transient_failures(status, workload, pods, spec)
-        if over is not None:
-            obs = over
-            _stop(workload)
+    elif jobset is not None and backends.restarts(jobset) > spec.run_policy.backoff_limit:
+        # JobSet restarts the whole run after each transient failure, up to the runtime's maxRestarts; the job's
+        # own limit is the operator's to enforce.
+        over = backoff_exceeded(backends.restarts(jobset), spec.run_policy.backoff_limit)
+    if over is not None and obs.phase not in TERMINAL:
+        obs = over
+        _stop(workload)
     artifacts: dict[str, Any] = {}
     if obs.phase == "Succeeded":
         artifacts = training_artifacts(spec)
         if spec.merge_enabled():
             obs, merged = _follow_merge(job, settings)
             artifacts.update(merged)
-    _record(body, obs, events, children=kids.refs, artifacts=artifacts, failed_replicas=failed, created=kids.created)
+    _record(
+        body,
+        obs,
+        events,
+        children=kids.refs,
+        artifacts=artifacts,
+        failed_replicas=failed,
+        created=kids.created,
+        backend=backend,
+    )
     if failed is not None:
         forget_transient(workload["metadata"].get("uid") or "", failed, obs.phase in ("Succeeded", "Failed"))
     return None
@@ -130,8 +142,11 @@ _transient: dict[str, set[str]] = {}
 
 def note_pod(pod: dict[str, Any]) -> None:
     """Called for every Pod event: remember a replica's transient failure, which its Pod may not outlive."""
-    if (pod.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/component") != "trainer":
+    meta = pod.get("metadata") or {}
+    if (meta.get("labels") or {}).get("app.kubernetes.io/component") != "trainer":
         return
+    if not any(r.get("controller") and r.get("kind") == "PyTorchJob" for r in meta.get("ownerReferences") or []):
+        return  # the other backends' controllers count their replicas' failures themselves
     owner = k8s.controller_uid(pod)
     for uid in transient_failures([pod], CONTAINER):
         if owner:
@@ -166,10 +181,10 @@ def _stop(workload: dict[str, Any]) -> None:
 
 
 def _suspend(workload: dict[str, Any], value: bool) -> None:
-    """Set the workload's suspension (spec.runPolicy.suspend on a PyTorchJob, spec.suspend on a Job)."""
+    """Set the workload's suspension (spec.runPolicy.suspend on a PyTorchJob, spec.suspend on a Job or TrainJob)."""
     meta = workload["metadata"]
-    spec = {"runPolicy": {"suspend": value}} if workload["kind"] == "PyTorchJob" else {"suspend": value}
-    updated = k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], {"spec": spec})
+    patch = backends.suspension_patch(workload, value)
+    updated = k8s.merge_patch(workload["apiVersion"], workload["kind"], meta["namespace"], meta["name"], patch)
     if updated is not None:
         workload.update(updated)
 
@@ -183,19 +198,26 @@ def _record(
     artifacts: dict[str, Any] | None = None,
     failed_replicas: list[str] | None = None,
     created: list[str] | None = None,
+    backend: str | None = None,
 ) -> None:
     """Apply the operator's status when it changed; one Event per phase change (the first one names the children
     this reconcile created, so a new job costs one Event, not two)."""
     meta = body["metadata"]
     old = body.get("status") or {}
     new = operator_status(
-        old, obs, meta.get("generation"), children=children, artifacts=artifacts, failed_replicas=failed_replicas
+        old,
+        obs,
+        meta.get("generation"),
+        children=children,
+        artifacts=artifacts,
+        failed_replicas=failed_replicas,
+        backend=backend,
     )
     if changed(old, new):
         k8s.apply_status(meta["namespace"], meta["name"], new, read=body)
     made = "created " + ", ".join(created) if created else ""
     if old.get("phase") != obs.phase:
-        warning = obs.phase == "Failed" or obs.reason in ("Unschedulable", "PyTorchJobAPIMissing", "ChildConflict")
+        warning = obs.phase == "Failed" or obs.reason in ("Unschedulable", "ChildConflict", *MISSING_REASONS)
         reason, message = (CHILDREN_CREATED, f"{made}; {obs.phase}: {obs.message}") if made else (obs.reason, "")
         events(body, "Warning" if warning else "Normal", reason, message or f"{obs.phase}: {obs.message}")
     elif made:
@@ -245,10 +267,8 @@ def ensure_children(body: dict[str, Any], job: JobRef, settings: Settings, event
         blocked = Observation("Pending", "ChildConflict", "; ".join(conflicts))
         return Children(blocked=blocked, retry_after=CONFLICT_RECHECK_SECONDS)
     missing = [i for i in range(len(wanted)) if current.get(i) is None and (i in current or not recorded)]
-    if last in missing and wanted[last]["kind"] == "PyTorchJob" and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
-        message = MISSING_KUBEFLOW.format(delay=settings.api_recheck_seconds)
-        blocked = Observation("Pending", "PyTorchJobAPIMissing", message)
-        return Children(blocked=blocked, retry_after=settings.api_recheck_seconds)
+    if last in missing and (absent := backends.missing(job.spec.distribution.backend, settings)) is not None:
+        return Children(blocked=absent, retry_after=settings.api_recheck_seconds)
     created: list[str] = []
     recreated: list[str] = []
     for i in missing:
@@ -282,21 +302,10 @@ def _observe_startup(body: dict[str, Any]) -> None:
         metrics.CHILDREN_SECONDS.observe(max(age.total_seconds(), 0.0))
 
 
-def _owned_pods(namespace: str, name: str, component: str, owner: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The Pods of this run's workload: an earlier run's Pods, still terminating, carry the same labels."""
-    if owner is None:
-        return []
-    uid = owner["metadata"].get("uid")
-    selector = f"{JOB_LABEL}={name},app.kubernetes.io/component={component}"
-    return [p for p in k8s.list_objects("v1", "Pod", namespace, selector) if k8s.controller_uid(p) == uid]
-
-
 def _converge_suspension(workload: dict[str, Any], spec: FineTuneJobSpec) -> None:
     """Bring the workload's suspension to what the spec asks. With a Kueue queue, resuming is Kueue's decision."""
     want = spec.run_policy.suspend
-    body = workload.get("spec") or {}
-    is_ptj = workload["kind"] == "PyTorchJob"
-    current = bool((body.get("runPolicy") or {}).get("suspend") if is_ptj else body.get("suspend"))
+    current = backends.suspended(workload)
     if current == want:
         return
     if not want and (workload["metadata"].get("labels") or {}).get(QUEUE_LABEL):
@@ -318,7 +327,7 @@ def _follow_merge(job: JobRef, settings: Settings) -> tuple[Observation, dict[st
     why = _foreign(merge, job.uid)
     if why:
         return Observation("Merging", "ChildConflict", why), artifacts
-    pods = _owned_pods(job.namespace, job.name, "merge", merge)
+    pods = backends.pods(job.namespace, job.name, "merge", merge)
     obs = observe_merge(merge, pods, merge_uri(job.spec))
     if obs.phase == "Succeeded":
         artifacts["merged"] = merge_uri(job.spec)

@@ -17,7 +17,13 @@ from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec
 from finetune_operator.settings import DEFAULT_ACCELERATOR_RESOURCE, Settings
 from finetune_trainer import schemes
 from finetune_trainer.config import RunSpec, SecretRef, TrainerConfig
-from finetune_trainer.constants import CONFIG_DIR, SHUTDOWN_TIMEOUT, TRAINER_CONFIG
+from finetune_trainer.constants import (
+    CONFIG_DIR,
+    SECRET_ENV_DIR,
+    SECRET_ENV_DIR_VAR,
+    SHUTDOWN_TIMEOUT,
+    TRAINER_CONFIG,
+)
 from finetune_trainer.deepspeed import deepspeed_config
 
 # The trainer exits with PERMANENT_EXIT_CODE for errors no restart can fix (bad data, bad config, another run's output).
@@ -398,6 +404,88 @@ def pytorchjob(job: JobRef, settings: Settings, annotations: dict[str, str]) -> 
     }
 
 
+# Kubeflow Trainer v2: the torch plugin injects PET_* into the container named "node" of the replicated job "node".
+TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
+TRAINJOB_CONTAINER = "node"
+TRAINJOB_REPLICATED_JOB = "node"
+# The manager of the operator's entry in a TrainJob's runtimePatches (a domain-prefixed path).
+RUNTIME_PATCH_MANAGER = "finetune.dev/finetune-operator"
+TRACKING_SECRET_VOLUME = "tracking-credentials"
+
+
+def trainjob(job: JobRef, settings: Settings, annotations: dict[str, str]) -> dict[str, Any]:
+    """Kubeflow Trainer v2: a TrainJob on the chart's ClusterTrainingRuntime (settings.trainjob_runtime), which the
+    Trainer controller turns into a JobSet of one Indexed Job; its torch plugin injects PET_* as on a PyTorchJob.
+
+    Image, command, env, node count, processes and resources go through `spec.trainer`; what the runtime template
+    must carry per job (volumes and mounts, security contexts, service account, placement, labels) through one
+    `runtimePatches` entry. What neither reaches is the runtime's (restart and failure policy, pull policy) or is
+    refused at admission (FineTuneJobSpec.RULES).
+    """
+    spec = job.spec
+    dist = spec.distribution
+    args = torchrun_args(
+        "$(PET_NODE_RANK)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)", "$(PET_NNODES)", "$(PET_NPROC_PER_NODE)"
+    )
+    template = pod_template(job, settings, args, [], annotations)
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    env = container["env"]
+    volumes, mounts = pod["volumes"], container["volumeMounts"]
+    if container.pop("envFrom", None) is not None and spec.tracking is not None and spec.tracking.secret_ref:
+        # A TrainJob has no envFrom: the Secret is mounted and the launcher turns its keys into variables.
+        volumes.append({"name": TRACKING_SECRET_VOLUME, "secret": {"secretName": spec.tracking.secret_ref.name}})
+        mounts.append({"name": TRACKING_SECRET_VOLUME, "mountPath": SECRET_ENV_DIR, "readOnly": True})
+        env.append({"name": SECRET_ENV_DIR_VAR, "value": SECRET_ENV_DIR})
+    trainer: dict[str, Any] = {
+        "image": container["image"],
+        "command": container["command"],
+        "args": container["args"],
+        "env": env,
+        "numNodes": dist.nodes,
+        "numProcPerNode": dist.procs_per_node,
+    }
+    if "resources" in container:
+        trainer["resourcesPerNode"] = container["resources"]
+    pod_patch: dict[str, Any] = {
+        "serviceAccountName": pod["serviceAccountName"],
+        "securityContext": pod["securityContext"],
+        "terminationGracePeriodSeconds": pod["terminationGracePeriodSeconds"],
+        "volumes": volumes,
+        "containers": [
+            {"name": TRAINJOB_CONTAINER, "volumeMounts": mounts, "securityContext": container["securityContext"]}
+        ],
+        **{k: pod[k] for k in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets") if k in pod},
+    }
+    replicated_job = {
+        "name": TRAINJOB_REPLICATED_JOB,
+        "template": {"spec": {"template": {"metadata": template["metadata"], "spec": pod_patch}}},
+    }
+    body: dict[str, Any] = {
+        "runtimeRef": {
+            "apiGroup": TRAINJOB_API.split("/")[0],
+            "kind": "ClusterTrainingRuntime",
+            "name": settings.trainjob_runtime,
+        },
+        "trainer": trainer,
+        "runtimePatches": [
+            {
+                "manager": RUNTIME_PATCH_MANAGER,
+                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated_job]}}},
+            }
+        ],
+        "suspend": spec.run_policy.suspend or _queued(job),
+    }
+    if spec.run_policy.active_deadline_seconds:
+        body["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": TRAINJOB_API,
+        "kind": "TrainJob",
+        "metadata": {"name": job.name, "namespace": job.namespace, "labels": _child_labels(job)},
+        "spec": body,
+    }
+
+
 def headless_service(job: JobRef) -> dict[str, Any]:
     """Stable DNS names <name>-<index>.<name> for the Indexed Job's pods, ready or not (rendezvous comes first)."""
     return {
@@ -458,10 +546,16 @@ def indexed_job(job: JobRef, settings: Settings, annotations: dict[str, str]) ->
 
 
 def workload(job: JobRef, settings: Settings, annotations: dict[str, str]) -> dict[str, Any]:
-    """The object that carries the replicas (PyTorchJob or Job), whose status the operator follows."""
-    if job.spec.distribution.backend == "pytorchjob":
+    """The object that carries the replicas (PyTorchJob, TrainJob or Job), whose status the operator follows. The
+    backend is resolved by now (`auto` is the reconcile's choice, see finetune_operator.backends)."""
+    backend = job.spec.distribution.backend
+    if backend == "pytorchjob":
         return pytorchjob(job, settings, annotations)
-    return indexed_job(job, settings, annotations)
+    if backend == "trainjob":
+        return trainjob(job, settings, annotations)
+    if backend == "job":
+        return indexed_job(job, settings, annotations)
+    raise ValueError(f"distribution.backend {backend!r} must be resolved before rendering")
 
 
 def children(job: JobRef, settings: Settings) -> list[dict[str, Any]]:

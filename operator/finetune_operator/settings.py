@@ -10,6 +10,7 @@ from finetune_operator.api import EXTENDED_RESOURCE_PATTERN
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 DEFAULT_ACCELERATOR_RESOURCE = "nvidia.com/gpu"
+DEFAULT_TRAINJOB_RUNTIME = "finetune-torch"
 
 
 def _int(name: str, default: int) -> int:
@@ -53,7 +54,7 @@ class Settings:
     watch_namespaces: tuple[str, ...] = ()
     # FTJ_RESYNC_SECONDS: how often every FineTuneJob's status is recomputed even without events (30).
     resync_seconds: int = 30
-    # FTJ_API_RECHECK_SECONDS: how often a job waiting for the PyTorchJob API re-checks it (60).
+    # FTJ_API_RECHECK_SECONDS: how often a job waiting for its backend's API (or runtime) re-checks it (60).
     api_recheck_seconds: int = 60
     # FTJ_DEFAULT_S3_ENDPOINT / FTJ_DEFAULT_S3_SECRET / FTJ_DEFAULT_S3_REGION: storage defaults for jobs without them.
     default_s3_endpoint: str | None = None
@@ -62,6 +63,9 @@ class Settings:
     # FTJ_ACCELERATOR_RESOURCE: the extended resource a FineTuneJob's replicas request per process when its
     # distribution.acceleratorResource is empty (nvidia.com/gpu; amd.com/gpu, huawei.com/Ascend910, ...).
     accelerator_resource: str = DEFAULT_ACCELERATOR_RESOURCE
+    # FTJ_TRAINJOB_RUNTIME: the ClusterTrainingRuntime a TrainJob (backend trainjob) runs on; the chart installs
+    # it (finetune-torch).
+    trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
     # FTJ_HEALTH_PORT: port of the /healthz liveness endpoint (8080).
     health_port: int = 8080
     # FTJ_METRICS_PORT: port of the Prometheus /metrics endpoint (9090; 0 disables it).
@@ -88,6 +92,7 @@ class Settings:
             default_s3_secret=os.environ.get("FTJ_DEFAULT_S3_SECRET") or None,
             default_s3_region=os.environ.get("FTJ_DEFAULT_S3_REGION") or None,
             accelerator_resource=_accelerator_resource(),
+            trainjob_runtime=os.environ.get("FTJ_TRAINJOB_RUNTIME", "").strip() or DEFAULT_TRAINJOB_RUNTIME,
             health_port=_int("FTJ_HEALTH_PORT", 8080),
             metrics_port=_int("FTJ_METRICS_PORT", 9090),
             leader_election=_bool("FTJ_LEADER_ELECTION", True),

@@ -18,7 +18,15 @@ TERMINAL = ("Succeeded", "Failed")
 # Waiting reasons of a container that no amount of waiting fixes without a person.
 STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError")
 # Failure reasons that say only that something failed.
-GENERIC_REASONS = ("Error", "Failed", "PodFailurePolicy", "PyTorchJobFailed")
+GENERIC_REASONS = (
+    "Error",
+    "Failed",
+    "PodFailurePolicy",
+    "PyTorchJobFailed",
+    # JobSet's, which a TrainJob's Failed condition passes on.
+    "FailedJobs",
+    "FailJobSetFailurePolicyAction",
+)
 CONDITION_TYPES = ("Created", "Running", "Merging", "Succeeded", "Failed", "Suspended")
 
 
@@ -172,8 +180,10 @@ def observe_merge(merge: dict[str, Any] | None, pods: list[dict[str, Any]], targ
     return Observation("Merging", "Merging", f"merging the adapter into the base model; writing {target}")
 
 
+# Reasons under which a backend's workload cannot be created yet (finetune_operator.backends.missing).
+MISSING_REASONS = ("PyTorchJobAPIMissing", "TrainJobAPIMissing", "TrainingRuntimeMissing")
 # Reasons under which the children do not exist (yet): the Created condition is False.
-NOT_CREATED = ("CreatingChildren", "InvalidSpec", "PyTorchJobAPIMissing", "ChildConflict")
+NOT_CREATED = ("CreatingChildren", "InvalidSpec", "ChildConflict", *MISSING_REASONS)
 
 
 def conditions(
@@ -217,6 +227,7 @@ def operator_status(
     children: list[dict[str, Any]] | None = None,
     artifacts: dict[str, Any] | None = None,
     failed_replicas: list[str] | None = None,
+    backend: str | None = None,
     now: str | None = None,
 ) -> dict[str, Any]:
     """The operator's whole part of status for an observation. Times are set once and kept; children and artifacts
@@ -237,6 +248,9 @@ def operator_status(
     done = old.get("completionTime") or (now if obs.phase in TERMINAL else None)
     if done:
         out["completionTime"] = done
+    chosen = backend or old.get("backend")
+    if chosen:
+        out["backend"] = chosen
     refs = children if children is not None else old.get("children")
     if refs:
         out["children"] = refs

@@ -110,7 +110,30 @@ CROSS_FIELD = [
     {"tracking": {"mlflowTrackingUri": "http://mlflow:5000"}},
     {"deepspeed": {"zeroStage": 3}, "fsdp": {"offload": True}},
     {"deepspeed": {}, "fsdp": {}},
+    # What a TrainJob cannot carry (a rule between two objects of the spec).
+    {"distribution": {"backend": "trainjob"}, "scheduling": {"priorityClassName": "high"}},
+    {"distribution": {"backend": "trainjob"}, "scheduling": {"schedulerName": "volcano"}},
+    {"distribution": {"backend": "trainjob"}, "scheduling": {"gangScheduling": True}},
+    {"distribution": {"backend": "trainjob", "nodes": 2}, "imagePullPolicy": "Always"},
 ]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"distribution": {"backend": "trainjob"}, "scheduling": {"gangScheduling": False, "queueName": "q"}},
+        {"distribution": {"backend": "auto"}, "scheduling": {"priorityClassName": "high"}},
+        {"scheduling": {"priorityClassName": "high", "gangScheduling": True}, "imagePullPolicy": "Always"},
+    ],
+    ids=["trainjob-without-them", "auto", "pytorchjob-by-default"],
+)
+def test_fields_a_trainjob_cannot_carry_are_admitted_on_the_other_backends(
+    crs: client.CustomObjectsApi, namespace: str, spec: dict[str, Any]
+) -> None:
+    from finetune_operator.api import validate_document
+
+    assert validate_document(job(**spec))[1] == []
+    assert create(crs, namespace, job(**spec))["spec"]["distribution"]["backend"] in ("trainjob", "auto", "pytorchjob")
 
 
 @pytest.mark.parametrize("spec", CROSS_FIELD, ids=lambda spec: ",".join(spec))

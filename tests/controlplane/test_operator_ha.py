@@ -108,9 +108,24 @@ def test_missing_kubeflow_api_gives_an_explanatory_condition(tmp_path: Path, con
                 cond = wait_until(condition, timeout=60, what="the PyTorchJobAPIMissing condition")
                 assert cond["status"] == "False"
                 assert "install the Kubeflow training operator" in cond["message"]
-                assert "backend: job" in cond["message"]
+                # Every other choice is named: the other two backends, and auto.
+                assert "to trainjob (Kubeflow Trainer v2), pytorchjob" in cond["message"]
+                assert "or job (built-in, needs nothing installed), or auto" in cond["message"]
                 assert cluster.get("needs-kubeflow")["status"]["phase"] == "Pending"
                 cluster.wait_event("needs-kubeflow", "PyTorchJobAPIMissing", "Warning")
+
+                # The same for a TrainJob on a cluster without Kubeflow Trainer v2; auto falls back to the Job.
+                cluster.apply(ftj("needs-trainer", "trainjob", nodes=1))
+                cluster.apply(ftj("anything-goes", "auto", nodes=1))
+                cluster.wait_event("needs-trainer", "TrainJobAPIMissing", "Warning")
+                message = cluster.get("needs-trainer")["status"]["message"]
+                assert "install Kubeflow Trainer v2" in message
+                assert "pytorchjob (Kubeflow training operator v1) or job" in message
+                picked = wait_until(
+                    lambda: cluster.get("anything-goes").get("status", {}).get("backend"), timeout=30, what="auto"
+                )
+                assert picked == "job"
+                assert cluster.batch.read_namespaced_job("anything-goes", "team")
 
                 # The training operator is installed later: the waiting job is picked up without a restart.
                 plane.apply_crd_files([testbin.training_operator_crd()])
@@ -151,14 +166,19 @@ def test_metrics_count_jobs_by_phase(cluster: Cluster, run_operator: Callable[..
         assert "finetune_reconcile_errors_total" in text
 
 
-@pytest.mark.usefixtures("training_operator")
-@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+@pytest.mark.usefixtures("training_operator", "trainer_v2", "trainjob_runtime")
+@pytest.mark.parametrize("backend", ["pytorchjob", "job", "trainjob"])
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_server_side_dry_run_accepts_every_rendered_object(
     k8s_api: client.ApiClient, namespace: str, path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every child, the TrainJob included: Trainer v2's webhook checks it against the chart's runtime (the patched
+    replicated job and container exist, no PET_* env), JobSet's and the CRDs' schemas the rest."""
     monkeypatch.setattr(k8s, "_client", k8s_api)  # k8s.path() asks this API server for each kind's resource name
     objects, errors = render_file(path, namespace, backend)
+    if backend == "trainjob" and errors:  # a field a TrainJob cannot carry: refused before anything is rendered
+        assert "cannot be used with distribution.backend trainjob" in errors[0]
+        return
     assert errors == []
     for obj in objects:
         obj["metadata"]["namespace"] = namespace

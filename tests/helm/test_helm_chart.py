@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from finetune_operator.settings import Settings
-from support.helm import Helm, HelmError, collection_path, find, only
+from support.helm import Helm, HelmError, chart_runtime, collection_path, find, only
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "finetune-operator"
@@ -82,8 +82,8 @@ def test_defaults_render_a_cluster_wide_ha_operator(helm: Helm) -> None:
         {
             "Deployment": 1,
             "ServiceAccount": 1,
-            "ClusterRole": 1,
-            "ClusterRoleBinding": 1,
+            "ClusterRole": 2,  # the operator's, and reading its one ClusterTrainingRuntime
+            "ClusterRoleBinding": 2,
             "Role": 1,  # the Lease, in the release namespace
             "RoleBinding": 1,
             "Service": 1,  # metrics
@@ -96,11 +96,13 @@ def test_defaults_render_a_cluster_wide_ha_operator(helm: Helm) -> None:
     assert env_values(objects)["FTJ_WATCH_NAMESPACES"] == ""
     assert only(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     assert all(o["metadata"].get("namespace") in (None, RELEASE_NS) for o in objects)
-    binding = only(objects, "ClusterRoleBinding")
+    binding = only(objects, "ClusterRoleBinding", FULLNAME)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NS}]
-    assert binding["roleRef"]["name"] == only(objects, "ClusterRole")["metadata"]["name"]
-    assert CRD_RULE in only(objects, "ClusterRole")["rules"]
-    assert NAMESPACE_RULE not in only(objects, "ClusterRole")["rules"]  # cluster-wide, kopf lists no namespaces
+    assert binding["roleRef"]["name"] == only(objects, "ClusterRole", FULLNAME)["metadata"]["name"]
+    assert CRD_RULE in only(objects, "ClusterRole", FULLNAME)["rules"]
+    assert (
+        NAMESPACE_RULE not in only(objects, "ClusterRole", FULLNAME)["rules"]
+    )  # cluster-wide, kopf lists no namespaces
 
 
 def test_operator_pod_meets_the_restricted_pod_security_standard(helm: Helm) -> None:
@@ -186,7 +188,7 @@ def test_image_digests_pin_both_images(helm: Helm) -> None:
 
 def test_watch_namespaces_gives_a_role_per_namespace_and_no_cluster_wide_workload_access(helm: Helm) -> None:
     objects = render(helm, NAMESPACED)
-    cluster_wide_rules = [r for r in only(render(helm), "ClusterRole")["rules"] if r != CRD_RULE]
+    cluster_wide_rules = [r for r in only(render(helm), "ClusterRole", FULLNAME)["rules"] if r != CRD_RULE]
     roles = [r for r in find(objects, "Role") if r["metadata"]["name"] == FULLNAME]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(r["rules"] == cluster_wide_rules for r in roles)
@@ -196,15 +198,20 @@ def test_watch_namespaces_gives_a_role_per_namespace_and_no_cluster_wide_workloa
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": FULLNAME}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NS}]
     # The only cluster-scoped grants left: what kopf reads to observe the cluster.
-    assert only(objects, "ClusterRole")["rules"] == [CRD_RULE, NAMESPACE_RULE]
-    assert only(objects, "ClusterRoleBinding")["roleRef"]["name"] == f"{FULLNAME}-observer"
+    assert only(objects, "ClusterRole", f"{FULLNAME}-observer")["rules"] == [CRD_RULE, NAMESPACE_RULE]
+    assert only(objects, "ClusterRoleBinding", f"{FULLNAME}-observer")["roleRef"]["name"] == f"{FULLNAME}-observer"
+    assert {r["metadata"]["name"] for r in find(objects, "ClusterRole")} == {
+        f"{FULLNAME}-observer",
+        f"{FULLNAME}-runtime-reader",
+    }
     assert env_values(objects)["FTJ_WATCH_NAMESPACES"] == "team-a,team-b"
 
 
 def test_watch_namespaces_without_cluster_observation_has_no_cluster_scoped_rbac(helm: Helm) -> None:
     objects = render(helm, {**NAMESPACED, "rbac": {"observeCluster": False}})
-    assert not find(objects, "ClusterRole")
-    assert not find(objects, "ClusterRoleBinding")
+    # Nothing cluster-scoped but reading the one ClusterTrainingRuntime by name (a cluster-scoped object).
+    assert [r["metadata"]["name"] for r in find(objects, "ClusterRole")] == [f"{FULLNAME}-runtime-reader"]
+    assert [b["metadata"]["name"] for b in find(objects, "ClusterRoleBinding")] == [f"{FULLNAME}-runtime-reader"]
     assert len([r for r in find(objects, "Role") if r["metadata"]["name"] == FULLNAME]) == 2
 
 
@@ -387,6 +394,58 @@ def test_rendered_objects_pass_server_side_dry_run(helm: Helm, control_plane: An
     assert {"Deployment", "ServiceAccount", "Role", "RoleBinding"} <= kinds
     if mode != "cluster-wide":
         assert "NetworkPolicy" in kinds
+
+
+def test_the_trainjob_runtime_is_rendered_only_where_trainer_v2_is_served(helm: Helm) -> None:
+    assert not find(helm.template(CHART), "ClusterTrainingRuntime")
+    values = {
+        "trainJobRuntime": {"name": "team-torch", "maxRestarts": 7},
+        "trainer": {"image": {"repository": "registry.example/trainer", "tag": "1.2", "pullPolicy": "Always"}},
+    }
+    runtime = chart_runtime(helm, values)
+    assert runtime["metadata"]["name"] == "team-torch"
+    spec = runtime["spec"]
+    assert spec["mlPolicy"]["torch"] == {"numProcPerNode": "auto"}
+    assert spec["template"]["spec"]["failurePolicy"]["maxRestarts"] == 7
+    (node,) = spec["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    job = node["template"]["spec"]
+    assert job["backoffLimit"] == 0
+    assert job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3]  # the trainer's permanent failures
+    (container,) = job["template"]["spec"]["containers"]
+    assert (container["name"], container["image"], container["imagePullPolicy"]) == (
+        "node",
+        "registry.example/trainer:1.2",
+        "Always",
+    )
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    env = {
+        e["name"]: e.get("value")
+        for e in only(helm.template(CHART, values=values), "Deployment")["spec"]["template"]["spec"]["containers"][0][
+            "env"
+        ]
+    }
+    assert env["FTJ_TRAINJOB_RUNTIME"] == "team-torch"
+    # The operator may read exactly that runtime, in either RBAC mode.
+    for mode in ({}, {"watchNamespaces": ["team-a"]}):
+        reader = only(
+            helm.template(CHART, values={**values, **mode}), "ClusterRole", "ftj-finetune-operator-runtime-reader"
+        )
+        assert reader["rules"] == [
+            {
+                "apiGroups": ["trainer.kubeflow.org"],
+                "resources": ["clustertrainingruntimes"],
+                "resourceNames": ["team-torch"],
+                "verbs": ["get"],
+            }
+        ]
+
+
+@pytest.mark.usefixtures("trainer_v2")
+def test_the_trainjob_runtime_passes_server_side_dry_run(helm: Helm, workloads: Any) -> None:
+    runtime = chart_runtime(helm, {"trainJobRuntime": {"name": f"dry-{secrets.token_hex(3)}"}})
+    workloads.request("post", collection_path(runtime), runtime, params={"dryRun": "All"})
 
 
 def test_install_docs_list_every_value() -> None:

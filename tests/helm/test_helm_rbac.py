@@ -29,19 +29,21 @@ from test_operator_lifecycle import (
 )
 from test_operator_lifecycle import test_pytorchjob_backend_full_lifecycle as pytorchjob_backend_lifecycle
 from test_operator_lifecycle import test_ttl_deletes_a_finished_job as ttl_deletes_a_finished_job
+from test_trainjob_backend import test_trainjob_backend_full_lifecycle as trainjob_backend_lifecycle
 
 from finetune_operator.api import validate_document
 from finetune_operator.render import JobRef, children, merge_job, rbac, workload
 from finetune_operator.settings import Settings
 from support import audit, testbin
 from support.controlplane import ControlPlane
-from support.helm import Helm, collection_path, find, only
+from support.helm import Helm, chart_runtime, collection_path, find, only
 from support.operator_runner import OperatorRunner
 from support.processes import wait_until
 from support.requirements import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "finetune-operator"
+FULLNAME = "ftj-finetune-operator"
 
 Permission = tuple[str, str, str]  # (apiGroup, resource or resource/subresource, verb), as RBAC names them
 
@@ -77,6 +79,17 @@ OPERATOR_PERMISSIONS: dict[Permission, str] = {
     ("kubeflow.org", "pytorchjobs", "list"): "kopf's watch starts with a list",
     ("kubeflow.org", "pytorchjobs", "watch"): "kopf: @kopf.on.event('kubeflow.org', 'v1', 'pytorchjobs')",
     ("kubeflow.org", "pytorchjobs", "patch"): "reconcile._converge_suspension: spec.runPolicy.suspend",
+    ("trainer.kubeflow.org", "trainjobs", "create"): "reconcile.ensure_children: the TrainJob backend",
+    ("trainer.kubeflow.org", "trainjobs", "get"): "reconcile.ensure_children reads the workload",
+    ("trainer.kubeflow.org", "trainjobs", "list"): "kopf's watch starts with a list",
+    ("trainer.kubeflow.org", "trainjobs", "watch"): "kopf: @kopf.on.event('trainer.kubeflow.org', ..., 'trainjobs')",
+    ("trainer.kubeflow.org", "trainjobs", "patch"): "reconcile._converge_suspension: spec.suspend",
+    ("jobset.x-k8s.io", "jobsets", "get"): "backends.train_jobset: the TrainJob's restarts and its Pods' label",
+}
+# Cluster-scoped, in either RBAC mode, for one object by name: backends.runtime_exists reads the
+# ClusterTrainingRuntime that TrainJobs run on (backend trainjob, and auto's choice).
+RUNTIME_PERMISSIONS: dict[Permission, str] = {
+    ("trainer.kubeflow.org", "clustertrainingruntimes", "get"): "backends.runtime_exists",
 }
 # Cluster-scoped (rbac.observeCluster): kopf's own observation of the cluster.
 CLUSTER_PERMISSIONS: dict[Permission, str] = {
@@ -132,7 +145,7 @@ def plural(kind: str) -> str:
     return kind.lower() + "s"
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob"])
+@pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])
 def test_every_child_the_operator_renders_may_be_created_and_read_back(backend: str) -> None:
     job = sample_job(backend)
     for child in [*children(job, Settings()), merge_job(job, Settings())]:
@@ -141,7 +154,7 @@ def test_every_child_the_operator_renders_may_be_created_and_read_back(backend: 
             assert (*resource, verb) in OPERATOR_PERMISSIONS, f"{child['kind']}: {verb} missing from the table"
 
 
-@pytest.mark.parametrize("backend", ["job", "pytorchjob"])
+@pytest.mark.parametrize("backend", ["job", "pytorchjob", "trainjob"])
 def test_the_workload_can_be_suspended(backend: str) -> None:
     child = workload(sample_job(backend), Settings(), {})
     assert (group_of(child["apiVersion"]), plural(child["kind"]), "patch") in OPERATOR_PERMISSIONS
@@ -174,7 +187,9 @@ def test_everything_kopf_watches_may_be_listed_and_watched() -> None:
 
 def test_cluster_wide_chart_grants_exactly_the_table(helm: Helm) -> None:
     objects = helm.template(CHART, namespace="ftj-system")
-    assert expand(only(objects, "ClusterRole")["rules"]) == OPERATOR_PERMISSIONS.keys() | CLUSTER_PERMISSIONS.keys()
+    operator_role = only(objects, "ClusterRole", FULLNAME)
+    assert expand(operator_role["rules"]) == OPERATOR_PERMISSIONS.keys() | CLUSTER_PERMISSIONS.keys()
+    assert_runtime_reader(objects)
     lease_role = only(objects, "Role")
     assert lease_role["metadata"]["namespace"] == "ftj-system"
     assert expand(lease_role["rules"]) == LEASE_PERMISSIONS.keys()
@@ -188,9 +203,15 @@ def test_namespaced_chart_grants_exactly_the_table_in_each_namespace(helm: Helm)
     assert sorted(roles) == ["team-a", "team-b"]
     for role in roles.values():
         assert expand(role["rules"]) == OPERATOR_PERMISSIONS.keys()
-    assert (
-        expand(only(objects, "ClusterRole")["rules"]) == CLUSTER_PERMISSIONS.keys() | NAMESPACED_MODE_PERMISSIONS.keys()
-    )
+    observer = only(objects, "ClusterRole", f"{FULLNAME}-observer")
+    assert expand(observer["rules"]) == CLUSTER_PERMISSIONS.keys() | NAMESPACED_MODE_PERMISSIONS.keys()
+    assert_runtime_reader(objects)
+
+
+def assert_runtime_reader(objects: list[dict[str, Any]]) -> None:
+    reader = only(objects, "ClusterRole", f"{FULLNAME}-runtime-reader")
+    assert expand(reader["rules"]) == RUNTIME_PERMISSIONS.keys()
+    assert all(rule["resourceNames"] == [Settings().trainjob_runtime] for rule in reader["rules"])
 
 
 # -- the chart's RBAC against the API server ------------------------------------------------------------------
@@ -203,7 +224,7 @@ class Plane:
 
 
 @pytest.fixture(scope="module")
-def rbac_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+def rbac_plane(tmp_path_factory: pytest.TempPathFactory, helm: Helm) -> Iterator[Plane]:
     """A control plane of its own, with an audit log and OwnerReferencesPermissionEnforcement, plus workloads and
     the Kubeflow training operator."""
     workdir = tmp_path_factory.mktemp("rbac-plane")
@@ -222,6 +243,9 @@ def rbac_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
             # Before any operator starts: kopf finds the PyTorchJob API in its initial scan. (A CRD added later is
             # noticed only if discovery already serves it when the CRD's watch events arrive, which races.)
             plane.ensure_training_operator()
+            plane.ensure_trainer_v2()
+            runtime = chart_runtime(helm)
+            plane.create(collection_path(runtime), runtime)
             yield Plane(plane, log)
             return
         except testbin.MissingBinaryError as exc:
@@ -312,11 +336,16 @@ def watched_namespace(plane: ControlPlane) -> str:
 
 
 def suspend_and_resume(cluster: Cluster, name: str, backend: str) -> None:
-    """spec.runPolicy.suspend reaches the workload both ways: the operator patches the Job or PyTorchJob."""
+    """spec.runPolicy.suspend reaches the workload both ways: the operator patches the Job, PyTorchJob or TrainJob."""
 
     def workload_suspended() -> bool:
         if backend == "job":
             return bool(cluster.batch.read_namespaced_job(name, cluster.ns).spec.suspend)
+        if backend == "trainjob":
+            tj = cluster.custom.get_namespaced_custom_object(
+                "trainer.kubeflow.org", "v1alpha1", cluster.ns, "trainjobs", name
+            )
+            return bool(tj["spec"].get("suspend"))
         ptj = cluster.custom.get_namespaced_custom_object("kubeflow.org", "v1", cluster.ns, "pytorchjobs", name)
         return bool(ptj["spec"]["runPolicy"].get("suspend"))
 
@@ -370,10 +399,14 @@ def test_operator_lifecycle_as_the_chart_service_account_cluster_wide(
             ttl_deletes_a_finished_job(cluster, operator)
             pytorchjob_backend_lifecycle(cluster, operator)
             suspend_and_resume(cluster, "pausable-ptj", "pytorchjob")
+            trainjob_backend_lifecycle(cluster, operator, Settings().trainjob_runtime)
+            suspend_and_resume(cluster, "pausable-tj", "trainjob")
 
     allowed, refused = audited(rbac_plane, install.username)
     assert refused == set(), f"the API server refused the operator: {sorted(refused)}"
-    granted = OPERATOR_PERMISSIONS.keys() | CLUSTER_PERMISSIONS.keys() | LEASE_PERMISSIONS.keys()
+    granted = (
+        OPERATOR_PERMISSIONS.keys() | CLUSTER_PERMISSIONS.keys() | LEASE_PERMISSIONS.keys() | RUNTIME_PERMISSIONS.keys()
+    )
     assert allowed - granted == set()  # cannot fail while nothing is refused; says what was seen if it does
     unused = granted - allowed - CHECKED_IMPLICITLY
     assert unused == set(), f"the chart grants permissions the operator never used: {sorted(unused)}"
@@ -393,6 +426,7 @@ def test_operator_lifecycle_as_the_chart_service_account_in_watched_namespaces(
         ):
             job_backend_lifecycle(cluster, operator)
             pytorchjob_backend_lifecycle(cluster, operator)
+            trainjob_backend_lifecycle(cluster, operator, Settings().trainjob_runtime)
 
     allowed, refused = audited(rbac_plane, install.username)
     assert refused == set(), f"the API server refused the operator: {sorted(refused)}"
@@ -401,10 +435,11 @@ def test_operator_lifecycle_as_the_chart_service_account_in_watched_namespaces(
         | CLUSTER_PERMISSIONS.keys()
         | NAMESPACED_MODE_PERMISSIONS.keys()
         | LEASE_PERMISSIONS.keys()
+        | RUNTIME_PERMISSIONS.keys()
     )
     assert allowed - granted == set()
     # This shorter run exercises the mode's own grants; the cluster-wide run covers every namespaced verb.
-    assert NAMESPACED_MODE_PERMISSIONS.keys() <= allowed
+    assert NAMESPACED_MODE_PERMISSIONS.keys() | RUNTIME_PERMISSIONS.keys() <= allowed
 
 
 @pytest.mark.parametrize(

@@ -69,13 +69,16 @@ class Helm:
         namespace: str = "ftj-system",
         values: Mapping[str, Any] | None = None,
         include_crds: bool = False,
+        api_versions: Sequence[str] = (),
     ) -> str:
-        """`helm template` output as text."""
+        """`helm template` output as text; `api_versions` are what the cluster would serve (Capabilities)."""
         args = ["template", release, str(chart), "--namespace", namespace]
         if values:
             args += ["--values", str(self._values_file(values))]
         if include_crds:
             args.append("--include-crds")
+        for api in api_versions:
+            args += ["--api-versions", api]
         return self.run(*args)
 
     def template(
@@ -86,9 +89,17 @@ class Helm:
         namespace: str = "ftj-system",
         values: Mapping[str, Any] | None = None,
         include_crds: bool = False,
+        api_versions: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
         """`helm template` output as a list of objects (empty documents dropped)."""
-        text = self.template_text(chart, release=release, namespace=namespace, values=values, include_crds=include_crds)
+        text = self.template_text(
+            chart,
+            release=release,
+            namespace=namespace,
+            values=values,
+            include_crds=include_crds,
+            api_versions=api_versions,
+        )
         return [doc for doc in yaml.safe_load_all(text) if isinstance(doc, dict)]
 
     def lint(self, chart: Path, *, values: Mapping[str, Any] | None = None, strict: bool = True) -> str:
@@ -99,6 +110,16 @@ class Helm:
         if values:
             args += ["--values", str(self._values_file(values))]
         return self.run(*args)
+
+
+# What a cluster with Kubeflow Trainer v2 serves, for the chart's ClusterTrainingRuntime (rendered only there).
+TRAINER_V2_API = "trainer.kubeflow.org/v1alpha1/ClusterTrainingRuntime"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "finetune-operator"
+
+
+def chart_runtime(helm: Helm, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The chart's ClusterTrainingRuntime, rendered as `helm install` renders it on a cluster with Trainer v2."""
+    return only(helm.template(CHART, values=values, api_versions=[TRAINER_V2_API]), "ClusterTrainingRuntime")
 
 
 def available(home: Path) -> Helm:
@@ -133,6 +154,7 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "ClusterRole": "clusterroles",
     "ClusterRoleBinding": "clusterrolebindings",
+    "ClusterTrainingRuntime": "clustertrainingruntimes",
 }
 
 

@@ -173,3 +173,23 @@ def test_the_operator_renders_the_trainers_config_path_and_shutdown_timeout() ->
     args = torchrun_args("0", "127.0.0.1", "29500", "1", "1")
     assert f"--shutdown_timeout={SHUTDOWN_TIMEOUT}" in args
     assert args[args.index("--config") + 1] == TRAINER_CONFIG
+
+
+def test_the_keys_of_a_mounted_secret_reach_the_workers_as_environment(tmp_path: Any) -> None:
+    # What the TrainJob backend does instead of envFrom: the Secret mounted as the kubelet lays one out (each key a
+    # link into a timestamped directory), its directory named in FTJ_SECRET_ENV_DIR.
+    secret = tmp_path / "secret"
+    data = secret / "..2026_12_01_00_00_00.000000001"
+    data.mkdir(parents=True)
+    (secret / "..data").symlink_to(data.name)
+    for key, value in {"WANDB_API_KEY": "wandb-key", "MLFLOW_TRACKING_TOKEN": "token", "SET_BY_POD": "secret"}.items():
+        (data / key).write_text(value)
+        (secret / key).symlink_to(f"..data/{key}")
+    worker = tmp_path / "worker.py"
+    names = ["WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "SET_BY_POD", "..data"]
+    worker.write_text(f"import os\nprint('env', [os.environ.get(n) for n in {names!r}])\n")
+    proc = _launch_rendered(tmp_path, [str(worker)], FTJ_SECRET_ENV_DIR=str(secret), SET_BY_POD="pod")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    # An explicit env entry wins over the Secret's key, as over envFrom; the kubelet's own entries are no variables.
+    assert "env ['wandb-key', 'token', 'pod', None]" in out

@@ -1,4 +1,4 @@
-"""Rendering: golden files for every example on both backends, plus the rules each child must follow."""
+"""Rendering: golden files for every example on every backend, plus the rules each child must follow."""
 
 from __future__ import annotations
 
@@ -24,8 +24,16 @@ EXAMPLES = sorted(
     for p in (ROOT / "examples").rglob("*.yaml")
     if any(isinstance(d, dict) and d.get("kind") == "FineTuneJob" for d in yaml.safe_load_all(p.read_text()))
 )
-BACKENDS = ("pytorchjob", "job")
-CASES = [(p, b) for p in EXAMPLES for b in BACKENDS]
+BACKENDS = ("pytorchjob", "job", "trainjob")
+
+
+def _fits_trainjob(path: Path) -> bool:
+    return not render_file(path, "ml-team", "trainjob")[1]
+
+
+# Every example on every backend, except on trainjob those using a field a TrainJob cannot carry (refused instead,
+# test_examples_a_trainjob_cannot_carry_are_refused_with_the_field).
+CASES = [(p, b) for p in EXAMPLES for b in BACKENDS if b != "trainjob" or _fits_trainjob(p)]
 
 
 def _render(path: Path, backend: str) -> list[dict[str, Any]]:
@@ -49,7 +57,23 @@ def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _pod_templates(work: dict[str, Any]) -> list[dict[str, Any]]:
     if work["kind"] == "PyTorchJob":
         return [r["template"] for r in work["spec"]["pytorchReplicaSpecs"].values()]
+    if work["kind"] == "TrainJob":
+        return [_trainjob_pod(work)]
     return [work["spec"]["template"]]
+
+
+def _trainjob_pod(work: dict[str, Any]) -> dict[str, Any]:
+    """The pod template a TrainJob asks for: its runtime patch with spec.trainer's fields in the container (what
+    the Trainer controller merges into the runtime's template; test_trainjob_backend.py sees the real Pods)."""
+    (patch,) = work["spec"]["runtimePatches"]
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    template = replicated["template"]["spec"]["template"]
+    trainer = work["spec"]["trainer"]
+    (container,) = template["spec"]["containers"]
+    fields = {k: trainer[k] for k in ("image", "command", "args", "env") if k in trainer}
+    if "resourcesPerNode" in trainer:
+        fields["resources"] = trainer["resourcesPerNode"]
+    return {**template, "spec": {**template["spec"], "containers": [{**container, **fields}]}}
 
 
 @pytest.mark.parametrize(("path", "backend"), CASES, ids=[f"{p.stem}-{b}" for p, b in CASES])
@@ -75,7 +99,7 @@ def test_every_pod_meets_the_restricted_standard(path: Path, backend: str) -> No
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert all("hostPath" not in v for v in pod["volumes"])
-        assert pod["containers"][0]["name"] == "pytorch"
+        assert pod["containers"][0]["name"] == ("node" if backend == "trainjob" else "pytorch")
 
 
 @pytest.mark.parametrize(("path", "backend"), CASES, ids=[f"{p.stem}-{b}" for p, b in CASES])
@@ -85,9 +109,8 @@ def test_credentials_never_reach_the_configmap(path: Path, backend: str) -> None
     # Only where the keys are (a Secret's name and key names), never a key itself.
     assert set(storage) <= {"endpoint", "region", "addressingStyle", "secretRef"}
     assert set(storage.get("secretRef", {})) <= {"name", "accessKeyIdKey", "secretAccessKeyKey"}
-    env = _pod_templates(objects[next(k for k in ("PyTorchJob", "Job") if k in objects)])[0]["spec"]["containers"][0][
-        "env"
-    ]
+    work = objects[next(k for k in ("PyTorchJob", "Job", "TrainJob") if k in objects)]
+    env = _pod_templates(work)[0]["spec"]["containers"][0]["env"]
     secret_env = [e for e in env if e["name"].startswith("AWS_")]
     assert all("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in secret_env)
 
@@ -196,7 +219,7 @@ def test_gpu_count_follows_procs_unless_resources_say_otherwise() -> None:
     assert resources(spec({"resources": {"limits": {GPU: 0}}})) == {}
 
 
-@pytest.mark.parametrize("backend", ["pytorchjob", "job"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("accelerator", ["amd.com/gpu", "huawei.com/Ascend910", "habana.ai/gaudi"])
 def test_the_accelerator_resource_is_requested_per_process_on_every_backend(backend: str, accelerator: str) -> None:
     distribution = {"backend": backend, "nodes": 2, "procsPerNode": 4}
@@ -385,3 +408,72 @@ def test_the_operators_accelerator_setting_must_be_an_extended_resource(monkeypa
     monkeypatch.setenv("FTJ_ACCELERATOR_RESOURCE", "gpu")
     with pytest.raises(ValueError, match=r"FTJ_ACCELERATOR_RESOURCE must be an extended resource name .* got 'gpu'"):
         Settings.from_env()
+
+
+def test_trainjob_runs_on_the_configured_runtime_with_the_launcher_and_the_torch_plugins_env() -> None:
+    job = _job(
+        {
+            "distribution": {"backend": "trainjob", "nodes": 3, "procsPerNode": 4},
+            "runPolicy": {"activeDeadlineSeconds": 7200, "suspend": True},
+            "scheduling": {"nodeSelector": {"pool": "h200"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+            "imagePullSecrets": ["registry"],
+        }
+    )
+    objects = children(job, Settings(trainjob_runtime="team-torch"))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "TrainJob"]
+    work = objects[-1]
+    assert work["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    spec = work["spec"]
+    assert spec["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "team-torch",
+    }
+    assert (spec["trainer"]["numNodes"], spec["trainer"]["numProcPerNode"]) == (3, 4)
+    assert spec["trainer"]["resourcesPerNode"] == {"limits": {GPU: "4"}}
+    assert (spec["activeDeadlineSeconds"], spec["suspend"]) == (7200, True)
+    # The torch plugin owns PET_*: a TrainJob that sets one is refused by its webhook.
+    assert not [e for e in spec["trainer"]["env"] if e["name"].startswith("PET_")]
+    assert "--node_rank=$(PET_NODE_RANK)" in spec["trainer"]["args"]
+    (patch,) = spec["runtimePatches"]
+    assert patch["manager"] == "finetune.dev/finetune-operator"
+    pod = _trainjob_pod(work)
+    assert pod["metadata"]["labels"]["finetune.dev/job"] == "demo"
+    assert pod["spec"]["serviceAccountName"] == "demo-trainer"
+    assert pod["spec"]["nodeSelector"] == {"pool": "h200"}
+    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > 300
+
+
+def test_trainjob_tracking_keys_come_from_the_mounted_secret() -> None:
+    tracking = {"reportTo": ["wandb"], "secretRef": {"name": "tracking-keys"}}
+    work = children(_job({"tracking": tracking, "distribution": {"backend": "trainjob"}}), Settings())[-1]
+    pod = _trainjob_pod(work)["spec"]
+    (container,) = pod["containers"]
+    assert "envFrom" not in container  # a TrainJob cannot say envFrom: the launcher reads the mounted keys
+    volume = next(v for v in pod["volumes"] if v.get("secret"))
+    assert volume["secret"] == {"secretName": "tracking-keys"}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FTJ_SECRET_ENV_DIR"] == mount["mountPath"]
+
+
+def test_examples_a_trainjob_cannot_carry_are_refused_with_the_field() -> None:
+    refused = {p.stem: render_file(p, "ml-team", "trainjob")[1] for p in EXAMPLES if not _fits_trainjob(p)}
+    assert list(refused) == ["full-zero3-multinode"]  # priorityClassName and gangScheduling
+    (error,) = refused["full-zero3-multinode"]
+    assert "scheduling.priorityClassName cannot be used with distribution.backend trainjob" in error
+    assert "scheduling.gangScheduling cannot be used" in error
+
+
+def test_backend_auto_is_the_operators_choice_and_is_not_rendered_offline(tmp_path: Path) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "lora-7b.yaml").read_text())
+    doc["spec"]["distribution"] = {"backend": "auto"}
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    objects, errors = render_file(path, "ml-team")
+    assert objects == []
+    assert "distribution.backend auto is chosen by the operator" in errors[0]
+    assert [o["kind"] for o in render_file(path, "ml-team", "trainjob")[0]][-1] == "TrainJob"

@@ -221,13 +221,13 @@ def test_replicas_finishing_before_the_workload_completes_stay_running() -> None
     assert observe(child(), [pod("m", "Succeeded"), pod("w", "Succeeded")], 2, False).phase == "Running"
 
 
-def _failed_replica(uid: str, owner: str) -> dict[str, Any]:
+def _failed_replica(uid: str, owner: str, kind: str = "PyTorchJob") -> dict[str, Any]:
     return {
         "metadata": {
             "name": f"demo-worker-{uid}",
             "uid": uid,
             "labels": {"app.kubernetes.io/component": "trainer"},
-            "ownerReferences": [{"controller": True, "uid": owner}],
+            "ownerReferences": [{"controller": True, "uid": owner, "kind": kind}],
         },
         "status": {"phase": "Failed", "containerStatuses": [terminated("Error", 200)]},
     }
@@ -239,6 +239,9 @@ def test_failures_remembered_from_pod_events_are_forgotten_once_status_holds_the
     owner = "workload-uid-1"
     reconcile.note_pod(_failed_replica("pod-a", owner))
     reconcile.note_pod(_failed_replica("pod-b", owner))
+    # Only a PyTorchJob's replicas: the Job and JobSet controllers count their own Pods' failures.
+    reconcile.note_pod(_failed_replica("pod-c", "job-uid", kind="Job"))
+    assert "job-uid" not in reconcile._transient
     assert reconcile._transient[owner] == {"pod-a", "pod-b"}
     reconcile.forget_transient(owner, ["pod-a"], finished=False)  # pod-b not recorded yet: kept
     assert reconcile._transient[owner] == {"pod-b"}

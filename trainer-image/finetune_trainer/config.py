@@ -585,7 +585,7 @@ class RunSpec(Model):
         None, description="Experiment tracking (wandb, mlflow, swanlab); TensorBoard files are always written."
     )
 
-    RULES = (not_both("eval_datasets", "val_size"), not_both("deepspeed", "fsdp"))
+    RULES: ClassVar[tuple[Rule, ...]] = (not_both("eval_datasets", "val_size"), not_both("deepspeed", "fsdp"))
 
     def sharded(self) -> bool:
         """Whether the weights are partitioned across processes (ZeRO-3 or FSDP): collective saves and generation."""

@@ -15,3 +15,9 @@ SHUTDOWN_TIMEOUT = 300
 # Where a failing rank writes {"reason", "message"} (Kubernetes' default terminationMessagePath) and where the
 # launcher reads it; FTJ_TERMINATION_LOG overrides it outside a Pod.
 TERMINATION_LOG = "/dev/termination-log"
+
+# Where a workload API cannot say `envFrom` (a TrainJob), the operator mounts the Secret whose keys the trainer needs
+# as environment variables here instead and names the directory in SECRET_ENV_DIR_VAR; the launcher then adds each
+# key to torchrun's environment (finetune_trainer.launch.secret_env).
+SECRET_ENV_DIR = "/var/run/secrets/finetune.dev/env"
+SECRET_ENV_DIR_VAR = "FTJ_SECRET_ENV_DIR"

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from finetune_trainer.constants import TERMINATION_LOG
+from finetune_trainer.constants import SECRET_ENV_DIR_VAR, TERMINATION_LOG
 from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, RETRYABLE_EXIT_CODE
 
 
@@ -39,6 +41,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(supervise(args.torchrun))
 
 
+# What the kubelet's envFrom accepts as a variable name.
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+
+
+def secret_env(base: Mapping[str, str]) -> dict[str, str]:
+    """`base` plus one variable per key of the Secret mounted at $FTJ_SECRET_ENV_DIR: what `envFrom` gives on the
+    other backends. A variable the Pod sets already wins, as an explicit env entry wins over envFrom."""
+    env = dict(base)
+    directory = env.get(SECRET_ENV_DIR_VAR)
+    if not directory:
+        return env
+    for entry in sorted(Path(directory).iterdir()):
+        # The kubelet's own entries (..data and the timestamped directory) start with dots; keys link into them.
+        if entry.name.startswith("..") or not entry.is_file() or not _ENV_NAME.fullmatch(entry.name):
+            continue
+        env.setdefault(entry.name, entry.read_text())
+    return env
+
+
 def supervise(torchrun_args: Sequence[str]) -> int:
     """Run torchrun with `torchrun_args` as a child, forward SIGTERM/SIGINT to it, and return an exit code the
     workload can act on: 0, PERMANENT_EXIT_CODE or RETRYABLE_EXIT_CODE (finetune_trainer.errors).
@@ -51,7 +72,7 @@ def supervise(torchrun_args: Sequence[str]) -> int:
     """
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args]
     print(f"finetune_trainer.launch: {' '.join(command)}", file=sys.stderr, flush=True)
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, env=secret_env(os.environ))
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)

@@ -211,3 +211,74 @@ class WithItem(Rule):
 def human_list(names: Sequence[str], conjunction: str = "and") -> str:
     """a, b and c."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
+
+
+def _field_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The model a field holds (through Optional), or None for a plain value."""
+    annotation = model.model_fields[name].annotation
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _leaf(model: type[BaseModel], path: str) -> tuple[type[BaseModel], str]:
+    """The model that holds the last field of a dotted path of python names, and that field's name."""
+    *parents, name = path.split(".")
+    for parent in parents:
+        inner = _field_model(model, parent)
+        if inner is None:
+            raise ValueError(f"{path}: {parent} is not an object field of {model.__name__}")
+        model = inner
+    return model, name
+
+
+def _raw_at(data: Raw, path: str) -> Any:
+    value: Any = data
+    for part in path.split("."):
+        value = Raw(value).value(part) if isinstance(value, dict) else None
+    return value
+
+
+def _cel_chain(path: str) -> str:
+    """`has(self.a) && has(self.a.b)`: whether every step of a dotted path is there."""
+    parts = [to_camel(p) for p in path.split(".")]
+    return " && ".join(f"has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+
+
+def camel_path(path: str) -> str:
+    return ".".join(to_camel(p) for p in path.split("."))
+
+
+@dataclass(frozen=True)
+class NotOn(Rule):
+    """`field` may not be set (to anything but false, "" or []) while `selector` is `value`; both are dotted paths
+    below the model that declares the rule, for a constraint between two of its objects."""
+
+    field: str = ""
+    selector: str = ""
+    value: Any = None
+
+    def violated(self, model: type[BaseModel], data: Raw) -> bool:
+        holder, name = _leaf(model, self.selector)
+        selected = _raw_at(data, self.selector)
+        if selected is None:
+            selected = _default(holder, name)
+        return selected == self.value and bool(_raw_at(data, self.field))
+
+    def cel(self, model: type[BaseModel]) -> str:
+        holder, name = _leaf(model, self.selector)
+        selector = f"self.{camel_path(self.selector)}"
+        default = _default(holder, name)
+        value = selector if default is None else f"({_cel_chain(self.selector)} ? {selector} : {_cel_literal(default)})"
+        field_holder, field_name = _leaf(model, self.field)
+        field = f"self.{camel_path(self.field)}"
+        if _is_list(field_holder, field_name):
+            truthy = f"size({field}) > 0"
+        elif field_holder.model_fields[field_name].annotation is bool:
+            truthy = f"{field} == true"
+        elif isinstance(_default(field_holder, field_name), str) or _default(field_holder, field_name) is None:
+            truthy = f'{field} != ""'
+        else:
+            truthy = "true"
+        return f"!({value} == {_cel_literal(self.value)} && {_cel_chain(self.field)} && {truthy})"

@@ -96,13 +96,21 @@ API server saw it do.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# The workloads: an Indexed Job (built-in backend) or a Kubeflow PyTorchJob; patch is suspend/resume.
+# The workloads: an Indexed Job (built-in backend), a Kubeflow PyTorchJob or a Kubeflow Trainer v2 TrainJob;
+# patch is suspend/resume (and stopping a run that exceeded its backoffLimit).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# A TrainJob's JobSet: its restarts count against runPolicy.backoffLimit, and its uid finds the run's Pods.
+- apiGroups: ["jobset.x-k8s.io"]
+  resources: ["jobsets"]
+  verbs: ["get"]
 {{- end }}
 
 {{/*

@@ -1,0 +1,158 @@
+"""The workload kinds that carry a run's replicas, and what the reconcile needs to know of each: which API must be
+served, where suspension lives, how the run's Pods are found, and which backend `auto` picks.
+
+- pytorchjob: a Kubeflow PyTorchJob (training operator v1), Pods controlled by the PyTorchJob.
+- trainjob: a Kubeflow Trainer v2 TrainJob on a ClusterTrainingRuntime; the Trainer controller makes a JobSet of the
+  same name, JobSet one Indexed Job per replicated job, each Job its Pods (labelled with the JobSet's uid).
+- job: the built-in Indexed Job, Pods controlled by the Job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator import k8s
+from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.render import CONTAINER, JOB_LABEL, TRAINJOB_API, TRAINJOB_CONTAINER
+from finetune_operator.settings import Settings
+from finetune_operator.status import Observation
+from finetune_trainer.rules import Raw
+
+KUBEFLOW_API = "kubeflow.org/v1"
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+JOBSET_UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"
+RUNTIME_KIND = "ClusterTrainingRuntime"
+
+_CHOICES = (
+    "set spec.distribution.backend to trainjob (Kubeflow Trainer v2), pytorchjob (Kubeflow training operator v1) "
+    "or job (built-in, needs nothing installed), or auto to take the first of these the cluster has"
+)
+INSTALL_HINTS = {
+    "pytorchjob": (
+        "install the Kubeflow training operator (kubectl apply --server-side -k "
+        "'github.com/kubeflow/training-operator/manifests/overlays/standalone?ref=v1.8.1')"
+    ),
+    "trainjob": (
+        "install Kubeflow Trainer v2 (kubectl apply --server-side -k "
+        "'github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.3.0'), then the operator's chart again "
+        "(it installs the ClusterTrainingRuntime)"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    api_version: str
+    kind: str
+    plural: str
+    # The trainer container of each replica Pod.
+    container: str
+    # Where the workload's suspension lives in its spec.
+    suspend_path: tuple[str, ...]
+
+
+BACKENDS = {
+    "pytorchjob": Backend("pytorchjob", KUBEFLOW_API, "PyTorchJob", "pytorchjobs", CONTAINER, ("runPolicy", "suspend")),
+    "trainjob": Backend("trainjob", TRAINJOB_API, "TrainJob", "trainjobs", TRAINJOB_CONTAINER, ("suspend",)),
+    "job": Backend("job", "batch/v1", "Job", "jobs", CONTAINER, ("suspend",)),
+}
+BY_KIND = {b.kind: b for b in BACKENDS.values()}
+
+
+def of(workload: dict[str, Any]) -> Backend:
+    return BY_KIND[workload["kind"]]
+
+
+def suspended(workload: dict[str, Any]) -> bool:
+    value: Any = workload.get("spec") or {}
+    for key in of(workload).suspend_path:
+        value = (value or {}).get(key)
+    return bool(value)
+
+
+def suspension_patch(workload: dict[str, Any], value: bool) -> dict[str, Any]:
+    patch: dict[str, Any] = {}
+    node = patch
+    *parents, last = ("spec", *of(workload).suspend_path)
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return patch
+
+
+def fits_trainjob(spec: FineTuneJobSpec) -> bool:
+    """Whether the spec can run as a TrainJob: none of the fields a TrainJob cannot carry (FineTuneJobSpec.RULES)."""
+    wire = spec.to_wire()
+    wire["distribution"] = {**wire.get("distribution", {}), "backend": "trainjob"}
+    return not FineTuneJobSpec.cross_field_errors(Raw(wire))
+
+
+def runtime_exists(settings: Settings) -> bool:
+    return k8s.get(TRAINJOB_API, RUNTIME_KIND, None, settings.trainjob_runtime) is not None
+
+
+def choose(spec: FineTuneJobSpec, recorded: str | None, settings: Settings) -> str:
+    """The backend of a run: the spec's, or for `auto` the one recorded in status.backend, or else the first the
+    cluster has of a TrainJob (API served, runtime installed, spec fits), a PyTorchJob, and the built-in Job."""
+    wanted = spec.distribution.backend
+    if wanted != "auto":
+        return wanted
+    if recorded in BACKENDS:
+        return recorded
+    if k8s.served(TRAINJOB_API, "trainjobs") and fits_trainjob(spec) and runtime_exists(settings):
+        return "trainjob"
+    if k8s.served(KUBEFLOW_API, "pytorchjobs"):
+        return "pytorchjob"
+    return "job"
+
+
+def missing(backend: str, settings: Settings) -> Observation | None:
+    """Why the backend's workload cannot be created in this cluster (None when it can)."""
+    again = f"the operator re-checks every {settings.api_recheck_seconds}s"
+    if backend == "pytorchjob" and not k8s.served(KUBEFLOW_API, "pytorchjobs"):
+        message = f"the PyTorchJob API ({KUBEFLOW_API}) is not served by this cluster: {INSTALL_HINTS['pytorchjob']}"
+        return Observation("Pending", "PyTorchJobAPIMissing", f"{message}; or {_CHOICES}; {again}")
+    if backend == "trainjob":
+        if not k8s.served(TRAINJOB_API, "trainjobs"):
+            message = f"the TrainJob API ({TRAINJOB_API}) is not served by this cluster: {INSTALL_HINTS['trainjob']}"
+            return Observation("Pending", "TrainJobAPIMissing", f"{message}; or {_CHOICES}; {again}")
+        if not runtime_exists(settings):
+            message = (
+                f"ClusterTrainingRuntime {settings.trainjob_runtime} does not exist: install the operator's chart "
+                "with trainJobRuntime.enabled (after Kubeflow Trainer v2), or point FTJ_TRAINJOB_RUNTIME at one"
+            )
+            return Observation("Pending", "TrainingRuntimeMissing", f"{message}; or {_CHOICES}; {again}")
+    return None
+
+
+def pods(
+    namespace: str, name: str, component: str, owner: dict[str, Any] | None, jobset: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The Pods of this run's workload (an earlier run's Pods, still terminating, carry the same labels): controlled
+    by the workload, or for a TrainJob labelled with the uid of its JobSet (`train_jobset`)."""
+    if owner is None:
+        return []
+    uid = owner["metadata"].get("uid")
+    selector = f"{JOB_LABEL}={name},app.kubernetes.io/component={component}"
+    if owner["kind"] == "TrainJob":
+        if jobset is None:
+            return []
+        selector += f",{JOBSET_UID_LABEL}={jobset['metadata']['uid']}"
+        return k8s.list_objects("v1", "Pod", namespace, selector)
+    return [p for p in k8s.list_objects("v1", "Pod", namespace, selector) if k8s.controller_uid(p) == uid]
+
+
+def train_jobset(trainjob: dict[str, Any]) -> dict[str, Any] | None:
+    """The JobSet the Trainer controller made for this TrainJob (None until it exists, or when another owns it)."""
+    meta = trainjob["metadata"]
+    jobset = k8s.get(JOBSET_API, "JobSet", meta["namespace"], meta["name"])
+    if jobset is None or k8s.controller_uid(jobset) != meta.get("uid"):
+        return None
+    return jobset
+
+
+def restarts(jobset: dict[str, Any] | None) -> int:
+    """How often a TrainJob's JobSet recreated its Jobs after a failure (JobSet status.restarts)."""
+    return int(((jobset or {}).get("status") or {}).get("restarts") or 0)
