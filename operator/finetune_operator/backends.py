@@ -156,3 +156,44 @@ def train_jobset(trainjob: dict[str, Any]) -> dict[str, Any] | None:
 def restarts(jobset: dict[str, Any] | None) -> int:
     """How often a TrainJob's JobSet recreated its Jobs after a failure (JobSet status.restarts)."""
     return int(((jobset or {}).get("status") or {}).get("restarts") or 0)
+
+
+# FineTuneJob status.progress -> TrainJob status.trainerStatus.metrics, in this order.
+_METRICS = (
+    ("loss", "loss"),
+    ("eval_loss", "evalLoss"),
+    ("learning_rate", "learningRate"),
+    ("tokens_per_second", "tokensPerSecond"),
+    ("epoch", "epoch"),
+)
+
+
+def trainer_status(progress: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer's progress as a TrainJob's status.trainerStatus (what Kubeflow Trainer's own status server
+    would write): percentage, remaining seconds, metrics as strings, and the time of the report."""
+    updated = progress.get("updatedAt")
+    if not updated:
+        return None
+    out: dict[str, Any] = {"lastUpdatedTime": updated}
+    total = progress.get("totalSteps")
+    if total:
+        out["progressPercentage"] = max(0, min(100, int(100 * (progress.get("step") or 0) / total)))
+    eta = progress.get("etaSeconds")
+    if eta is not None:
+        out["estimatedRemainingSeconds"] = max(0, int(eta))
+    metrics = [{"name": n, "value": f"{progress[k]:.6g}"} for n, k in _METRICS if progress.get(k) is not None]
+    if metrics:
+        out["metrics"] = metrics
+    return out
+
+
+def mirror_progress(trainjob: dict[str, Any], progress: dict[str, Any] | None) -> None:
+    """Show the run's progress in the TrainJob's own status.trainerStatus (Trainer v2.3's field, which its controller
+    leaves to whoever reports), so Kubeflow's tools see it too; written only when it changed."""
+    wanted = trainer_status(progress or {})
+    if wanted is None or ((trainjob.get("status") or {}).get("trainerStatus") or {}) == wanted:
+        return
+    meta = trainjob["metadata"]
+    k8s.apply_status(
+        meta["namespace"], meta["name"], {"trainerStatus": wanted}, api_version=TRAINJOB_API, kind="TrainJob"
+    )

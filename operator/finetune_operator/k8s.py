@@ -195,8 +195,11 @@ def apply_status(
     manager: str = OPERATOR_MANAGER,
     *,
     read: dict[str, Any] | None = None,
+    api_version: str = API_VERSION_FULL,
+    kind: str = KIND,
 ) -> dict[str, Any] | None:
-    """Server-side apply of the FineTuneJob's status as `manager`: the fields given are this manager's from now on,
+    """Server-side apply of the FineTuneJob's status (or another kind's) as `manager`: the fields given are this
+    manager's from now on,
     fields it set before and leaves out now are removed, and fields other managers own (the trainer's progress,
     checkpoints and conditions) are never touched. None when the object is gone.
 
@@ -207,13 +210,13 @@ def apply_status(
     metadata: dict[str, Any] = {"name": name}
     if read is not None:
         metadata["resourceVersion"] = read["metadata"]["resourceVersion"]
-    body = {"apiVersion": API_VERSION_FULL, "kind": KIND, "metadata": metadata, "status": status}
+    body = {"apiVersion": api_version, "kind": kind, "metadata": metadata, "status": status}
     query = [("fieldManager", manager), ("force", "true")]
     try:
         # The client sends an apply patch as JSON, which is YAML.
         result: dict[str, Any] = _call(
             "PATCH",
-            path(API_VERSION_FULL, KIND, namespace, name, "status"),
+            path(api_version, kind, namespace, name, "status"),
             body,
             "application/apply-patch+yaml",
             query,

@@ -100,7 +100,10 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
     workload = kids.workload
     assert workload is not None
     _converge_suspension(workload, spec)
-    jobset = backends.train_jobset(workload) if workload["kind"] == "TrainJob" and not kids.fresh_workload else None
+    jobset = None
+    if workload["kind"] == "TrainJob" and not kids.fresh_workload:
+        jobset = backends.train_jobset(workload)
+        backends.mirror_progress(workload, status.get("progress"))
     pods = [] if kids.fresh_workload else backends.pods(namespace, name, "trainer", workload, jobset)
     obs = observe(workload, pods, spec.distribution.nodes, spec.run_policy.suspend)
     failed: list[str] | None = None

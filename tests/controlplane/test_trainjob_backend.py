@@ -68,6 +68,23 @@ def test_trainjob_backend_full_lifecycle(cluster: Cluster, operator: Any, trainj
     assert sorted(by_rank) == ["0", "1"]
     running = cluster.wait_phase("train-tj", "Running")
     assert running["status"]["backend"] == "trainjob"
+
+    # The trainer's progress (written here as its rank 0 would) shows in the TrainJob's own status too.
+    progress = {"step": 30, "totalSteps": 120, "loss": 1.25, "etaSeconds": 90.5, "updatedAt": "2026-12-01T10:00:00Z"}
+    cluster.custom.patch_namespaced_custom_object_status(
+        "finetune.dev", "v1alpha1", cluster.ns, "finetunejobs", "train-tj", {"status": {"progress": progress}}
+    )
+    trainer_status = wait_until(
+        lambda: trainjob(cluster, "train-tj").get("status", {}).get("trainerStatus"),
+        timeout=30,
+        what="the TrainJob's trainerStatus",
+    )
+    assert trainer_status == {
+        "progressPercentage": 25,
+        "estimatedRemainingSeconds": 90,
+        "metrics": [{"name": "loss", "value": "1.25"}],
+        "lastUpdatedTime": "2026-12-01T10:00:00Z",
+    }
     assert {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "name": "train-tj"} in running["status"][
         "children"
     ]

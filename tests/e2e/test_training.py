@@ -68,9 +68,15 @@ def assert_forward_only(phases: list[str]) -> None:
         pytest.param("pytorchjob", id="pytorchjob"),
         # The built-in backend: an Indexed Job plus a headless Service, node rank = completion index.
         pytest.param("job", id="job"),
+        # Kubeflow Trainer v2: a TrainJob on the chart's runtime, JobSet's Indexed Job, the torch plugin's PET_*.
+        pytest.param("trainjob", id="trainjob"),
     ],
 )
-def test_lora_on_two_nodes_from_kubectl_apply_to_a_merged_model(e2e: E2E, backend: str, tmp_path: Path) -> None:
+def test_lora_on_two_nodes_from_kubectl_apply_to_a_merged_model(
+    e2e: E2E, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "trainjob":
+        request.getfixturevalue("trainjob_runtime")  # Trainer v2 and JobSet, and the chart's ClusterTrainingRuntime
     name = f"lora-{backend}"
     # Enough steps (about 0.05 s each here) for several status updates while it trains.
     manifest = e2e.finetunejob(name, backend=backend, nodes=2, training={"maxSteps": 160, "saveSteps": 80})
@@ -81,6 +87,11 @@ def test_lora_on_two_nodes_from_kubectl_apply_to_a_merged_model(e2e: E2E, backen
     pods = e2e.pods(name)
     assert len({p.metadata.name for p in pods}) >= 2
     assert {p.spec.node_name for p in pods} <= set(AGENT_NODES)
+    assert status["backend"] == backend
+    if backend == "trainjob":  # the trainer's progress also reached the TrainJob's own status
+        tj = e2e.kubectl.json("get", "trainjob", name)
+        assert tj["status"]["trainerStatus"]["progressPercentage"] == 100, tj["status"]
+        assert {m["name"] for m in tj["status"]["trainerStatus"]["metrics"]} >= {"loss"}
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == 160
     assert status["artifacts"]["merged"] == e2e.s3.uri(f"runs/{name}/merged/")
     assert [c["step"] for c in status["checkpoints"]][:2] == [160, 80]

@@ -84,6 +84,7 @@ OPERATOR_PERMISSIONS: dict[Permission, str] = {
     ("trainer.kubeflow.org", "trainjobs", "list"): "kopf's watch starts with a list",
     ("trainer.kubeflow.org", "trainjobs", "watch"): "kopf: @kopf.on.event('trainer.kubeflow.org', ..., 'trainjobs')",
     ("trainer.kubeflow.org", "trainjobs", "patch"): "reconcile._converge_suspension: spec.suspend",
+    ("trainer.kubeflow.org", "trainjobs/status", "patch"): "backends.mirror_progress: status.trainerStatus",
     ("jobset.x-k8s.io", "jobsets", "get"): "backends.train_jobset: the TrainJob's restarts and its Pods' label",
 }
 # Cluster-scoped, in either RBAC mode, for one object by name: backends.runtime_exists reads the

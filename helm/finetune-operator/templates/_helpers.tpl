@@ -107,6 +107,10 @@ API server saw it do.
 - apiGroups: ["trainer.kubeflow.org"]
   resources: ["trainjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The run's progress, also in the TrainJob's own status.trainerStatus (server-side apply).
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs/status"]
+  verbs: ["patch"]
 # A TrainJob's JobSet: its restarts count against runPolicy.backoffLimit, and its uid finds the run's Pods.
 - apiGroups: ["jobset.x-k8s.io"]
   resources: ["jobsets"]
