@@ -28,6 +28,7 @@ from finetune_operator.render import (
 from finetune_operator.settings import Settings
 from finetune_operator.status import (
     MISSING_REASONS,
+    pod_problem,
     TERMINAL,
     Observation,
     backoff_exceeded,
@@ -110,13 +111,21 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
     over: Observation | None = None
     if workload["kind"] == "PyTorchJob":
         failed, over = _count_transient_failures(status, workload, pods, spec)
-    elif jobset is not None and backends.restarts(jobset) > spec.run_policy.backoff_limit:
+    elif jobset is not None and (restarts := backends.restarts(jobset)):
         # JobSet restarts the whole run after each transient failure, up to the runtime's maxRestarts; the job's
-        # own limit is the operator's to enforce.
-        over = backoff_exceeded(backends.restarts(jobset), spec.run_policy.backoff_limit)
+        # own limit is the operator's to enforce. The failure itself went with the restarted Pods: say the one
+        # the Pod events showed.
+        last = _jobset_failures.get(jobset["metadata"]["uid"])
+        if restarts > spec.run_policy.backoff_limit:
+            over = backoff_exceeded(restarts, spec.run_policy.backoff_limit, last)
+        elif obs.phase == "Running":
+            detail = f"; restarted {restarts} time(s)" + (f", last failure: {last}" if last else "")
+            obs = Observation(obs.phase, obs.reason, obs.message + detail)
     if over is not None and obs.phase not in TERMINAL:
         obs = over
         _stop(workload)
+    if jobset is not None and obs.phase in TERMINAL:
+        _jobset_failures.pop(jobset["metadata"]["uid"], None)
     artifacts: dict[str, Any] = {}
     if obs.phase == "Succeeded":
         artifacts = training_artifacts(spec)
@@ -143,10 +152,21 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
 _transient: dict[str, set[str]] = {}
 
 
+# The last failure of a TrainJob's replica, by JobSet uid: JobSet deletes the Pods when it restarts the run.
+_jobset_failures: dict[str, str] = {}
+
+
 def note_pod(pod: dict[str, Any]) -> None:
     """Called for every Pod event: remember a replica's transient failure, which its Pod may not outlive."""
     meta = pod.get("metadata") or {}
-    if (meta.get("labels") or {}).get("app.kubernetes.io/component") != "trainer":
+    labels = meta.get("labels") or {}
+    if labels.get("app.kubernetes.io/component") != "trainer":
+        return
+    jobset_uid = labels.get(backends.JOBSET_UID_LABEL)
+    if jobset_uid and (pod.get("status") or {}).get("phase") == "Failed":
+        problem = pod_problem([pod])
+        if problem is not None:
+            _jobset_failures[jobset_uid] = problem.message
         return
     if not any(r.get("controller") and r.get("kind") == "PyTorchJob" for r in meta.get("ownerReferences") or []):
         return  # the other backends' controllers count their replicas' failures themselves

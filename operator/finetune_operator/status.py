@@ -295,12 +295,13 @@ def transient_failures(pods: list[dict[str, Any]], container: str) -> list[str]:
 RETRYABLE_MIN = 128
 
 
-def backoff_exceeded(failures: int, limit: int) -> Observation:
+def backoff_exceeded(failures: int, limit: int, last: str | None = None) -> Observation:
     return Observation(
         "Failed",
         "BackoffLimitExceeded",
-        f"{failures} replica failure(s) that a restart could fix, more than runPolicy.backoffLimit ({limit}) allows; "
-        "the last checkpoint is kept, and a new FineTuneJob with the same spec resumes from it",
+        f"{failures} replica failure(s) that a restart could fix, more than runPolicy.backoffLimit ({limit}) allows"
+        + (f" (last: {last})" if last else "")
+        + "; the last checkpoint is kept, and a new FineTuneJob with the same spec resumes from it",
     )
 
 

@@ -131,13 +131,21 @@ def test_transient_failures_restart_within_the_backoff_limit_and_stop_beyond_it(
 
     second = wait_until(restarted, timeout=90, what="the JobSet to restart both nodes")
     assert jobset(cluster, "tj-flaky")["status"]["restarts"] == 1
-    assert cluster.wait_phase("tj-flaky", "Running")
+    wait_until(
+        lambda: (
+            "restarted 1 time(s), last failure: container node in pod " in cluster.get("tj-flaky")["status"]["message"]
+        ),
+        timeout=30,
+        what="the restart in the Running message",
+    )
 
-    drive_pod(cluster.core, cluster.ns, second[0].metadata.name, "Failed", exit_code=137, reason="Error")
+    drive_pod(cluster.core, cluster.ns, second[0].metadata.name, "Failed", exit_code=137, reason="OOMKilled")
     failed = cluster.wait_phase("tj-flaky", "Failed", timeout=90)
     cond = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")
     assert cond["reason"] == "BackoffLimitExceeded"
     assert "runPolicy.backoffLimit (1)" in cond["message"]
+    # The Pods that failed are gone with the restart; the message still says what happened to the last one.
+    assert f"pod {second[0].metadata.name} ran out of memory" in cond["message"]
     # The run is stopped (its Pods go), the TrainJob stays for inspection.
     wait_until(lambda: trainjob(cluster, "tj-flaky")["spec"].get("suspend") is True, timeout=30, what="suspended")
     wait_until(lambda: not cluster.pods("tj-flaky", "Running"), timeout=60, what="the Pods to go")
