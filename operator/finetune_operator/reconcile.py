@@ -28,7 +28,6 @@ from finetune_operator.render import (
 from finetune_operator.settings import Settings
 from finetune_operator.status import (
     MISSING_REASONS,
-    pod_problem,
     TERMINAL,
     Observation,
     backoff_exceeded,
@@ -37,6 +36,7 @@ from finetune_operator.status import (
     observe,
     observe_merge,
     operator_status,
+    pod_problem,
     transient_failures,
 )
 
