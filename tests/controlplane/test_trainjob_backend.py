@@ -222,3 +222,31 @@ def test_a_missing_runtime_is_named_with_the_choices(cluster: Cluster, run_opera
         for choice in ("trainjob", "pytorchjob", "job", "auto"):
             assert choice in cond["message"]
         cluster.wait_event("tj-no-runtime", "TrainingRuntimeMissing", "Warning")
+
+
+def test_an_unschedulable_replica_is_named_with_the_schedulers_message(cluster: Cluster, operator: Any) -> None:
+    cluster.apply(ftj("tj-nowhere", "trainjob", nodes=2, scheduling={"nodeSelector": {"pool": "does-not-exist"}}))
+
+    def unschedulable() -> dict[str, Any] | None:
+        status = cluster.get("tj-nowhere").get("status") or {}
+        return status if status.get("phase") == "Pending" and "pod tj-nowhere-node-0-" in status["message"] else None
+
+    status = wait_until(unschedulable, timeout=60, what="the scheduler's verdict in the FineTuneJob's status")
+    created = next(c for c in status["conditions"] if c["type"] == "Created")
+    assert created["reason"] == "Unschedulable", created
+    assert "node(s) didn't match Pod's node affinity/selector" in status["message"]
+
+
+def test_ttl_deletes_a_finished_job_and_its_trainjob(cluster: Cluster, operator: Any) -> None:
+    cluster.apply(ftj("tj-short-lived", "trainjob", nodes=1, runPolicy={"ttlSecondsAfterFinished": 1}))
+    (pod,) = cluster.wait_pods("tj-short-lived", 1)
+    drive_pod(cluster.core, cluster.ns, pod.metadata.name, "Succeeded")
+
+    def gone() -> bool:
+        try:
+            trainjob(cluster, "tj-short-lived")
+        except client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(gone, timeout=90, what="the FineTuneJob and, through its ownerReference, the TrainJob to go")
