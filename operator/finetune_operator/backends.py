@@ -10,13 +10,14 @@ served, where suspension lives, how the run's Pods are found, and which backend 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_operator import k8s
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.render import CONTAINER, JOB_LABEL, TRAINJOB_API, TRAINJOB_CONTAINER
 from finetune_operator.settings import Settings
-from finetune_operator.status import Observation
+from finetune_operator.status import CREATION_FAILED, Observation
 from finetune_trainer.rules import Raw
 
 KUBEFLOW_API = "kubeflow.org/v1"
@@ -197,3 +198,22 @@ def mirror_progress(trainjob: dict[str, Any], progress: dict[str, Any] | None) -
     k8s.apply_status(
         meta["namespace"], meta["name"], {"trainerStatus": wanted}, api_version=TRAINJOB_API, kind="TrainJob"
     )
+
+
+def creation_failure(trainjob: dict[str, Any], grace_seconds: float, now: datetime | None = None) -> Observation | None:
+    """Why the run is not starting when the Trainer controller has not made the TrainJob's JobSet within
+    `grace_seconds` (settings.jobset_grace_seconds): it creates one within a second or two, or keeps failing to and
+    says why only in Warning Events on the TrainJob, to which the job's status then points. None otherwise."""
+    meta = trainjob["metadata"]
+    created = meta.get("creationTimestamp")
+    if not created:
+        return None
+    age = ((now or datetime.now(UTC)) - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    if age < grace_seconds:
+        return None
+    message = (
+        f"the Kubeflow Trainer controller has not created JobSet {meta['name']} for TrainJob {meta['name']} in "
+        f"{int(age)}s: its Warning Events say why (kubectl describe trainjob {meta['name']}, reason "
+        f"{CREATION_FAILED}); a broken ClusterTrainingRuntime or a JobSet webhook that refuses it are the usual causes"
+    )
+    return Observation("Pending", CREATION_FAILED, message)

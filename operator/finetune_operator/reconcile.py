@@ -27,6 +27,7 @@ from finetune_operator.render import (
 )
 from finetune_operator.settings import Settings
 from finetune_operator.status import (
+    CREATION_FAILED,
     MISSING_REASONS,
     TERMINAL,
     Observation,
@@ -107,6 +108,8 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
         backends.mirror_progress(workload, status.get("progress"))
     pods = [] if kids.fresh_workload else backends.pods(namespace, name, "trainer", workload, jobset)
     obs = observe(workload, pods, spec.distribution.nodes, spec.run_policy.suspend)
+    if workload["kind"] == "TrainJob" and jobset is None and not kids.fresh_workload and obs.phase == "Pending":
+        obs = backends.creation_failure(workload, settings.jobset_grace_seconds) or obs
     failed: list[str] | None = None
     over: Observation | None = None
     if workload["kind"] == "PyTorchJob":
@@ -240,7 +243,12 @@ def _record(
         k8s.apply_status(meta["namespace"], meta["name"], new, read=body)
     made = "created " + ", ".join(created) if created else ""
     if old.get("phase") != obs.phase:
-        warning = obs.phase == "Failed" or obs.reason in ("Unschedulable", "ChildConflict", *MISSING_REASONS)
+        warning = obs.phase == "Failed" or obs.reason in (
+            "Unschedulable",
+            "ChildConflict",
+            CREATION_FAILED,
+            *MISSING_REASONS,
+        )
         reason, message = (CHILDREN_CREATED, f"{made}; {obs.phase}: {obs.message}") if made else (obs.reason, "")
         events(body, "Warning" if warning else "Normal", reason, message or f"{obs.phase}: {obs.message}")
     elif made:

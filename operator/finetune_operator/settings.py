@@ -66,6 +66,9 @@ class Settings:
     # FTJ_TRAINJOB_RUNTIME: the ClusterTrainingRuntime a TrainJob (backend trainjob) runs on; the chart installs
     # it (finetune-torch).
     trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
+    # FTJ_JOBSET_GRACE_SECONDS: how long a TrainJob may be without its JobSet before the FineTuneJob says the Trainer
+    # controller could not create it (30).
+    jobset_grace_seconds: int = 30
     # FTJ_HEALTH_PORT: port of the /healthz liveness endpoint (8080).
     health_port: int = 8080
     # FTJ_METRICS_PORT: port of the Prometheus /metrics endpoint (9090; 0 disables it).
@@ -93,6 +96,7 @@ class Settings:
             default_s3_region=os.environ.get("FTJ_DEFAULT_S3_REGION") or None,
             accelerator_resource=_accelerator_resource(),
             trainjob_runtime=os.environ.get("FTJ_TRAINJOB_RUNTIME", "").strip() or DEFAULT_TRAINJOB_RUNTIME,
+            jobset_grace_seconds=_int("FTJ_JOBSET_GRACE_SECONDS", 30),
             health_port=_int("FTJ_HEALTH_PORT", 8080),
             metrics_port=_int("FTJ_METRICS_PORT", 9090),
             leader_election=_bool("FTJ_LEADER_ELECTION", True),

@@ -182,8 +182,10 @@ def observe_merge(merge: dict[str, Any] | None, pods: list[dict[str, Any]], targ
 
 # Reasons under which a backend's workload cannot be created yet (finetune_operator.backends.missing).
 MISSING_REASONS = ("PyTorchJobAPIMissing", "TrainJobAPIMissing", "TrainingRuntimeMissing")
+# The Trainer controller could not make the TrainJob's JobSet (finetune_operator.backends.creation_failure).
+CREATION_FAILED = "TrainJobResourcesCreationFailed"
 # Reasons under which the children do not exist (yet): the Created condition is False.
-NOT_CREATED = ("CreatingChildren", "InvalidSpec", "ChildConflict", *MISSING_REASONS)
+NOT_CREATED = ("CreatingChildren", "InvalidSpec", "ChildConflict", CREATION_FAILED, *MISSING_REASONS)
 
 
 def conditions(
