@@ -111,24 +111,13 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
     if workload["kind"] == "TrainJob" and jobset is None and not kids.fresh_workload and obs.phase == "Pending":
         obs = backends.creation_failure(workload, settings.jobset_grace_seconds) or obs
     failed: list[str] | None = None
-    over: Observation | None = None
     if workload["kind"] == "PyTorchJob":
         failed, over = _count_transient_failures(status, workload, pods, spec)
-    elif jobset is not None and (restarts := backends.restarts(jobset)):
-        # JobSet restarts the whole run after each transient failure, up to the runtime's maxRestarts; the job's
-        # own limit is the operator's to enforce. The failure itself went with the restarted Pods: say the one
-        # the Pod events showed.
-        last = _jobset_failures.get(jobset["metadata"]["uid"])
-        if restarts > spec.run_policy.backoff_limit:
-            over = backoff_exceeded(restarts, spec.run_policy.backoff_limit, last)
-        elif obs.phase == "Running":
-            detail = f"; restarted {restarts} time(s)" + (f", last failure: {last}" if last else "")
-            obs = Observation(obs.phase, obs.reason, obs.message + detail)
-    if over is not None and obs.phase not in TERMINAL:
-        obs = over
-        _stop(workload)
-    if jobset is not None and obs.phase in TERMINAL:
-        _jobset_failures.pop(jobset["metadata"]["uid"], None)
+        if over is not None and obs.phase not in TERMINAL:
+            obs = over
+            _stop(workload)
+    elif jobset is not None:
+        obs = _count_jobset_restarts(workload, jobset, spec, obs)
     artifacts: dict[str, Any] = {}
     if obs.phase == "Succeeded":
         artifacts = training_artifacts(spec)
@@ -199,6 +188,26 @@ def _count_transient_failures(
     limit = spec.run_policy.backoff_limit
     over = backoff_exceeded(len(failures), limit) if len(failures) > limit else None
     return sorted(failures)[: limit + 1], over
+
+
+def _count_jobset_restarts(
+    trainjob: dict[str, Any], jobset: dict[str, Any], spec: FineTuneJobSpec, obs: Observation
+) -> Observation:
+    """runPolicy.backoffLimit for the TrainJob backend: JobSet restarts the whole run after each transient failure,
+    up to the runtime's maxRestarts; the job's own limit is the operator's to enforce. The failure itself went with
+    the restarted Pods: the one their events showed is named."""
+    uid = jobset["metadata"]["uid"]
+    restarts = backends.restarts(jobset)
+    last = _jobset_failures.get(uid)
+    if restarts > spec.run_policy.backoff_limit and obs.phase not in TERMINAL:
+        obs = backoff_exceeded(restarts, spec.run_policy.backoff_limit, last)
+        _stop(trainjob)
+    elif restarts and obs.phase == "Running":
+        detail = f"; restarted {restarts} time(s)" + (f", last failure: {last}" if last else "")
+        obs = Observation(obs.phase, obs.reason, obs.message + detail)
+    if obs.phase in TERMINAL:
+        _jobset_failures.pop(uid, None)
+    return obs
 
 
 def _stop(workload: dict[str, Any]) -> None:
