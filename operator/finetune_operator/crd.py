@@ -250,6 +250,7 @@ def custom_resource_definition() -> dict[str, Any]:
                         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
                         {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
                         {"name": "Nodes", "type": "integer", "jsonPath": ".spec.distribution.nodes", "priority": 1},
+                        {"name": "Backend", "type": "string", "jsonPath": ".status.backend", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},

@@ -230,6 +230,8 @@ def test_status_is_a_subresource(crs: client.CustomObjectsApi, namespace: str) -
 def test_printer_columns_show_phase_progress_loss(k8s_api: Any, namespace: str, crs: client.CustomObjectsApi) -> None:
     create(crs, namespace, job())
     report_progress(crs, namespace)
+    # The operator records the backend it runs the job on (auto's choice too): `kubectl get ftj -o wide` shows it.
+    crs.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "demo", {"status": {"backend": "job"}})
     table = k8s_api.call_api(
         f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
         "GET",
@@ -240,4 +242,4 @@ def test_printer_columns_show_phase_progress_loss(k8s_api: Any, namespace: str, 
     )
     names = [c["name"] for c in table["columnDefinitions"]]
     row = dict(zip(names, table["rows"][0]["cells"], strict=True))
-    assert (row["Phase"], row["Progress"], row["Loss"]) == ("Running", "3/10", 1.5)
+    assert (row["Phase"], row["Progress"], row["Loss"], row["Backend"]) == ("Running", "3/10", 1.5, "job")
