@@ -285,3 +285,23 @@ def test_a_trainjob_whose_jobset_cannot_be_made_points_at_the_controllers_events
             if e.get("reason") == "TrainJobResourcesCreationFailed" and e["regarding"]["name"] == "tj-stuck"
         ]
         assert any("invalid failure policy rule name 'permanent-failure'" in n for n in notes), notes
+
+
+def test_an_operator_restart_creates_no_second_trainjob(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
+    env = operator_env(cluster.ns)
+    with run_operator(namespaces=[cluster.ns], env=env):
+        cluster.apply(ftj("tj-survivor", "auto", nodes=2))
+        pods = cluster.wait_pods("tj-survivor", 2)
+        cluster.wait_phase("tj-survivor", "Running")
+    with run_operator(namespaces=[cluster.ns], env=env):
+        for pod in pods:
+            drive_pod(cluster.core, cluster.ns, pod.metadata.name, "Succeeded")
+        done = cluster.wait_phase("tj-survivor", "Succeeded", timeout=90)
+    assert done["status"]["backend"] == "trainjob"  # auto's choice, kept across the restart
+    selector = f"{JOB_LABEL}=tj-survivor"
+    trainjobs = cluster.custom.list_namespaced_custom_object(
+        TRAINER, V1ALPHA1, cluster.ns, "trainjobs", label_selector=selector
+    )["items"]
+    assert [t["metadata"]["name"] for t in trainjobs] == ["tj-survivor"]
+    assert len(cluster.core.list_namespaced_config_map(cluster.ns, label_selector=selector).items) == 1
+    assert not cluster.batch.list_namespaced_job(cluster.ns, label_selector=selector).items  # no other backend's
