@@ -26,7 +26,8 @@ from finetune_trainer.config import (
 )
 from finetune_trainer.config import KIND as KIND  # re-exported: the API's names, defined once in the trainer
 from finetune_trainer.config import PLURAL as PLURAL
-from finetune_trainer.rules import MUTABLE, NotOn
+from finetune_trainer.constants import ENV_NAME_PATTERN
+from finetune_trainer.rules import MUTABLE, NotOn, Raw
 
 SHORT_NAME = "ftj"
 API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
@@ -100,7 +101,7 @@ class SchedulingSpec(Model):
 
 
 class EnvVar(Model):
-    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=f"^{ENV_NAME_PATTERN}$")
     value: str = Field("", max_length=32768)
 
 
@@ -192,6 +193,14 @@ class FineTuneJobSpec(RunSpec):
             "trainjob",
         ),
     )
+
+    def with_backend(self, backend: str) -> FineTuneJobSpec:
+        """This spec with distribution.backend set (an override, or what `auto` chose)."""
+        return self.model_copy(update={"distribution": self.distribution.model_copy(update={"backend": backend})})
+
+    def rule_errors(self) -> list[str]:
+        """What the cross-field rules (RULES) say of this spec as it stands, e.g. after with_backend."""
+        return self.cross_field_errors(Raw(self.to_wire()))
 
     @field_validator("env")
     @classmethod

@@ -9,16 +9,14 @@ served, where suspension lives, how the run's Pods are found, and which backend 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from finetune_operator import k8s
 from finetune_operator.api import FineTuneJobSpec
-from finetune_operator.render import CONTAINER, JOB_LABEL, TRAINJOB_API, TRAINJOB_CONTAINER
+from finetune_operator.render import JOB_LABEL, TRAINJOB_API
 from finetune_operator.settings import Settings
-from finetune_operator.status import CREATION_FAILED, Observation
-from finetune_trainer.rules import Raw
+from finetune_operator.status import CREATION_FAILED, SUSPEND_PATHS, Observation
 
 KUBEFLOW_API = "kubeflow.org/v1"
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
@@ -42,41 +40,14 @@ INSTALL_HINTS = {
 }
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    api_version: str
-    kind: str
-    plural: str
-    # The trainer container of each replica Pod.
-    container: str
-    # Where the workload's suspension lives in its spec.
-    suspend_path: tuple[str, ...]
-
-
-BACKENDS = {
-    "pytorchjob": Backend("pytorchjob", KUBEFLOW_API, "PyTorchJob", "pytorchjobs", CONTAINER, ("runPolicy", "suspend")),
-    "trainjob": Backend("trainjob", TRAINJOB_API, "TrainJob", "trainjobs", TRAINJOB_CONTAINER, ("suspend",)),
-    "job": Backend("job", "batch/v1", "Job", "jobs", CONTAINER, ("suspend",)),
-}
-BY_KIND = {b.kind: b for b in BACKENDS.values()}
-
-
-def of(workload: dict[str, Any]) -> Backend:
-    return BY_KIND[workload["kind"]]
-
-
-def suspended(workload: dict[str, Any]) -> bool:
-    value: Any = workload.get("spec") or {}
-    for key in of(workload).suspend_path:
-        value = (value or {}).get(key)
-    return bool(value)
+BACKENDS = ("pytorchjob", "trainjob", "job")
 
 
 def suspension_patch(workload: dict[str, Any], value: bool) -> dict[str, Any]:
+    """The merge patch that sets a workload's suspension (status.SUSPEND_PATHS)."""
     patch: dict[str, Any] = {}
     node = patch
-    *parents, last = ("spec", *of(workload).suspend_path)
+    *parents, last = ("spec", *SUSPEND_PATHS[workload["kind"]])
     for key in parents:
         node = node.setdefault(key, {})
     node[last] = value
@@ -85,9 +56,7 @@ def suspension_patch(workload: dict[str, Any], value: bool) -> dict[str, Any]:
 
 def fits_trainjob(spec: FineTuneJobSpec) -> bool:
     """Whether the spec can run as a TrainJob: none of the fields a TrainJob cannot carry (FineTuneJobSpec.RULES)."""
-    wire = spec.to_wire()
-    wire["distribution"] = {**wire.get("distribution", {}), "backend": "trainjob"}
-    return not FineTuneJobSpec.cross_field_errors(Raw(wire))
+    return not spec.with_backend("trainjob").rule_errors()
 
 
 def runtime_exists(settings: Settings) -> bool:

@@ -11,10 +11,9 @@ from typing import Any
 
 import yaml
 
-from finetune_operator.api import KIND, FineTuneJob, FineTuneJobSpec, validate_document
+from finetune_operator.api import KIND, FineTuneJob, validate_document
 from finetune_operator.convert import ConvertOptions, convert
 from finetune_operator.yamlio import dump_all
-from finetune_trainer.rules import Raw
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -132,8 +131,8 @@ def render_file(path: Path, namespace: str, backend: str | None = None) -> tuple
                 "cluster; pass --backend trainjob, pytorchjob or job to render one"
             ]
         if backend:
-            spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"backend": backend})})
-            refused = FineTuneJobSpec.cross_field_errors(Raw(spec.to_wire()))
+            spec = spec.with_backend(backend)
+            refused = spec.rule_errors()
             if refused:
                 return [], [f"{path}: {job.metadata.name} with backend {backend}: {'; '.join(refused)}"]
         ref = JobRef(job.metadata.name, job.metadata.namespace or namespace, spec)

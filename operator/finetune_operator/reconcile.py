@@ -39,6 +39,7 @@ from finetune_operator.status import (
     operator_status,
     pod_problem,
     transient_failures,
+    workload_suspended,
 )
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
         return None
     backend = backends.choose(spec, status.get("backend"), settings)
     if backend != spec.distribution.backend:
-        spec = spec.model_copy(update={"distribution": spec.distribution.model_copy(update={"backend": backend})})
+        spec = spec.with_backend(backend)
     job = JobRef(name, namespace, spec, meta.get("uid") or "")
     if phase == "Merging":
         # Training has succeeded: only the merge is left. A deleted workload is not recreated to train again.
@@ -345,7 +346,7 @@ def _observe_startup(body: dict[str, Any]) -> None:
 def _converge_suspension(workload: dict[str, Any], spec: FineTuneJobSpec) -> None:
     """Bring the workload's suspension to what the spec asks. With a Kueue queue, resuming is Kueue's decision."""
     want = spec.run_policy.suspend
-    current = backends.suspended(workload)
+    current = workload_suspended(workload)
     if current == want:
         return
     if not want and (workload["metadata"].get("labels") or {}).get(QUEUE_LABEL):

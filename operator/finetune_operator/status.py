@@ -28,6 +28,19 @@ GENERIC_REASONS = (
     "FailJobSetFailurePolicyAction",
 )
 CONDITION_TYPES = ("Created", "Running", "Merging", "Succeeded", "Failed", "Suspended")
+# Where each workload kind keeps its suspension in its spec.
+SUSPEND_PATHS: dict[str, tuple[str, ...]] = {
+    "PyTorchJob": ("runPolicy", "suspend"),
+    "TrainJob": ("suspend",),
+    "Job": ("suspend",),
+}
+
+
+def workload_suspended(workload: dict[str, Any]) -> bool:
+    value: Any = workload.get("spec") or {}
+    for key in SUSPEND_PATHS[workload["kind"]]:
+        value = (value or {}).get(key)
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -122,9 +135,7 @@ def observe(
                 return Observation("Failed", reason, f"{text}; last failure: {problem.message}")
             return problem
         return Observation("Failed", reason, text)
-    spec = child.get("spec") or {}
-    child_suspended = (spec.get("runPolicy") or {}).get("suspend") if kind == "PyTorchJob" else spec.get("suspend")
-    if suspend_requested or child_suspended or _true(conds, "Suspended"):
+    if suspend_requested or workload_suspended(child) or _true(conds, "Suspended"):
         if not suspend_requested and (child.get("metadata", {}).get("labels") or {}).get("kueue.x-k8s.io/queue-name"):
             return Observation("Suspended", "Queued", "waiting for Kueue to admit the workload")
         return Observation("Suspended", "Suspended", "suspended; resuming continues from the newest checkpoint")

@@ -21,3 +21,6 @@ TERMINATION_LOG = "/dev/termination-log"
 # key to torchrun's environment (finetune_trainer.launch.secret_env).
 SECRET_ENV_DIR = "/var/run/secrets/finetune.dev/env"
 SECRET_ENV_DIR_VAR = "FTJ_SECRET_ENV_DIR"
+
+# What Kubernetes accepts as an environment variable name (a container's env, the keys envFrom turns into variables).
+ENV_NAME_PATTERN = r"[-._a-zA-Z][-._a-zA-Z0-9]*"

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from finetune_trainer.constants import SECRET_ENV_DIR_VAR, TERMINATION_LOG
+from finetune_trainer.constants import ENV_NAME_PATTERN, SECRET_ENV_DIR_VAR, TERMINATION_LOG
 from finetune_trainer.errors import PERMANENT_EXIT_CODE, PERMANENT_REASONS, RETRYABLE_EXIT_CODE
 
 
@@ -41,8 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(supervise(args.torchrun))
 
 
-# What the kubelet's envFrom accepts as a variable name.
-_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+_ENV_NAME = re.compile(ENV_NAME_PATTERN)
 
 
 def secret_env(base: Mapping[str, str]) -> dict[str, str]:
