@@ -261,30 +261,34 @@ def test_a_trainjob_whose_jobset_cannot_be_made_points_at_the_controllers_events
     broken["metadata"] = {"name": name}
     broken["spec"]["template"]["spec"]["failurePolicy"]["rules"][0]["name"] = "permanent-failure"
     workloads.create(f"/apis/{TRAINER}/{V1ALPHA1}/clustertrainingruntimes", broken)
-    env = {**operator_env(cluster.ns), "FTJ_TRAINJOB_RUNTIME": name, "FTJ_JOBSET_GRACE_SECONDS": "3"}
-    with run_operator(namespaces=[cluster.ns], env=env):
-        cluster.apply(ftj("tj-stuck", "trainjob", nodes=1))
+    try:
+        env = {**operator_env(cluster.ns), "FTJ_TRAINJOB_RUNTIME": name, "FTJ_JOBSET_GRACE_SECONDS": "3"}
+        with run_operator(namespaces=[cluster.ns], env=env):
+            cluster.apply(ftj("tj-stuck", "trainjob", nodes=1))
 
-        def stuck() -> dict[str, Any] | None:
-            status = cluster.get("tj-stuck").get("status") or {}
-            return (
-                status
-                if status.get("conditions") and status["conditions"][0]["reason"] == "TrainJobResourcesCreationFailed"
-                else None
-            )
+            def stuck() -> dict[str, Any] | None:
+                status = cluster.get("tj-stuck").get("status") or {}
+                return (
+                    status
+                    if status.get("conditions")
+                    and status["conditions"][0]["reason"] == "TrainJobResourcesCreationFailed"
+                    else None
+                )
 
-        status = wait_until(stuck, timeout=60, what="the job to say its TrainJob gets no JobSet")
-        assert status["phase"] == "Pending"
-        assert "kubectl describe trainjob tj-stuck" in status["message"]
-        created = next(c for c in status["conditions"] if c["type"] == "Created")
-        assert created["status"] == "False"
-        # Where it points, the controller says why.
-        notes = [
-            e.get("note", "")
-            for e in workloads.request("get", f"/apis/events.k8s.io/v1/namespaces/{cluster.ns}/events")["items"]
-            if e.get("reason") == "TrainJobResourcesCreationFailed" and e["regarding"]["name"] == "tj-stuck"
-        ]
-        assert any("invalid failure policy rule name 'permanent-failure'" in n for n in notes), notes
+            status = wait_until(stuck, timeout=60, what="the job to say its TrainJob gets no JobSet")
+            assert status["phase"] == "Pending"
+            assert "kubectl describe trainjob tj-stuck" in status["message"]
+            created = next(c for c in status["conditions"] if c["type"] == "Created")
+            assert created["status"] == "False"
+            # Where it points, the controller says why.
+            notes = [
+                e.get("note", "")
+                for e in workloads.request("get", f"/apis/events.k8s.io/v1/namespaces/{cluster.ns}/events")["items"]
+                if e.get("reason") == "TrainJobResourcesCreationFailed" and e["regarding"]["name"] == "tj-stuck"
+            ]
+            assert any("invalid failure policy rule name 'permanent-failure'" in n for n in notes), notes
+    finally:  # cluster-scoped: it would outlive the test's namespace
+        workloads.request("delete", f"/apis/{TRAINER}/{V1ALPHA1}/clustertrainingruntimes/{name}")
 
 
 def test_an_operator_restart_creates_no_second_trainjob(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
