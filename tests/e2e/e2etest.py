@@ -264,7 +264,15 @@ class FtjWatch:
                 out.append(phase)
         return out
 
-    def stop(self) -> None:
+    def stop(self, *, after_phase: str | None = None, timeout: float = 30) -> None:
+        """Stop the watch; with ``after_phase``, first wait until it has printed that phase (the API server sends
+        the event to the watch a moment after a GET already shows it, and kubectl writes it a moment later)."""
+        if after_phase is not None:
+            from support.processes import wait_until
+
+            wait_until(
+                lambda: after_phase in self.phases(), timeout=timeout, what=f"`kubectl get -w` to print {after_phase}"
+            )
         if self.process.poll() is None:
             self.process.terminate()
             try:

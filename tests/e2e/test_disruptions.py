@@ -90,7 +90,7 @@ def test_an_operator_restarted_mid_training_makes_no_duplicates_and_finishes(e2e
     step_while_down = e2e.status(name)["progress"]["step"]
     with e2e.operator():
         status = e2e.wait_phase(name, "Succeeded", timeout=400)
-    watch.stop()
+    watch.stop(after_phase="Succeeded")
     assert status["progress"]["step"] == STEPS
     after = children(e2e, name)
     assert before["Job"] == [name]

@@ -42,7 +42,7 @@ def run_to_success(
         f"`kubectl get ftj {name}` to show Running with a step",
     )
     status = e2e.wait_phase(name, "Succeeded", timeout=timeout)
-    watch.stop()
+    watch.stop(after_phase="Succeeded")
     phases = watch.phases()
     assert _subsequence(["Running", "Merging", "Succeeded"], phases), phases
     steps = progress_steps(watch.statuses())
