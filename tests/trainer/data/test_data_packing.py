@@ -5,6 +5,7 @@ samples, with every attention implementation and batch layout the collator offer
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from trainer.tiny import tiny_llama
 
 from finetune_trainer.data import build_datasets
 from finetune_trainer.data.collate import SFTCollator, block_causal_mask
-from finetune_trainer.data.packing import Rows, best_fit_bins, pack
+from finetune_trainer.data.packing import IGNORE, Layout, Rows, best_fit_bins, pack
 
 CUTOFF = 96
 SENTENCE = "the quick brown fox jumps over the lazy dog and then the capital of France is Paris"
@@ -177,3 +178,41 @@ def test_every_attention_choice_that_runs_on_cpu_keeps_packed_samples_apart(
     assert loss(model, packed.collator(model.config._attn_implementation)(list(packed.train))) == pytest.approx(
         reference, abs=1e-5
     )
+
+
+def test_rows_made_range_by_range_are_the_rows_made_at_once() -> None:
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(0, 1000, int(n), dtype=np.int32) for n in rng.integers(1, 40, 200)]
+    labels = [np.where(rng.random(len(x)) < 0.3, IGNORE, x).astype(np.int32) for x in ids]
+    samples = Rows.from_samples(ids, labels)
+    order = rng.permutation(len(samples))[:150]
+    for layout in (
+        Layout.unpacked(order, samples.lengths, samples.gather),
+        Layout.packed_rows(order, samples.lengths, samples.gather, capacity=64, seed=1),
+    ):
+        whole = layout.rows()
+        cuts = [0, 1, len(layout) // 3, len(layout) - 1, len(layout)]
+        pieces = [layout.rows(a, b) for a, b in itertools.pairwise(cuts)]
+        columns = ("input_ids", "labels", "lengths") + (("position_ids",) if layout.packed else ())
+        for column in columns:
+            joined = np.concatenate([getattr(piece, column) for piece in pieces])
+            assert joined.tolist() == getattr(whole, column).tolist(), column
+        assert layout.packed or whole.position_ids is None
+    # Unpacked: row i is sample order[i], untouched.
+    unpacked = Layout.unpacked(order, samples.lengths, samples.gather).rows(10, 12)
+    assert unpacked.input_ids.tolist() == ids[order[10]].tolist() + ids[order[11]].tolist()
+    assert unpacked.labels.tolist() == labels[order[10]].tolist() + labels[order[11]].tolist()
+    # Packed: every sample of `order` once, whole, its first label ignored, positions from 0.
+    packed = Layout.packed_rows(order, samples.lengths, samples.gather, capacity=64, seed=1)
+    made = packed.rows()
+    assert sorted(packed.order.tolist()) == sorted(order.tolist())
+    assert made.lengths.max() <= 64
+    at = 0
+    for sample in packed.order.tolist():
+        n = len(ids[sample])
+        assert made.input_ids[at : at + n].tolist() == ids[sample].tolist()
+        assert made.labels[at] == IGNORE
+        assert made.labels[at + 1 : at + n].tolist() == labels[sample][1:].tolist()
+        assert made.position_ids is not None
+        assert made.position_ids[at : at + n].tolist() == list(range(n))
+        at += n

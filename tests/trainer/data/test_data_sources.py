@@ -148,3 +148,8 @@ def test_worker_processes_give_the_same_rows_as_one_process(
     assert serial.stats.dropped == 1
     assert pooled.train["input_ids"] == serial.train["input_ids"]
     assert pooled.train["labels"] == serial.train["labels"]
+    assert pooled.train["position_ids"] == serial.train["position_ids"]
+    # One process writes one file; two write a few shards each, which load as one dataset.
+    assert [f.name for f in serial.cache_path.glob("*.arrow")] == ["train-00000-of-00001.arrow"]
+    shards = sorted(f.name for f in pooled.cache_path.glob("*.arrow"))
+    assert shards == [f"train-{i:05d}-of-00008.arrow" for i in range(8)]

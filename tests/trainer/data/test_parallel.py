@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from finetune_trainer.data.cache import TokenCache
+from finetune_trainer.data.packing import Layout, Rows
 from finetune_trainer.data.parallel import PART, Part, encode_parts
 
 PARENT = os.getpid()
@@ -44,6 +46,7 @@ class _Encoder:
             labels=-ids,
             lengths=np.ones(end - start, dtype=np.int64),
             cut=np.zeros(end - start, dtype=bool),
+            labeled=np.ones(end - start, dtype=np.int64),
         )
 
 
@@ -95,7 +98,7 @@ def test_a_worker_killed_on_the_way_fails_the_build_and_says_how() -> None:
     def die(start: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
 
-    with pytest.raises(RuntimeError, match=r"worker \(pid \d+\) ended with signal 9 before sending its parts"):
+    with pytest.raises(RuntimeError, match=r"worker \(pid \d+\) ended with signal 9 before it finished"):
         encode_parts(_Encoder(die, slow=0.01), [_File(8 * PART)], workers=2)
 
 
@@ -111,3 +114,27 @@ def test_when_this_process_fails_first_the_workers_are_stopped() -> None:
     with pytest.raises(KeyError, match="main process failed"):
         encode_parts(_Failing(), [_File(40 * PART)], workers=2)
     assert time.monotonic() - started < 5, "the worker was killed, not waited for through 40 slow parts"
+
+
+def test_a_cache_writer_that_fails_leaves_no_entry(tmp_path: Path) -> None:
+    """Shards are written by every process; one that fails fails the write, and nothing appears under the entry's
+    name (the next run builds it again)."""
+    samples = Rows.from_samples(
+        [np.arange(n, dtype=np.int32) for n in range(1, 400)], [np.arange(n, dtype=np.int32) for n in range(1, 400)]
+    )
+
+    def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if os.getpid() != PARENT:
+            raise OSError(28, "No space left on device")
+        return samples.gather(rows)
+
+    layout = Layout.unpacked(np.arange(len(samples)), samples.lengths, gather)
+    cache = TokenCache(tmp_path, "key")
+    with pytest.raises(OSError, match="No space left on device"):
+        cache.write({"train": layout}, {"train": {}}, processes=2)
+    assert not cache.complete
+    assert list(tmp_path.iterdir()) == [], "the staging directory is removed"
+
+    cache.write({"train": Layout.unpacked(np.arange(len(samples)), samples.lengths, samples.gather)}, {}, processes=2)
+    loaded, _ = cache.load()
+    assert loaded["train"]["input_ids"] == [list(range(n)) for n in range(1, 400)]

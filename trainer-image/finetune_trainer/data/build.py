@@ -14,9 +14,9 @@ import numpy as np
 
 from finetune_trainer.config import DatasetSpec, TrainerConfig
 from finetune_trainer.data.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
-from finetune_trainer.data.encode import IGNORE, Masking
+from finetune_trainer.data.encode import Masking
 from finetune_trainer.data.formats import Drops, Reader, reader
-from finetune_trainer.data.packing import Rows, pack
+from finetune_trainer.data.packing import Layout
 from finetune_trainer.data.parallel import Part, PartEncoder, default_workers, encode_parts
 from finetune_trainer.data.readers import list_files, read_file
 from finetune_trainer.data.templates import ChatTemplate, get_template
@@ -127,7 +127,8 @@ def _readers(datasets: Sequence[_Dataset]) -> list[tuple[_Dataset, list[Reader]]
 @dataclass
 class _Encoded:
     """The conversations of some datasets, in read order, encoded: per conversation its sample's length (0 where
-    dropped), whether it was truncated, and where its ids and labels are (which part, from where).
+    dropped), whether it was truncated, its tokens with a loss, and where its ids and labels are (which part, from
+    where).
     """
 
     records: int
@@ -137,6 +138,7 @@ class _Encoded:
     starts: np.ndarray  # per conversation: where its sample starts in its part's arrays
     lengths: np.ndarray
     cut: np.ndarray
+    labeled: np.ndarray
     dropped: dict[int, tuple[str, str]]  # conversation → (reason, origin)
 
     @property
@@ -179,28 +181,35 @@ class _Encoded:
             np.concatenate([np.cumsum(part.lengths) - part.lengths for part in parts]),
             np.concatenate([part.lengths for part in parts]),
             np.concatenate([part.cut for part in parts]),
+            np.concatenate([part.labeled for part in parts]),
             dropped,
         )
 
-    def rows(self, order: Sequence[int], drops: Drops) -> tuple[Rows, int]:
-        """The samples of the conversations `order`, in that order, and how many were truncated; the conversations
-        dropped on the way go to `drops`.
-        """
+    def choose(self, order: Sequence[int], drops: Drops) -> np.ndarray:
+        """The conversations of `order` that became samples, in that order; those dropped on the way go to
+        `drops`."""
         for conversation in order:
             if conversation in self.dropped:
                 drops.add(*self.dropped[conversation])
         chosen = np.asarray(order, dtype=np.int64)
-        chosen = chosen[self.lengths[chosen] > 0]
-        lengths = self.lengths[chosen]
-        offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        spans = list(zip(self.part[chosen].tolist(), self.starts[chosen].tolist(), lengths.tolist(), strict=True))
+        return chosen[self.lengths[chosen] > 0]
+
+    def gather(self, conversations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and labels of these conversations' samples, one after another (new arrays)."""
+        spans = list(
+            zip(
+                self.part[conversations].tolist(),
+                self.starts[conversations].tolist(),
+                self.lengths[conversations].tolist(),
+                strict=True,
+            )
+        )
         columns = []
         for name in ("input_ids", "labels"):
             arrays = [getattr(part, name) for part in self.parts]
             pieces = [arrays[p][a : a + n] for p, a, n in spans]
             columns.append(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32))
-        return Rows(columns[0], columns[1], offsets), int(self.cut[chosen].sum())
+        return columns[0], columns[1]
 
 
 @dataclass(frozen=True)
@@ -220,8 +229,9 @@ class _Job:
 
 def _encode(
     job: _Job, groups: Sequence[list[tuple[_Dataset, list[Reader]]]]
-) -> list[list[tuple[_Dataset, list[list[Part]]]]]:
-    """Every file of these groups of datasets converted and encoded, in one pass over all processes."""
+) -> tuple[int, list[list[tuple[_Dataset, list[list[Part]]]]]]:
+    """Every file of these groups of datasets converted and encoded, in one pass over all processes (and how many
+    processes that is)."""
     readers = [file_reader for group in groups for _, files in group for file_reader in files]
     count = sum(file_reader.count for file_reader in readers)
     next_report = [REPORT_EVERY]
@@ -234,22 +244,22 @@ def _encode(
     workers = default_workers(count) if job.workers is None else job.workers
     encoder = PartEncoder(job.template, job.tokenizer, job.masking)
     parts = iter(encode_parts(encoder, readers, workers, progress))
-    return [[(dataset, [next(parts) for _ in files]) for dataset, files in group] for group in groups]
+    return workers, [[(dataset, [next(parts) for _ in files]) for dataset, files in group] for group in groups]
 
 
-def _prepare_split(samples: Rows, truncated: int, records: int, drops: Drops, label: str) -> DataStats:
-    if len(samples) == 0:
+def _split_stats(encoded: _Encoded, chosen: np.ndarray, records: int, drops: Drops, label: str) -> DataStats:
+    if len(chosen) == 0:
         raise DataError(
             f"no {label} samples left after tokenization ({drops.summary()}); first: "
             f"{drops.examples[0] if drops.examples else 'none'}"
         )
     stats = DataStats(
         records=records,
-        samples=len(samples),
-        rows=len(samples),
-        tokens=len(samples.input_ids),
-        label_tokens=int((samples.labels != IGNORE).sum()),
-        truncated=truncated,
+        samples=len(chosen),
+        rows=len(chosen),
+        tokens=int(encoded.lengths[chosen].sum()),
+        label_tokens=int(encoded.labeled[chosen].sum()),
+        truncated=int(encoded.cut[chosen].sum()),
         dropped=drops.total,
         drop_reasons=dict(drops.counts),
     )
@@ -258,11 +268,14 @@ def _prepare_split(samples: Rows, truncated: int, records: int, drops: Drops, la
     return stats
 
 
-def _pack(job: _Job, samples: Rows, stats: DataStats, drops: Drops, label: str) -> Rows:
+def _layout(job: _Job, encoded: _Encoded, chosen: np.ndarray, stats: DataStats, drops: Drops, label: str) -> Layout:
     training = job.config.training
     # Unpacked samples keep the seeded order of the conversations; packed rows get their own seeded order.
-    rows = pack(samples, training.cutoff_len, seed=training.seed) if training.packing else samples
-    stats.rows = len(rows)
+    if training.packing:
+        layout = Layout.packed_rows(chosen, encoded.lengths, encoded.gather, training.cutoff_len, training.seed)
+    else:
+        layout = Layout.unpacked(chosen, encoded.lengths, encoded.gather)
+    stats.rows = len(layout)
     log.info(
         "%s data: %d records, %d samples in %d rows, %d tokens (%d with loss), %d truncated at %d, %d dropped%s",
         label,
@@ -276,24 +289,26 @@ def _pack(job: _Job, samples: Rows, stats: DataStats, drops: Drops, label: str) 
         stats.dropped,
         f" ({drops.summary()})" if stats.dropped else "",
     )
-    return rows
+    return layout
 
 
 def _build(
     job: _Job, train_sets: Sequence[_Dataset], eval_sets: Sequence[_Dataset]
-) -> tuple[dict[str, Rows], dict[str, Any]]:
+) -> tuple[dict[str, Layout], dict[str, Any], int]:
+    """The splits' rows planned, their stats, and the number of processes that prepared them."""
     config = job.config
     seed = config.training.seed
     groups = [_readers(train_sets)]
     if not config.val_size and eval_sets:
         groups.append(_readers(eval_sets))
-    encoded = [_Encoded.join(group) for group in _encode(job, groups)]
+    workers, grouped = _encode(job, groups)
+    encoded = [_Encoded.join(group) for group in grouped]
     train = encoded[0]
     # The seeded shuffle of the conversations (it depends only on their number).
     order = list(range(train.count))
     random.Random(seed).shuffle(order)
     records = train.records
-    splits: dict[str, tuple[Rows, int, int, Drops]] = {}
+    splits: dict[str, tuple[_Encoded, np.ndarray, int, Drops]] = {}
     if config.val_size:
         count = train.count
         if count < 2:
@@ -301,24 +316,24 @@ def _build(
         held = min(max(1, round(count * config.val_size)), count - 1)
         # The held-out records are no longer training records; count them once, under eval.
         eval_drops = Drops()
-        splits["eval"] = (*train.rows(order[:held], eval_drops), held, eval_drops)
+        splits["eval"] = (train, train.choose(order[:held], eval_drops), held, eval_drops)
         order, records = order[held:], records - held
     elif len(encoded) > 1:
         eval_order = list(range(encoded[1].count))
         random.Random(seed).shuffle(eval_order)
         eval_drops = encoded[1].drops
-        splits["eval"] = (*encoded[1].rows(eval_order, eval_drops), encoded[1].records, eval_drops)
+        splits["eval"] = (encoded[1], encoded[1].choose(eval_order, eval_drops), encoded[1].records, eval_drops)
     drops = train.drops
-    splits = {"train": (*train.rows(order, drops), records, drops), **splits}
-    rows: dict[str, Rows] = {}
+    splits = {"train": (train, train.choose(order, drops), records, drops), **splits}
+    layouts: dict[str, Layout] = {}
     stats: dict[str, Any] = {}
     for label in ("train", "eval"):
         if label in splits:
-            samples, truncated, split_records, split_drops = splits[label]
-            split_stats = _prepare_split(samples, truncated, split_records, split_drops, label)
-            rows[label] = _pack(job, samples, split_stats, split_drops, label)
+            source, chosen, split_records, split_drops = splits[label]
+            split_stats = _split_stats(source, chosen, split_records, split_drops, label)
+            layouts[label] = _layout(job, source, chosen, split_stats, split_drops, label)
             stats[label] = asdict(split_stats)
-    return rows, stats
+    return layouts, stats, workers
 
 
 def build_datasets(
@@ -368,11 +383,11 @@ def build_datasets(
     if main and not hit:
         cache.clear_error()
         try:
-            splits, stats = _build(_Job(config, tokenizer, template, workers), train_sets, eval_sets)
+            splits, stats, processes = _build(_Job(config, tokenizer, template, workers), train_sets, eval_sets)
         except TrainerError as exc:
             cache.record_error(exc)
             raise
-        cache.write(splits, stats)
+        cache.write(splits, stats, processes)
     elif not main:
         cache.wait(wait_timeout_s)
     if hit:

@@ -22,16 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from finetune_trainer.data.packing import Rows
+from finetune_trainer.data.forking import shared
+from finetune_trainer.data.packing import Layout
 from finetune_trainer.errors import ConfigError, DataError, TrainerError
 
 log = logging.getLogger(__name__)
 
 # Bump when the tokenized layout or the meaning of a setting changes, so old caches are not read.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MARKER = "COMPLETE"
-# Arrow list offsets are int32: keep each record batch well below 2**31 tokens.
-BATCH_TOKENS = 1 << 26
+# Tokens per Arrow record batch: its list offsets are int32, and rows are made (gathered from the encoded parts)
+# one batch at a time, so this bounds the memory that takes; batches of a few MB also reuse their memory.
+BATCH_TOKENS = 1 << 20
+# With several processes, each split is written as this many shards per process.
+SHARDS_PER_PROCESS = 4
 
 _fingerprints: dict[tuple[str, int, int], str] = {}
 
@@ -72,32 +76,46 @@ def cache_key(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _write_rows(rows: Rows, path: Path) -> None:
+def _batches(offsets: np.ndarray, start: int, end: int) -> list[tuple[int, int]]:
+    """Rows start..end in consecutive ranges of at most BATCH_TOKENS tokens (at least one row each)."""
+    bounds = [start]
+    while bounds[-1] < end:
+        # The furthest row end whose tokens still fit in one batch.
+        limit = offsets[bounds[-1]] + BATCH_TOKENS
+        last = int(np.searchsorted(offsets, limit, side="right")) - 1
+        bounds.append(min(end, max(last, bounds[-1] + 1)))
+    return list(itertools.pairwise(bounds))
+
+
+def _shards(layout: Layout, count: int) -> list[tuple[int, int]]:
+    """The layout's rows in at most `count` consecutive non-empty ranges of about the same number of tokens."""
+    targets = np.linspace(0, layout.offsets[-1], count + 1)[1:-1]
+    cuts = np.searchsorted(layout.offsets, targets, side="left").tolist()
+    bounds = sorted({0, *(int(c) for c in cuts if 0 < c < len(layout)), len(layout)})
+    return list(itertools.pairwise(bounds))
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.arrow"
+
+
+def _write_rows(layout: Layout, start: int, end: int, path: Path) -> None:
+    """Rows start..end of the layout as an Arrow stream file, made and written one batch at a time."""
     import pyarrow as pa
 
-    columns = {"input_ids": rows.input_ids, "labels": rows.labels}
-    if rows.position_ids is not None:
-        columns["position_ids"] = rows.position_ids
-    schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
-    bounds = [0]
-    while bounds[-1] < len(rows):
-        # The furthest row end whose tokens still fit in one batch (at least one row per batch).
-        limit = rows.offsets[bounds[-1]] + BATCH_TOKENS
-        end = int(np.searchsorted(rows.offsets, limit, side="right")) - 1
-        bounds.append(min(len(rows), max(end, bounds[-1] + 1)))
+    names = ["input_ids", "labels"] + (["position_ids"] if layout.packed else [])
+    schema = pa.schema([(name, pa.list_(pa.int32())) for name in names])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for start, end in itertools.pairwise(bounds):
-            offsets = (rows.offsets[start : end + 1] - rows.offsets[start]).astype(np.int32)
-            low, high = rows.offsets[start], rows.offsets[end]
-            arrays = [
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values[low:high], dtype=np.int32)))
-                for values in columns.values()
-            ]
+        for low, high in _batches(layout.offsets, start, end):
+            rows = layout.rows(low, high)
+            offsets = pa.array(rows.offsets.astype(np.int32))
+            columns = [rows.input_ids, rows.labels] + ([rows.position_ids] if layout.packed else [])
+            arrays = [pa.ListArray.from_arrays(offsets, pa.array(np.asarray(c, dtype=np.int32))) for c in columns]
             writer.write_batch(pa.record_batch(arrays, schema=schema))
 
 
 class TokenCache:
-    """One cache entry: <root>/<key>/ with <split>.arrow files, stats.json and the COMPLETE marker."""
+    """One cache entry: <root>/<key>/ with each split's Arrow shards, stats.json and the COMPLETE marker."""
 
     def __init__(self, root: Path, key: str) -> None:
         self.root = root
@@ -109,13 +127,27 @@ class TokenCache:
     def complete(self) -> bool:
         return (self.path / MARKER).is_file()
 
-    def write(self, splits: Mapping[str, Rows], stats: Mapping[str, Any]) -> None:
-        """Write the splits and stats; the entry appears under its final name only when whole."""
+    def write(self, splits: Mapping[str, Layout], stats: Mapping[str, Any], processes: int = 1) -> None:
+        """Make and write the splits' rows, and the stats; the entry appears under its final name only when whole.
+
+        Each split is written as shards of about the same number of tokens, `<split>-<i>-of-<n>.arrow`: one with
+        one process, else a few per process, the `processes` (this one and forked ones) making and writing them.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.root))
+        # Several shards per process: the processes take them one by one, so one that started later or runs slower
+        # does fewer (see forking.shared).
+        shards: list[tuple[str, int, int, int, int]] = []  # (split, first row, end, shard number, shards)
+        for name, layout in splits.items():
+            ranges = _shards(layout, 1 if processes <= 1 else SHARDS_PER_PROCESS * processes)
+            shards += [(name, start, end, number, len(ranges)) for number, (start, end) in enumerate(ranges)]
+
+        def write(index: int) -> None:
+            name, start, end, number, count = shards[index]
+            _write_rows(splits[name], start, end, staging / shard_name(name, number, count))
+
         try:
-            for name, rows in splits.items():
-                _write_rows(rows, staging / f"{name}.arrow")
+            shared(len(shards), write, processes, what="token cache writer")
             (staging / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
             (staging / MARKER).write_text(json.dumps({"key": self.key, "time": time.time()}))
             try:
@@ -132,7 +164,13 @@ class TokenCache:
         import datasets
 
         stats = json.loads((self.path / "stats.json").read_text())
-        splits = {file.stem: datasets.Dataset.from_file(str(file)) for file in sorted(self.path.glob("*.arrow"))}
+        shards: dict[str, list[Any]] = {}
+        for file in sorted(self.path.glob("*.arrow")):
+            shards.setdefault(file.name.split("-", 1)[0], []).append(datasets.Dataset.from_file(str(file)))
+        splits = {
+            name: parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            for name, parts in shards.items()
+        }
         return splits, stats
 
     def record_error(self, error: TrainerError) -> None:

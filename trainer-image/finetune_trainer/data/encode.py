@@ -77,6 +77,7 @@ class Encoded:
     labels: np.ndarray  # int32, IGNORE where no loss
     lengths: np.ndarray  # int64, one per kept sample
     cut: np.ndarray  # bool, one per kept sample: truncated at cutoff_len
+    labeled: np.ndarray  # int64, one per kept sample: its tokens that carry a loss
     dropped: list[tuple[int, str]] = field(default_factory=list)  # (index in the batch, reason)
 
     @property
@@ -212,7 +213,8 @@ class Encoder:
         first = np.zeros(len(lengths), dtype=bool)
         nonempty = lengths > 0
         first[nonempty] = labeled[starts[nonempty]]
-        trainable = counts[ends] - counts[starts] - first > 0
+        labeled_per_sample = counts[ends] - counts[starts]
+        trainable = labeled_per_sample - first > 0
         cut = np.fromiter(truncated, dtype=bool, count=len(truncated))
         dropped = [
             (int(i), "no trainable tokens left within cutoffLen" if cut[i] else "no trainable tokens")
@@ -221,7 +223,8 @@ class Encoder:
         if dropped:
             keep = np.repeat(trainable, lengths)
             input_ids, labels, lengths, cut = input_ids[keep], labels[keep], lengths[trainable], cut[trainable]
-        return Encoded(input_ids, labels, lengths, cut, dropped)
+            labeled_per_sample = labeled_per_sample[trainable]
+        return Encoded(input_ids, labels, lengths, cut, labeled_per_sample, dropped)
 
 
 def encode(batch: Sequence[Rendered], tokenizer: Any, masking: Masking, template: ChatTemplate) -> list[Sample | str]:

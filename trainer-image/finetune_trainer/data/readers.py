@@ -6,6 +6,7 @@ Every problem that makes a file unreadable is a DataError naming the file (and t
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,7 +84,15 @@ def read_file(path: Path, declared_type: str | None = None) -> SourceFile:
         "parquet": _read_parquet,
         "csv": _read_csv,
     }
-    return readers[kind](path)
+    # Parsed records are trees of dicts, lists and strings without cycles: the collector's passes while a file's
+    # hundreds of thousands of them are made (each one longer, as the records pile up) would find nothing to free.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return readers[kind](path)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _text(path: Path) -> str:

@@ -1,0 +1,214 @@
+"""Running pieces of data preparation in forked processes and getting their results back.
+
+Only the node's main rank prepares the data while the other ranks wait, so large datasets are spread over the CPUs
+the container may use. The children are forked once the data is in memory: they inherit the records, the template,
+the encoder and the encoded parts, so nothing is shipped to them, and they start in milliseconds. Fork is safe here
+because the children run only Python, numpy, pyarrow's writer and the Rust tokenizer's model (single-threaded:
+tokenizers turns its thread pool off in a forked child) — never torch, CUDA or a lock another thread of the parent
+could hold — and they end with os._exit, so none of the parent's exit handlers run in them. A child writes each
+result, as soon as it is made, into a memory file that this process maps once the child has ended: nothing here
+(no executor thread, no result queue) competes with this process's own share of the work for the GIL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import mmap
+import multiprocessing
+import os
+import pickle
+import signal
+import struct
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class _Counters:
+    """The next item to take and the total size of the items done, shared by this process and its children."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("fork")
+        self.next = context.Value("q", 0)
+        self.done = context.Value("q", 0)
+
+    def take(self, count: int) -> int | None:
+        with self.next.get_lock():
+            index = int(self.next.value)
+            if index >= count:
+                return None
+            self.next.value = index + 1
+        return index
+
+    def finished(self, size: int) -> int:
+        with self.done.get_lock():
+            self.done.value += size
+            return int(self.done.value)
+
+
+def shared(
+    count: int,
+    work: Callable[[int], Any],
+    processes: int,
+    *,
+    size: Callable[[int], int] = lambda index: 1,
+    progress: Callable[[int], None] | None = None,
+    what: str = "data preparation worker",
+) -> list[Any]:
+    """`work(i)` for every i in range(count), in `processes` processes (this one and forked children); the results
+    in index order.
+
+    Every process takes the next index from one shared counter until none is left, so they finish within an item
+    of each other whatever the machine's other load. A child sends each result as soon as it is made, so nothing is
+    left to send at the end. `progress(done)` is called in this process after each item it finishes, and once at
+    the end, with the total `size` of the items all processes have finished. A child's exception is raised here
+    (its text when it cannot be pickled), as is a child that died before it finished (`what` names it in the
+    message); when this process fails first, the children are killed and reaped.
+    """
+    counters = _Counters()
+    processes = max(1, min(processes, count)) if can_fork() else 1
+
+    def take_all(send: Callable[[int, Any], None], report: Callable[[int], None] | None) -> None:
+        while (index := counters.take(count)) is not None:
+            send(index, work(index))
+            done = counters.finished(size(index))
+            if report:
+                report(done)
+
+    results: list[Any] = [None] * count
+    children: dict[int, int] = {}  # pid -> its result file
+    # Set while they fork: tokenizers then neither warns about the fork nor runs its thread pool in them, and this
+    # process, sharing the CPUs with them, tokenizes on one thread as they do.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    if processes > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Out of the collector's sight meanwhile: its passes over the records and everything else already made would
+    # free nothing, and with children they would write to every object the processes share, and so copy their
+    # memory page by page.
+    gc.freeze()
+    try:
+        for child in range(1, processes):
+            out = _result_file(child)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child's coverage is not collected
+                _child(out, take_all)
+            children[pid] = out
+        take_all(results.__setitem__, progress)
+        for pid in list(children):
+            for index, result in _collect(pid, children.pop(pid), what):
+                results[index] = result
+        if progress:  # the children's last items are done now too
+            progress(int(counters.done.value))
+    finally:
+        for pid, out in children.items():  # this process failed first: the children's results are not needed
+            os.close(out)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        gc.unfreeze()
+        if processes > 1:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return results
+
+
+def _child(out: int, take_all: Callable[[Callable[[int, Any], None], None], None]) -> None:
+    """The body of a forked child: each result into the file `out` as it is made, then "end" (or its error), and
+    os._exit."""
+    status = 1
+    try:
+        with os.fdopen(out, "wb") as sink:
+            try:
+                take_all(lambda index, result: _frame(sink, ("item", (index, result))), None)
+                _frame(sink, ("end", None))
+            except BaseException as exc:  # everything goes back to the parent, which raises it
+                try:
+                    _frame(sink, ("error", exc))
+                except Exception:  # an error that cannot be pickled: its text then
+                    _frame(sink, ("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        status = 0
+    finally:
+        os._exit(status)
+
+
+# A child's result file: frames, each a header (the pickle's length and each out-of-band buffer's), the pickle,
+# then the buffers (numpy arrays), each at an aligned offset, so the parent maps them instead of copying them.
+HEADER = struct.Struct("<Q")
+ALIGN = 64
+
+
+def _frame(sink: Any, payload: tuple[str, Any]) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    header = pickle.dumps((len(body), [view.nbytes for view in views]))
+    sink.write(HEADER.pack(len(header)) + header + body)
+    for view in views:
+        sink.write(b"\0" * (-sink.tell() % ALIGN))
+        sink.write(view)
+    sink.write(b"\0" * (-sink.tell() % ALIGN))
+
+
+def _frames(source: int) -> list[tuple[str, Any]]:
+    """The whole frames in the file (one cut short, by a child that died writing it, is left out)."""
+    size = os.fstat(source).st_size
+    if size == 0:
+        return []
+    mapped = mmap.mmap(source, size, access=mmap.ACCESS_COPY)  # private: the arrays are writable, nothing copied
+    view = memoryview(mapped)
+    frames = []
+    at = 0
+    while at + HEADER.size <= size:
+        (length,) = HEADER.unpack_from(view, at)
+        at += HEADER.size
+        if at + length > size:
+            break
+        body_length, sizes = pickle.loads(view[at : at + length])
+        at += length
+        body = view[at : at + body_length]
+        at += body_length
+        buffers = []
+        for nbytes in sizes:
+            at += -at % ALIGN
+            buffers.append(view[at : at + nbytes])
+            at += nbytes
+        at += -at % ALIGN
+        if at > size:
+            break
+        frames.append(pickle.loads(body, buffers=buffers))
+    return frames
+
+
+def _result_file(index: int) -> int:
+    """An anonymous file for one child's results (memory-backed where the system has memfd)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create(f"ftj-prepare-{index}")
+    with tempfile.TemporaryFile() as handle:
+        return os.dup(handle.fileno())
+
+
+def _collect(pid: int, out: int, what: str) -> list[tuple[int, Any]]:
+    """A child's results, once it has ended; its error is raised here."""
+    try:
+        _, status = os.waitpid(pid, 0)
+        frames = _frames(out)
+    finally:
+        os.close(out)
+    if frames and frames[-1][0] == "error":
+        raise frames[-1][1]
+    if not frames or frames[-1][0] != "end":
+        code = os.waitstatus_to_exitcode(status)
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        raise RuntimeError(
+            f"a {what} (pid {pid}) ended with {how} before it finished "
+            "(out of memory? the container's memory limit counts every process)"
+        )
+    return [item for kind, item in frames[:-1]]
