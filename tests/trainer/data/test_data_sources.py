@@ -12,9 +12,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+import pytest
 from trainer.datafiles import MakeConfig, write_json, write_jsonl
 
-from finetune_trainer.data import build_datasets
+from finetune_trainer.data import build_datasets, cache
 
 ROWS = [
     {"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The answer is {2 * i + 1}."} for i in range(3)
@@ -135,8 +136,9 @@ def test_broken_conversations_are_dropped_and_counted(tmp_path: Path, tokenizer:
 
 
 def test_worker_processes_give_the_same_rows_as_one_process(
-    tmp_path: Path, tokenizer: Any, make_config: MakeConfig
+    tmp_path: Path, tokenizer: Any, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cache, "MIN_SHARD_TOKENS", 1000)  # shards of this small data too
     rows = [{"instruction": f"item {i}", "output": "word " * (i % 7)} for i in range(2500)]
     rows[5] = {"conversations": "not alpaca"}  # dropped, and counted the same either way
     data = write_jsonl(
@@ -153,3 +155,9 @@ def test_worker_processes_give_the_same_rows_as_one_process(
     assert [f.name for f in serial.cache_path.glob("*.arrow")] == ["train-00000-of-00001.arrow"]
     shards = sorted(f.name for f in pooled.cache_path.glob("*.arrow"))
     assert shards == [f"train-{i:05d}-of-00008.arrow" for i in range(8)]
+    monkeypatch.undo()
+    small = build_datasets(make_config(data, cache=tmp_path / "three", val_size=0.01), tokenizer, workers=2)
+    assert sorted(f.name for f in small.cache_path.glob("*.arrow")) == [
+        "eval-00000-of-00001.arrow",
+        "train-00000-of-00001.arrow",
+    ], "a split under MIN_SHARD_TOKENS stays one file"

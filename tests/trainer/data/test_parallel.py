@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from finetune_trainer.data import cache as token_cache
 from finetune_trainer.data.cache import TokenCache
 from finetune_trainer.data.packing import Layout, Rows
 from finetune_trainer.data.parallel import PART, Part, encode_parts
@@ -116,9 +117,10 @@ def test_when_this_process_fails_first_the_workers_are_stopped() -> None:
     assert time.monotonic() - started < 5, "the worker was killed, not waited for through 40 slow parts"
 
 
-def test_a_cache_writer_that_fails_leaves_no_entry(tmp_path: Path) -> None:
+def test_a_cache_writer_that_fails_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards are written by every process; one that fails fails the write, and nothing appears under the entry's
     name (the next run builds it again)."""
+    monkeypatch.setattr(token_cache, "MIN_SHARD_TOKENS", 1000)  # shards of this small data too
     samples = Rows.from_samples(
         [np.arange(n, dtype=np.int32) for n in range(1, 400)], [np.arange(n, dtype=np.int32) for n in range(1, 400)]
     )

@@ -34,8 +34,10 @@ MARKER = "COMPLETE"
 # Tokens per Arrow record batch: its list offsets are int32, and rows are made (gathered from the encoded parts)
 # one batch at a time, so this bounds the memory that takes; batches of a few MB also reuse their memory.
 BATCH_TOKENS = 1 << 20
-# With several processes, each split is written as this many shards per process.
+# With several processes, each split is written as this many shards per process, each of at least MIN_SHARD_TOKENS
+# (a small split, an eval set say, stays one file).
 SHARDS_PER_PROCESS = 4
+MIN_SHARD_TOKENS = 1 << 18
 
 _fingerprints: dict[tuple[str, int, int], str] = {}
 
@@ -131,7 +133,8 @@ class TokenCache:
         """Make and write the splits' rows, and the stats; the entry appears under its final name only when whole.
 
         Each split is written as shards of about the same number of tokens, `<split>-<i>-of-<n>.arrow`: one with
-        one process, else a few per process, the `processes` (this one and forked ones) making and writing them.
+        one process or little data, else a few per process, the `processes` (this one and forked ones) making and
+        writing them.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.root))
@@ -139,7 +142,8 @@ class TokenCache:
         # does fewer (see forking.shared).
         shards: list[tuple[str, int, int, int, int]] = []  # (split, first row, end, shard number, shards)
         for name, layout in splits.items():
-            ranges = _shards(layout, 1 if processes <= 1 else SHARDS_PER_PROCESS * processes)
+            most = max(1, int(layout.offsets[-1]) // MIN_SHARD_TOKENS)
+            ranges = _shards(layout, 1 if processes <= 1 else min(most, SHARDS_PER_PROCESS * processes))
             shards += [(name, start, end, number, len(ranges)) for number, (start, end) in enumerate(ranges)]
 
         def write(index: int) -> None:
