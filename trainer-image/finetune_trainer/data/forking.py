@@ -29,13 +29,27 @@ def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-class _Counters:
-    """The next item to take and the total size of the items done, shared by this process and its children."""
+class _Count:
+    """A counter of this process alone, with the interface of a shared one."""
 
     def __init__(self) -> None:
-        context = multiprocessing.get_context("fork")
-        self.next = context.Value("q", 0)
-        self.done = context.Value("q", 0)
+        self.value = 0
+
+    def get_lock(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+
+class _Counters:
+    """The next item to take and the total size of the items done, shared by this process and its children (when
+    `across` processes; else this process's own)."""
+
+    def __init__(self, across: bool) -> None:
+        if across:
+            context = multiprocessing.get_context("fork")
+            self.next: Any = context.Value("q", 0)
+            self.done: Any = context.Value("q", 0)
+        else:
+            self.next, self.done = _Count(), _Count()
 
     def take(self, count: int) -> int | None:
         with self.next.get_lock():
@@ -70,8 +84,8 @@ def shared(
     (its text when it cannot be pickled), as is a child that died before it finished (`what` names it in the
     message); when this process fails first, the children are killed and reaped.
     """
-    counters = _Counters()
     processes = max(1, min(processes, count)) if can_fork() else 1
+    counters = _Counters(across=processes > 1)
 
     def take_all(send: Callable[[int, Any], None], report: Callable[[int], None] | None) -> None:
         while (index := counters.take(count)) is not None:
