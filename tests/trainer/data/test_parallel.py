@@ -128,6 +128,7 @@ def test_a_cache_writer_that_fails_leaves_no_entry(tmp_path: Path, monkeypatch: 
     def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if os.getpid() != PARENT:
             raise OSError(28, "No space left on device")
+        time.sleep(0.2)  # the forked writer takes shards too (else this process could take them all first)
         return samples.gather(rows)
 
     layout = Layout.unpacked(np.arange(len(samples)), samples.lengths, gather)
