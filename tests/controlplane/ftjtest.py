@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
 
+from support.kwok import drive_pod
 from support.processes import wait_until
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
@@ -111,3 +113,20 @@ def operator_env(namespace: str) -> dict[str, str]:
         "FTJ_WATCH_NAMESPACES": namespace,
         "FTJ_LEASE_SECONDS": "6",
     }
+
+
+def run_across_an_operator_restart(
+    cluster: Cluster, run_operator: Callable[..., Any], manifest: dict[str, Any], timeout: float = 60
+) -> dict[str, Any]:
+    """Apply `manifest` under one operator until its 2 Pods run, stop it, and let a second operator see the Pods
+    succeed and the job to Succeeded; the final FineTuneJob."""
+    name = manifest["metadata"]["name"]
+    env = operator_env(cluster.ns)
+    with run_operator(namespaces=[cluster.ns], env=env):
+        cluster.apply(manifest)
+        pods = cluster.wait_pods(name, 2)
+        cluster.wait_phase(name, "Running")
+    with run_operator(namespaces=[cluster.ns], env=env):
+        for pod in pods:
+            drive_pod(cluster.core, cluster.ns, pod.metadata.name, "Succeeded")
+        return cluster.wait_phase(name, "Succeeded", timeout=timeout)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from ftjtest import GROUP, JOB_LABEL, PLURAL, VERSION, Cluster, ftj, operator_env
+from ftjtest import GROUP, JOB_LABEL, PLURAL, VERSION, Cluster, ftj, run_across_an_operator_restart
 from kubernetes import client
 
 from support.kwok import drive_pod
@@ -161,15 +161,7 @@ def test_spec_the_operator_refuses_fails_once_with_the_field(cluster: Cluster, o
 def test_operator_restart_creates_no_duplicates_and_keeps_status_moving(
     cluster: Cluster, run_operator: Callable[..., Any]
 ) -> None:
-    env = operator_env(cluster.ns)
-    with run_operator(namespaces=[cluster.ns], env=env):
-        cluster.apply(ftj("survivor", "job", nodes=2))
-        pods = cluster.wait_pods("survivor", 2)
-        cluster.wait_phase("survivor", "Running")
-    with run_operator(namespaces=[cluster.ns], env=env):
-        for pod in pods:
-            drive_pod(cluster.core, cluster.ns, pod.metadata.name, "Succeeded")
-        cluster.wait_phase("survivor", "Succeeded")
+    run_across_an_operator_restart(cluster, run_operator, ftj("survivor", "job", nodes=2))
     selector = f"{JOB_LABEL}=survivor"
     assert len(cluster.batch.list_namespaced_job(cluster.ns, label_selector=selector).items) == 1
     assert len(cluster.core.list_namespaced_service(cluster.ns, label_selector=selector).items) == 1

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from ftjtest import JOB_LABEL, Cluster, ftj, operator_env
+from ftjtest import JOB_LABEL, Cluster, ftj, operator_env, run_across_an_operator_restart
 from kubernetes import client
 
 from support.kwok import drive_pod
@@ -292,15 +292,7 @@ def test_a_trainjob_whose_jobset_cannot_be_made_points_at_the_controllers_events
 
 
 def test_an_operator_restart_creates_no_second_trainjob(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
-    env = operator_env(cluster.ns)
-    with run_operator(namespaces=[cluster.ns], env=env):
-        cluster.apply(ftj("tj-survivor", "auto", nodes=2))
-        pods = cluster.wait_pods("tj-survivor", 2)
-        cluster.wait_phase("tj-survivor", "Running")
-    with run_operator(namespaces=[cluster.ns], env=env):
-        for pod in pods:
-            drive_pod(cluster.core, cluster.ns, pod.metadata.name, "Succeeded")
-        done = cluster.wait_phase("tj-survivor", "Succeeded", timeout=90)
+    done = run_across_an_operator_restart(cluster, run_operator, ftj("tj-survivor", "auto", nodes=2), timeout=90)
     assert done["status"]["backend"] == "trainjob"  # auto's choice, kept across the restart
     selector = f"{JOB_LABEL}=tj-survivor"
     trainjobs = cluster.custom.list_namespaced_custom_object(
