@@ -25,8 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 
-def can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods()
+def usable(processes: int, count: int) -> int:
+    """How many processes `shared` runs for `count` items when asked for `processes`: no more than items, and one
+    where fork does not exist."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(processes, count))
 
 
 class _Count:
@@ -84,7 +88,7 @@ def shared(
     (its text when it cannot be pickled), as is a child that died before it finished (`what` names it in the
     message); when this process fails first, the children are killed and reaped.
     """
-    processes = max(1, min(processes, count)) if can_fork() else 1
+    processes = usable(processes, count)
     counters = _Counters(across=processes > 1)
 
     def take_all(send: Callable[[int, Any], None], report: Callable[[int], None] | None) -> None:

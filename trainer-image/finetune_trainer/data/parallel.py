@@ -20,7 +20,7 @@ import numpy as np
 
 from finetune_trainer.data.conversation import Conversation
 from finetune_trainer.data.encode import Encoder, Masking
-from finetune_trainer.data.forking import can_fork, shared
+from finetune_trainer.data.forking import shared, usable
 from finetune_trainer.data.formats import Reader
 from finetune_trainer.data.templates import ChatTemplate, Rendered, RenderError
 
@@ -132,7 +132,7 @@ def encode_parts(
         for r, reader in enumerate(readers)
         for start in range(0, reader.count, PART)
     ]
-    processes = min(workers, len(tasks)) if can_fork() else 1
+    processes = usable(workers, len(tasks))
     if processes > 1:
         log.info("preparing %d records in %d processes", sum(r.count for r in readers), processes)
 
