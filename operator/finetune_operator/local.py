@@ -150,7 +150,9 @@ class LocalRun:
             config = config.model_copy(update={"deepspeed_config_path": str(ds_path)})
         paths = []
         for rank in range(self.job.spec.distribution.nodes):
-            node = config.model_copy(update={"cache_dir": str(self.workdir / "cache" / f"node-{rank}")})
+            # A local cache outlives this run (and a crash of the machine): its downloads are fsynced.
+            cache = {"cache_dir": str(self.workdir / "cache" / f"node-{rank}"), "cache_durable": True}
+            node = config.model_copy(update=cache)
             path = self.workdir / f"trainer-node-{rank}.json"
             path.write_text(json.dumps(node.to_wire(), indent=2))
             paths.append(path)

@@ -130,6 +130,8 @@ def trainer_config(job: JobRef) -> TrainerConfig:
             "namespace": job.namespace,
             "deepspeed_config_path": ds_path,
             "cache_dir": f"{SCRATCH}/cache",
+            # An emptyDir scratch dies with its node, so its downloads need no fsync; a claim outlives it.
+            "cache_durable": bool(job.spec.scratch and job.spec.scratch.claim_name),
         }
     )
 

@@ -4,10 +4,13 @@ errors that name the URI, and a whole training run reading from and writing to S
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -182,6 +185,86 @@ def test_a_corrupted_partial_file_fails_verification_and_is_fetched_again(
     assert not (tmp_path / "w.bin.part").exists(), "a partial file that failed verification must be dropped"
     RangedDownloader(storage.client, chunk_size=MiB).run([transfer])
     assert transfer.dest.read_bytes() == data
+
+
+class CorruptingProxy:
+    """A TCP proxy in front of the S3 server that flips the first body byte of the first `budget` part responses
+    (HTTP 206 carrying an x-amz-checksum-crc32 header): what a faulty network path or middlebox would deliver."""
+
+    def __init__(self, endpoint_url: str, budget: int) -> None:
+        host, port = endpoint_url.split("//", 1)[1].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.budget = budget
+        self.corrupted = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    @staticmethod
+    def _part(head: bytes) -> bool:
+        return head.startswith(b"HTTP/1.1 206") and b"x-amz-checksum-crc32" in head.lower()
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self.corrupted >= self.budget:
+                return False
+            self.corrupted += 1
+            return True
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, responses: bool) -> None:
+        pending = b""  # a response's start, held until its first body byte has arrived
+        try:
+            while data := src.recv(1 << 16):
+                if responses and (pending or data.startswith(b"HTTP/")):
+                    pending += data
+                    end = pending.find(b"\r\n\r\n")
+                    part = end >= 0 and self._part(pending[:end])
+                    if end < 0 or (part and len(pending) <= end + 4):
+                        continue
+                    data, pending = bytearray(pending), b""
+                    if part and self._take():
+                        data[end + 4] ^= 0xFF
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (src, dst):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_part_whose_bytes_do_not_match_its_checksum_is_fetched_again(
+    s3_env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _blob(11 * MiB, 9)
+    multipart = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    s3_env.client().upload_fileobj(io.BytesIO(data), s3_env.bucket, "parts.bin", Config=multipart)
+    proxy = CorruptingProxy(s3_env.endpoint_url, budget=1)
+    try:
+        spec = StorageSpec(endpoint=proxy.url, region=s3_env.region, addressing_style="path")
+        with caplog.at_level(logging.WARNING, logger="finetune_trainer.transfer"):
+            S3Storage(spec, workers=2).download(s3_env.uri("parts.bin"), tmp_path)
+    finally:
+        proxy.close()
+    assert proxy.corrupted == 1
+    assert (tmp_path / "parts.bin").read_bytes() == data
+    assert "CRC32" in caplog.text
+    assert "the bytes give" in caplog.text
+    assert "retrying" in caplog.text
 
 
 def test_one_process_per_node_downloads_and_the_others_wait_for_its_marker(s3_env: Any, tmp_path: Path) -> None:

@@ -270,6 +270,15 @@ def test_volumes_shm_scratch_and_readonly_config() -> None:
     assert mounts["pvc-models"]["mountPath"] == "/mnt/pvc/models"
 
 
+@pytest.mark.parametrize(("scratch", "durable"), [({"sizeLimit": "100Gi"}, False), ({"claimName": "cache"}, True)])
+def test_downloads_are_fsynced_only_into_a_scratch_that_outlives_its_node(
+    scratch: dict[str, str], durable: bool
+) -> None:
+    objects = _by_kind(children(_job({"scratch": scratch}), Settings()))
+    config = json.loads(objects["ConfigMap"]["data"]["trainer.json"])
+    assert config["cacheDurable"] is durable
+
+
 def test_user_env_passes_through_and_trainer_config_is_mounted() -> None:
     job = _job({"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]})
     objects = _by_kind(children(job, Settings()))

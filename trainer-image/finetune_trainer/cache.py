@@ -37,8 +37,10 @@ class NodeCache:
         ranks: Ranks | None = None,
         *,
         wait_seconds: float | None = None,
+        durable: bool = True,
     ) -> None:
         self.root = root
+        self.durable = durable  # fsync downloads (a cache that outlives its node)
         self.storage_for = storage_for
         self.ranks = ranks or Ranks.from_env()
         env_wait = os.environ.get("FTJ_DOWNLOAD_WAIT_SECONDS")
@@ -107,7 +109,7 @@ class NodeCache:
             if obj.key in previous_etags and previous_etags[obj.key] != obj.etag:
                 local.unlink(missing_ok=True)
         done.unlink(missing_ok=True)
-        storage.download(uri, target_dir, objects)
+        storage.download(uri, target_dir, objects, durable=self.durable)
         return dest, objects
 
     def _download_hf(self, uri: str) -> Path:

@@ -603,6 +603,12 @@ class TrainerConfig(RunSpec):
     namespace: str | None = Field(None, max_length=MAX_NAME, description="FineTuneJob namespace (in a cluster).")
     deepspeed_config_path: str | None = Field(None, description="Path of the rendered DeepSpeed JSON.")
     cache_dir: str = Field("/scratch/cache", description="Node-local cache for downloads and tokenized data.")
+    cache_durable: bool = Field(
+        True,
+        description="Whether cache_dir outlives its node (a PVC, a local disk): downloads are then fsynced before "
+        "they take their final name, so a crash of the machine cannot leave a torn file that a later run would "
+        "keep. The operator sets false for an emptyDir scratch, which dies with its node.",
+    )
 
 
 # --- run identity -----------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ class FineTuneRecipe:
         self.ranks = ranks or Ranks.from_env()
         self.output_uri = config.output.uri if config.output.uri.endswith("/") else config.output.uri + "/"
         self.storage = output_storage or open_storage(self.output_uri, config.storage)
-        self.cache = NodeCache(Path(config.cache_dir) / "downloads", self._storage_for, self.ranks)
+        self.cache = NodeCache(
+            Path(config.cache_dir) / "downloads", self._storage_for, self.ranks, durable=config.cache_durable
+        )
         self.work_dir = Path(config.cache_dir) / "work" / config.job_name
         self.final_dir = self.work_dir / "final"
         self.tensorboard_dir = self.work_dir / tracking.TENSORBOARD_DIR

@@ -14,6 +14,7 @@ Every error names the URI it is about.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -32,15 +33,22 @@ from finetune_trainer.errors import TrainerError
 log = logging.getLogger(__name__)
 
 
-def replace_atomically(dest: Path, write: Callable[[Path], object]) -> None:
+def replace_atomically(dest: Path, write: Callable[[Path], object], *, durable: bool = False) -> None:
     """Fill a temporary file beside `dest` with `write`, then rename it over `dest`: a reader sees the old file or
-    the whole new one, never half of it, and a failed write leaves no temporary file behind."""
+    the whole new one, never half of it, and a failed write leaves no temporary file behind. `durable`: the file
+    is fsynced before the rename, so not even a crash of the machine leaves `dest` torn."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -145,9 +153,10 @@ class Storage(ABC):
         """Delete the one object at `uri` (not a prefix); return whether it existed."""
 
     @abstractmethod
-    def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
+    def download(self, uri: str, dest: Path, objects: ObjectList | None = None, *, durable: bool = True) -> ObjectList:
         """Copy the object or every object under the prefix `uri` into the directory `dest` (keys become relative
-        paths; a single object keeps its base name). Files already complete in `dest` are kept. Returns what was
+        paths; a single object keeps its base name). Files already complete in `dest` are kept. `durable`: each
+        file is on disk (fsynced) before it takes its name, for a `dest` that outlives its node. Returns what was
         listed."""
 
     def local_path(self, uri: str) -> Path | None:
@@ -235,7 +244,7 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot delete {uri}: {exc}") from exc
         return True
 
-    def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
+    def download(self, uri: str, dest: Path, objects: ObjectList | None = None, *, durable: bool = True) -> ObjectList:
         src = self.path(uri)
         listed = objects if objects is not None else self.list(uri)
         if not listed:
@@ -245,8 +254,7 @@ class LocalStorage(Storage):
             target = dest / (obj.key or src.name)
             if target.is_file() and target.stat().st_size == obj.size:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            replace_atomically(target, functools.partial(shutil.copyfile, source), durable=durable)
         return listed
 
 
@@ -270,6 +278,9 @@ def s3_client(spec: StorageSpec, *, max_connections: int = 32) -> Any:
     config = Config(
         s3={"addressing_style": spec.addressing_style},
         retries={"max_attempts": 8, "mode": "adaptive"},
+        # Response checksums are checked where they are wanted: read_bytes asks botocore (ChecksumMode), the
+        # downloader checks them itself with a faster CRC32 (finetune_trainer.transfer).
+        response_checksum_validation="when_required",
         max_pool_connections=max_connections,
         connect_timeout=20,
         read_timeout=120,
@@ -346,7 +357,7 @@ class S3Storage(Storage):
     def read_bytes(self, uri: str) -> bytes | None:
         bucket, key = self._split(uri)
         try:
-            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read()
             return body
         except Exception as exc:
             if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
@@ -395,7 +406,7 @@ class S3Storage(Storage):
             raise self._fail("delete", uri, exc) from exc
         return existed
 
-    def download(self, uri: str, dest: Path, objects: ObjectList | None = None) -> ObjectList:
+    def download(self, uri: str, dest: Path, objects: ObjectList | None = None, *, durable: bool = True) -> ObjectList:
         from finetune_trainer.transfer import RangedDownloader, Transfer
 
         bucket, key = self._split(uri)
@@ -409,7 +420,8 @@ class S3Storage(Storage):
             object_key = prefix + obj.key if obj.key else key
             target = dest / (obj.key or PurePosixPath(key).name)
             transfers.append(Transfer(bucket, object_key, target, obj.size, obj.etag))
-        RangedDownloader(self.client, workers=self.workers, chunk_size=self.chunk_size).run(transfers, label=uri)
+        downloader = RangedDownloader(self.client, workers=self.workers, chunk_size=self.chunk_size, durable=durable)
+        downloader.run(transfers, label=uri)
         return listed
 
 

@@ -5,12 +5,17 @@ downloads; a model is a dozen shards plus small files, so here one worker pool t
 file is checked before it gets its final name. A multipart object is fetched part by part (GET ?partNumber=n), which
 lets each part be verified on its own:
   * objects with an S3 additional checksum (CRC32, SHA1, SHA256; what current SDKs and MinIO store) come with each
-    part's checksum, which botocore validates while the part streams; the parts' checksums must then combine into
-    the object's composite checksum. A large single-part object is checked against its full-object checksum after
-    the download (CRC32 runs at about 1 GB/s, MD5 at a quarter of that);
+    part's checksum, which this module checks while the part streams (a mismatch fetches the part again); the
+    parts' checksums must then combine into the object's composite checksum. A large single-part object is checked
+    against its full-object checksum after the download;
   * otherwise the MD5 ETag: each part's MD5 while it streams, combined into "<md5 of the part MD5s>-<parts>".
+CRC32 is computed by zlib-ng (vectorised, ~16 GB/s here) rather than by botocore, whose `binascii.crc32` (zlib
+1.2.13, 2-4 GB/s) cost a third of the client's CPU on a 2-core machine (docs/benchmarks.md, S3 section); botocore
+is only asked for the checksum headers (`x-amz-checksum-mode`), not to validate them.
 Every finished chunk is recorded next to the partial file (`<name>.part.state`), so a restarted Pod continues where
-the last one stopped.
+the last one stopped. A finished file is fsynced before it takes its final name when `durable` (the default; the
+operator turns it off for an emptyDir cache, which does not outlive its node, so a crash cannot leave a torn file
+there for a later Pod to trust).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from zlib_ng.zlib_ng import crc32
 
 from finetune_trainer.errors import TrainerError
 
@@ -37,7 +43,10 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-(\d+))?$")
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-_READ = MiB
+# Read from the socket in pieces this size, each checked and written while it is still in the CPU's cache: 512 KiB
+# used 0.9 client CPU s/GiB pulling from MinIO on the 2-core development machine, 1 MiB reads 1.0, 64 KiB 1.4
+# (more pieces, more GIL hand-offs between the 16 threads).
+_READ = 512 * 1024
 # Each read goes to the file in writes of this size. With 16 threads on one file, 1 MiB buffered writes (one copy
 # into the page cache under the inode lock each) kept the other writers spinning on that lock: pulling 2 GiB from
 # MinIO on the 2-core development machine took 1.9 client CPU s/GiB with 1 MiB writes and 1.2 with 256 KiB ones
@@ -149,9 +158,13 @@ class RangedDownloader:
         progress_every: float = 10.0,
         on_chunk: Callable[[Transfer, int], None] | None = None,
         verify: bool = True,
+        durable: bool = True,
     ) -> None:
         self.client = client
         self.verify = verify  # False: sizes only (the benchmark uses it to show what verification costs)
+        self.durable = durable  # fsync each file before its rename
+        if verify:
+            ask_for_checksums(client)
         self.workers = max(1, workers)
         self.chunk_size = max(MiB, chunk_size)
         self.progress_every = progress_every
@@ -280,8 +293,6 @@ class RangedDownloader:
             written = 0
             try:
                 args: dict[str, Any] = {"Bucket": transfer.bucket, "Key": transfer.key}
-                if self.verify:
-                    args["ChecksumMode"] = "ENABLED"
                 if transfer.etag:
                     args["IfMatch"] = f'"{transfer.etag}"'
                 if state.mode == "parts":
@@ -295,35 +306,23 @@ class RangedDownloader:
                     if match is None:
                         raise TransferError(f"{transfer.uri}: part {chunk.index + 1} came without a Content-Range")
                     offset = int(match.group(1))
-                record: dict[str, str] = {}
-                if state.mode != "ranges":
-                    # A part or whole object carries its own checksum header, which botocore validates while the
-                    # body streams (a mismatch raises at the end of the read). Only without one is MD5 needed.
-                    algorithm = state.checksum[0] if state.checksum else None
-                    value = response.get(f"Checksum{algorithm}") if algorithm else None
-                    if value is None and state.mode == "whole":
-                        value = next(
-                            (response.get(f"Checksum{a}") for a in _ALGORITHMS if response.get(f"Checksum{a}")), None
-                        )
-                    if value is not None:
-                        record["ck"] = str(value)
-                in_stream = self.verify and state.mode != "ranges" and "ck" not in record
-                digest = hashlib.md5(usedforsecurity=False) if in_stream else None
+                # A part or whole object carries its own checksum header, checked while the body streams; only
+                # without one is its MD5 needed (for the ETag).
+                check = _StreamCheck.of(response, state) if self.verify and state.mode != "ranges" else None
                 body = response["Body"]
                 while True:
                     data = body.read(_READ)
                     if not data:
                         break
+                    if check is not None:
+                        check.update(data)
                     _pwrite_all(state.fd, data, offset + written)
-                    if digest is not None:
-                        digest.update(data)
                     written += len(data)
                     progress.add(len(data))
                 expected = int(response.get("ContentLength", written))
                 if written != expected:
                     raise TransferError(f"{transfer.uri}: got {written} of {expected} bytes")
-                if digest is not None:
-                    record["md5"] = digest.hexdigest()
+                record = check.result(f"{transfer.uri} chunk {chunk.index}") if check is not None else {}
             except Exception as exc:
                 progress.add(-written)
                 code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
@@ -360,7 +359,8 @@ class RangedDownloader:
             state.part_path.unlink(missing_ok=True)
             state.state_path.unlink(missing_ok=True)
             raise TransferError(f"{transfer.uri} did not verify: {problem}")
-        os.fsync(state.fd)
+        if self.durable:
+            os.fsync(state.fd)
         os.replace(state.part_path, transfer.dest)
         state.state_path.unlink(missing_ok=True)
 
@@ -413,6 +413,53 @@ class RangedDownloader:
         return head.get("ServerSideEncryption") == "aws:kms" or bool(head.get("SSECustomerAlgorithm"))
 
 
+def ask_for_checksums(client: Any) -> None:
+    """Have `client` ask S3 for the checksum headers of every GetObject (`x-amz-checksum-mode: ENABLED`) without
+    passing ChecksumMode, which would also make botocore validate them with its slower CRC32 (a client made with
+    response_checksum_validation="when_supported", boto3's default, validates them all the same)."""
+
+    def add_header(request: Any, **kwargs: Any) -> None:
+        request.headers["x-amz-checksum-mode"] = "ENABLED"
+
+    client.meta.events.register("before-sign.s3.GetObject", add_header, unique_id="finetune-trainer-checksum-mode")
+
+
+class _StreamCheck:
+    """The checksum of one streamed part or whole object: the S3 additional checksum it came with, else its MD5."""
+
+    def __init__(self, algorithm: str | None, expected: str | None) -> None:
+        self.algorithm, self.expected = algorithm, expected
+        self.crc = 0
+        self.digest = None if algorithm == "CRC32" else hashlib.new((algorithm or "md5").lower())
+
+    @classmethod
+    def of(cls, response: dict[str, Any], state: _FileState) -> _StreamCheck:
+        wanted = [state.checksum[0]] if state.checksum else list(_ALGORITHMS) if state.mode == "whole" else []
+        for algorithm in wanted:
+            value = response.get(f"Checksum{algorithm}")
+            # "<value>-<parts>" is the composite of a whole multipart object, not this body's own checksum.
+            if value and "-" not in str(value):
+                return cls(algorithm, str(value))
+        return cls(None, None)
+
+    def update(self, data: bytes) -> None:
+        if self.digest is None:
+            self.crc = crc32(data, self.crc)
+        else:
+            self.digest.update(data)
+
+    def result(self, what: str) -> dict[str, str]:
+        """The record of a checked chunk ({"ck": base64} or {"md5": hex}); raises when the body did not match."""
+        if self.algorithm is None:
+            assert self.digest is not None
+            return {"md5": self.digest.hexdigest()}
+        raw = self.crc.to_bytes(4, "big") if self.digest is None else self.digest.digest()
+        got = base64.b64encode(raw).decode()
+        if got != self.expected:
+            raise TransferError(f"{what}: {self.algorithm} {self.expected} expected, the bytes give {got}")
+        return {"ck": got}
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write all of `data` at `offset`, in pieces of _WRITE bytes (a short write continues where it stopped)."""
     view = memoryview(data)
@@ -426,7 +473,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 def _digest(algorithm: str, data: bytes) -> str:
     if algorithm == "CRC32":
-        return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+        return base64.b64encode(crc32(data).to_bytes(4, "big")).decode()
     return base64.b64encode(hashlib.new(algorithm.lower(), data).digest()).decode()
 
 
@@ -435,7 +482,7 @@ def _file_digest(algorithm: str, path: Path) -> str:
     with open(path, "rb") as handle:
         while block := handle.read(8 * MiB):
             if digest is None:
-                crc = zlib.crc32(block, crc)
+                crc = crc32(block, crc)
             else:
                 digest.update(block)
     raw = crc.to_bytes(4, "big") if digest is None else digest.digest()

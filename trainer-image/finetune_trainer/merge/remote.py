@@ -125,7 +125,7 @@ def fetch_adapter(storage: Storage, uri: str, dest: Path) -> Path:
     # Small: fetched afresh every time, so a retrained adapter at the same URI is never mixed with an old copy.
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    storage.download(prefix, dest, chosen)
+    storage.download(prefix, dest, chosen, durable=False)  # fetched afresh every time: never trusted later
     return dest
 
 
@@ -147,7 +147,7 @@ def fetch_base(uri: str, cache: NodeCache, storage_for: Any) -> Path:
     if not any(o.key.endswith(".safetensors") for o in wanted):
         raise MergeError(f"the base model at {uri} has no safetensors weights")
     dest = cache.path_for(prefix)
-    storage.download(prefix, dest, wanted)
+    storage.download(prefix, dest, wanted, durable=cache.durable)
     return dest
 
 
@@ -201,7 +201,7 @@ def merge_from_storage(request: MergeRequest, *, cache_dir: Path, storage: Stora
         return open_storage(uri, spec)
 
     check_output_apart(request.output, {"base model": request.base, "adapter": request.adapter})
-    cache = NodeCache(cache_dir, storage_for, Ranks())
+    cache = NodeCache(cache_dir, storage_for, Ranks(), durable=request.config.cache_durable if request.config else True)
     work = cache_dir / "merge" / _key_for(f"{request.base}|{request.adapter}|{request.output}")
     adapter_dir = fetch_adapter(storage_for(request.adapter), request.adapter, work / "adapter")
     settings = request.settings()
