@@ -131,6 +131,8 @@ def test_prefix_download_fetches_parts_and_ranges_concurrently_and_verifies_them
     again = GetCounter(storage.client)
     storage.download(s3_env.uri("models/tiny/"), tmp_path / "dl", listed)
     assert again.calls == []
+    # The same client still reads single objects (with botocore checking their checksums).
+    assert storage.read_bytes(s3_env.uri("models/tiny/config.json")) == files["config.json"]
 
 
 def test_an_interrupted_download_resumes_with_only_the_missing_chunks(s3_env: Any, tmp_path: Path) -> None:

@@ -419,7 +419,8 @@ def ask_for_checksums(client: Any) -> None:
     response_checksum_validation="when_supported", boto3's default, validates them all the same)."""
 
     def add_header(request: Any, **kwargs: Any) -> None:
-        request.headers["x-amz-checksum-mode"] = "ENABLED"
+        if "x-amz-checksum-mode" not in request.headers:  # a second copy (ChecksumMode given) breaks the signature
+            request.headers["x-amz-checksum-mode"] = "ENABLED"
 
     client.meta.events.register("before-sign.s3.GetObject", add_header, unique_id="finetune-trainer-checksum-mode")
 
