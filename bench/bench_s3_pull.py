@@ -415,10 +415,10 @@ def pull(
     )
     durable = {name: max(total / MiB / run[1] for run in runs) for name, runs in results.items()}
     others = max(durable[n] for n in names[2:5])
-    ours_durable = durable[names[7]]
+    durable_rate = durable[names[7]]
     print(
-        f"durable (until every file is on disk, '+fsync'): ours durable {ours_durable:.0f} MiB/s, "
-        f"best other {others:.0f}; {ours_durable / others:.2f}x"
+        f"durable (until every file is on disk, '+fsync'): ours durable {durable_rate:.0f} MiB/s, "
+        f"best other {others:.0f}; {durable_rate / others:.2f}x"
     )
     return (
         f"s3 pull: ours {ours_rate:.0f} MiB/s, s5cmd {s5:.0f}, boto3-tm {tm:.0f}, disk {disk:.0f}; "
