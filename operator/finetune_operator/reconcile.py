@@ -19,6 +19,7 @@ from finetune_operator import backends, k8s, metrics
 from finetune_operator.api import API_VERSION_FULL, KIND, FineTuneJobSpec, validate_spec
 from finetune_operator.render import (
     CONTAINER,
+    JOB_LABEL,
     QUEUE_LABEL,
     JobRef,
     children,
@@ -75,6 +76,7 @@ def reconcile(namespace: str, name: str, settings: Settings, events: EventSink) 
     if body is None:
         metrics.set_phase(namespace, name, None)
         _full_check.pop((namespace, name), None)
+        forget_job(namespace, name)
         return None
     status = body.get("status") or {}
     phase = status.get("phase")
@@ -148,6 +150,23 @@ _transient: dict[str, set[str]] = {}
 # The last failure of a TrainJob's replica, by JobSet uid: JobSet deletes the Pods when it restarts the run.
 _jobset_failures: dict[str, str] = {}
 
+# The keys of the two maps above that each FineTuneJob (namespace, name) has, so that a job deleted mid-run leaves
+# nothing behind (a finished run empties its entries itself).
+_keys_of_job: dict[tuple[str, str], set[str]] = {}
+
+
+def _remember(meta: dict[str, Any], key: str) -> None:
+    job = (meta.get("labels") or {}).get(JOB_LABEL)
+    if job:
+        _keys_of_job.setdefault((str(meta.get("namespace") or ""), job), set()).add(key)
+
+
+def forget_job(namespace: str, name: str) -> None:
+    """The failures remembered from the Pods of a FineTuneJob that is gone."""
+    for key in _keys_of_job.pop((namespace, name), set()):
+        _transient.pop(key, None)
+        _jobset_failures.pop(key, None)
+
 
 def note_pod(pod: dict[str, Any]) -> None:
     """Called for every Pod event: remember a replica's transient failure, which its Pod may not outlive."""
@@ -160,6 +179,7 @@ def note_pod(pod: dict[str, Any]) -> None:
         problem = pod_problem([pod])
         if problem is not None:
             _jobset_failures[jobset_uid] = problem.message
+            _remember(meta, jobset_uid)
         return
     if not any(r.get("controller") and r.get("kind") == "PyTorchJob" for r in meta.get("ownerReferences") or []):
         return  # the other backends' controllers count their replicas' failures themselves
@@ -167,6 +187,7 @@ def note_pod(pod: dict[str, Any]) -> None:
     for uid in transient_failures([pod], CONTAINER):
         if owner:
             _transient.setdefault(owner, set()).add(uid)
+            _remember(meta, owner)
 
 
 def forget_transient(workload_uid: str, recorded: list[str], finished: bool) -> None:

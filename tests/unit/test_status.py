@@ -221,12 +221,15 @@ def test_replicas_finishing_before_the_workload_completes_stay_running() -> None
     assert observe(child(), [pod("m", "Succeeded"), pod("w", "Succeeded")], 2, False).phase == "Running"
 
 
-def _failed_replica(uid: str, owner: str, kind: str = "PyTorchJob") -> dict[str, Any]:
+def _failed_replica(
+    uid: str, owner: str, kind: str = "PyTorchJob", labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     return {
         "metadata": {
             "name": f"demo-worker-{uid}",
+            "namespace": "ns1",
             "uid": uid,
-            "labels": {"app.kubernetes.io/component": "trainer"},
+            "labels": {"app.kubernetes.io/component": "trainer", "finetune.dev/job": "demo", **(labels or {})},
             "ownerReferences": [{"controller": True, "uid": owner, "kind": kind}],
         },
         "status": {"phase": "Failed", "containerStatuses": [terminated("Error", 200)]},
@@ -250,3 +253,22 @@ def test_failures_remembered_from_pod_events_are_forgotten_once_status_holds_the
     reconcile.note_pod(_failed_replica("pod-c", owner))
     reconcile.forget_transient(owner, [], finished=True)  # a finished run needs none of them
     assert owner not in reconcile._transient
+
+
+def test_failures_remembered_from_pod_events_go_with_a_job_deleted_mid_run() -> None:
+    from finetune_operator import backends, reconcile
+
+    reconcile.note_pod(_failed_replica("pod-a", "pytorchjob-uid"))
+    jobset = {backends.JOBSET_UID_LABEL: "jobset-uid"}
+    reconcile.note_pod(_failed_replica("pod-b", "job-uid", kind="Job", labels=jobset))
+    other = _failed_replica("pod-c", "other-uid")
+    other["metadata"]["labels"]["finetune.dev/job"] = "other"
+    reconcile.note_pod(other)
+    assert reconcile._transient["pytorchjob-uid"] == {"pod-a"}
+    assert "jobset-uid" in reconcile._jobset_failures
+    reconcile.forget_job("ns1", "demo")
+    assert "pytorchjob-uid" not in reconcile._transient
+    assert "jobset-uid" not in reconcile._jobset_failures
+    assert reconcile._transient["other-uid"] == {"pod-c"}, "another job's failures stay"
+    reconcile.forget_job("ns1", "other")
+    assert "other-uid" not in reconcile._transient
