@@ -121,7 +121,10 @@ def test_prefix_download_fetches_parts_and_ranges_concurrently_and_verifies_them
         assert (tmp_path / "dl" / name).read_bytes() == data, name
     assert not list((tmp_path / "dl").rglob("*.part*")), "partial files left behind"
     big = [c for c in counter.calls if str(c["Key"]).endswith("model-00001-of-00002.safetensors")]
-    assert sorted(c["PartNumber"] for c in big) == [1, 2, 3], "a multipart object is fetched part by part"
+    if checksums:  # the parts' checksums are listed: all three parts in one ranged GET, each checked
+        assert [(c["PartNumber"], c["Range"]) for c in big] == [(None, f"bytes=0-{13 * MiB + 122}")]
+    else:  # only the part GETs give each part's MD5
+        assert sorted(c["PartNumber"] for c in big) == [1, 2, 3], "a multipart object is fetched part by part"
     ranged = [c["Range"] for c in counter.calls if str(c["Key"]).endswith("model-00002-of-00002.safetensors")]
     assert len(ranged) == 4
     assert "bytes=0-1048575" in ranged
@@ -190,8 +193,8 @@ def test_a_corrupted_partial_file_fails_verification_and_is_fetched_again(
 
 
 class CorruptingProxy:
-    """A TCP proxy in front of the S3 server that flips the first body byte of the first `budget` part responses
-    (HTTP 206 carrying an x-amz-checksum-crc32 header): what a faulty network path or middlebox would deliver."""
+    """A TCP proxy in front of the S3 server that flips the first body byte of the first `budget` partial
+    responses (HTTP 206: a part or a range): what a faulty network path or middlebox would deliver."""
 
     def __init__(self, endpoint_url: str, budget: int) -> None:
         host, port = endpoint_url.split("//", 1)[1].rsplit(":", 1)
@@ -218,7 +221,7 @@ class CorruptingProxy:
 
     @staticmethod
     def _part(head: bytes) -> bool:
-        return head.startswith(b"HTTP/1.1 206") and b"x-amz-checksum-crc32" in head.lower()
+        return head.startswith(b"HTTP/1.1 206")
 
     def _take(self) -> bool:
         with self._lock:
@@ -249,8 +252,24 @@ class CorruptingProxy:
                     end.shutdown(socket.SHUT_RDWR)
 
 
+def refuse_object_attributes(client: Any) -> None:
+    """Make the server's answer to GetObjectAttributes an AccessDenied, as under an IAM policy that grants
+    s3:GetObject alone (MinIO here has no such user to create)."""
+    from botocore.awsrequest import AWSResponse
+
+    body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+
+    def refuse(request: Any, **kwargs: Any) -> AWSResponse | None:
+        if "attributes" not in request.url:
+            return None
+        return AWSResponse(request.url, 403, {"Content-Type": "application/xml"}, io.BytesIO(body))  # type: ignore[arg-type]
+
+    client.meta.events.register("before-send.s3.GetObjectAttributes", refuse)
+
+
+@pytest.mark.parametrize("part_list", [True, False], ids=["parts-in-ranges", "part-by-part"])
 def test_a_part_whose_bytes_do_not_match_its_checksum_is_fetched_again(
-    s3_env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3_env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, part_list: bool
 ) -> None:
     data = _blob(11 * MiB, 9)
     multipart = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
@@ -258,11 +277,18 @@ def test_a_part_whose_bytes_do_not_match_its_checksum_is_fetched_again(
     proxy = CorruptingProxy(s3_env.endpoint_url, budget=1)
     try:
         spec = StorageSpec(endpoint=proxy.url, region=s3_env.region, addressing_style="path")
+        storage = S3Storage(spec, workers=2)
+        if not part_list:
+            refuse_object_attributes(storage.client)
+        counter = GetCounter(storage.client)
         with caplog.at_level(logging.WARNING, logger="finetune_trainer.transfer"):
-            S3Storage(spec, workers=2).download(s3_env.uri("parts.bin"), tmp_path)
+            storage.download(s3_env.uri("parts.bin"), tmp_path)
     finally:
         proxy.close()
     assert proxy.corrupted == 1
+    # parts-in-ranges: one GET of all three parts, then again; part-by-part: three part GETs and one again.
+    assert len(counter.calls) == (2 if part_list else 4)
+    assert all((c["Range"] is not None) == part_list for c in counter.calls)
     assert (tmp_path / "parts.bin").read_bytes() == data
     assert "CRC32" in caplog.text
     assert "the bytes give" in caplog.text
