@@ -10,7 +10,9 @@ with saveSteps past the end. The input is the model and a small alpaca file on l
 Step time is the wall time between the end of the first --warmup steps and the end of the last step, divided by
 the steps in between: it includes every save the Trainer made in that window and whatever the background upload
 takes from the two CPUs, and leaves out the final save after the last step. Runs alternate (with, without, with,
-...) and the best of --repeat counts for each.
+...) and the best of --repeat counts for each. Before each run the page cache is written back and, where this
+process may (root), dropped, as in bench_s3_pull.py: writes into a page cache that must first evict other files
+cost several times the CPU on the development VM.
 
     ~/.cache/finetune-operator/venv/bin/python bench/bench_checkpoint.py [--methods lora,full] [--steps 12]
         [--save-every 4] [--layers 24] [--repeat 1]
@@ -37,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from benchutil import drop_page_cache  # noqa: E402
 from trainer.tiny import build_tokenizer  # noqa: E402
 from trainer.tinymodels import write_dataset  # noqa: E402
 
@@ -181,6 +184,7 @@ def main() -> None:
             for attempt in range(args.repeat):
                 for label, every in (("with", args.save_every), ("without", 10 * args.steps)):
                     uri = bucket.uri(f"{method}-{label}-{attempt}/")
+                    drop_page_cache()
                     seconds, between = run_once(work, work / "model", data, uri, storage, method, every, args)
                     best[label] = min(best[label], (seconds, between))
                     print(

@@ -65,6 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # This checkout's trainer, not whichever one the venv's editable install points at (as tests/conftest.py does).
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "trainer-image")]
 
+from benchutil import drop_page_cache  # noqa: E402
 from boto3.s3.transfer import TransferConfig, create_transfer_manager  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
@@ -192,15 +193,6 @@ def disk_writer(sizes: dict[str, int], *, fsync: bool) -> Callable[[Path], None]
     return write
 
 
-def drop_page_cache() -> bool:
-    """Drop the clean page cache (after os.sync) so that every run starts with free memory; False without root."""
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1")
-    except OSError:
-        return False
-    return True
-
-
 def run_rounds(
     methods: dict[str, Callable[[], None]],
     repeat: int,
@@ -264,7 +256,6 @@ def main() -> None:
     s5cmd = testbin.s5cmd()
     version = subprocess.run([str(s5cmd), "version"], capture_output=True, text=True, check=True).stdout.strip()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {load()}; s5cmd {version}")
-    os.sync()
     dropped = drop_page_cache()
     print("page cache dropped before every run" if dropped else "page cache NOT dropped (not root): runs may vary")
     print(f"trainer code from {Path(transfer_module.__file__).parent}; file writes of {transfer_module._WRITE} bytes")
@@ -383,8 +374,7 @@ def pull(
     def before(name: str) -> None:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir()
-        os.sync()  # nothing of the previous method's left to write back during this one
-        drop_page_cache()
+        drop_page_cache()  # nothing of the previous method's left to write back during this one
 
     def after(name: str) -> None:
         got = {p.name: p.stat().st_size for p in dest.rglob("*") if p.is_file()}
