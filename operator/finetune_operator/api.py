@@ -109,7 +109,11 @@ class ScratchSpec(Model):
     """Node-local space for the model cache and tokenized data, and the size of /dev/shm."""
 
     size_limit: str | None = Field(None, max_length=32, description="emptyDir size limit, e.g. 200Gi.")
-    claim_name: str | None = Field(None, max_length=MAX_NAME, description="Use this PVC instead of an emptyDir.")
+    claim_name: str | None = Field(
+        None,
+        max_length=MAX_NAME,
+        description="Use this PVC instead of an emptyDir; it outlives the node, so downloads into it are fsynced.",
+    )
     shm_size: str | None = Field(None, max_length=32, description="Size limit of the memory-backed /dev/shm.")
 
 
