@@ -138,6 +138,28 @@ def test_prefix_download_fetches_parts_and_ranges_concurrently_and_verifies_them
     assert storage.read_bytes(s3_env.uri("models/tiny/config.json")) == files["config.json"]
 
 
+def test_a_part_list_longer_than_one_page_is_read_page_by_page(
+    s3_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_trainer import transfer as transfer_module
+
+    data = _blob(16 * MiB + 5, 11)  # 4 parts of 5 MiB (the last 1 MiB + 5)
+    multipart = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    s3_env.client().upload_fileobj(io.BytesIO(data), s3_env.bucket, "four.bin", Config=multipart)
+    monkeypatch.setattr(transfer_module, "_PARTS_PER_CALL", 3)
+    storage = S3Storage(_spec(s3_env))
+    pages: list[Any] = []
+    storage.client.meta.events.register(
+        "before-parameter-build.s3.GetObjectAttributes",
+        lambda params, **_: pages.append(params.get("PartNumberMarker")),
+    )
+    gets = GetCounter(storage.client)
+    storage.download(s3_env.uri("four.bin"), tmp_path)
+    assert (tmp_path / "four.bin").read_bytes() == data
+    assert pages == [None, 3]
+    assert [c["Range"] for c in gets.calls] == [f"bytes=0-{16 * MiB + 4}"], "the four parts in one ranged GET"
+
+
 def test_an_interrupted_download_resumes_with_only_the_missing_chunks(s3_env: Any, tmp_path: Path) -> None:
     data = _blob(6 * MiB + 99, 7)
     s3_env.client().put_object(Bucket=s3_env.bucket, Key="big.bin", Body=data)

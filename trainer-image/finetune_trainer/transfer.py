@@ -58,6 +58,7 @@ _WRITE = 256 * 1024
 _ATTEMPTS = 5
 # Consecutive parts of a multipart object fetched in one ranged GET, up to this many bytes (s5cmd fetches 50 MiB).
 _SPAN = 64 * MiB
+_PARTS_PER_CALL = 1000  # GetObjectAttributes lists at most 1,000 parts per call
 # Checksums whose combination this module can compute without extra packages (CRC32C/CRC64NVME need awscrt).
 _ALGORITHMS = ("CRC32", "SHA256", "SHA1")
 
@@ -281,12 +282,13 @@ class RangedDownloader:
         marker = 0
         try:
             while True:
+                page = {"PartNumberMarker": marker} if marker else {}
                 reply = self.client.get_object_attributes(
                     Bucket=transfer.bucket,
                     Key=transfer.key,
                     ObjectAttributes=["ETag", "ObjectParts"],
-                    MaxParts=1000,
-                    PartNumberMarker=marker,
+                    MaxParts=_PARTS_PER_CALL,
+                    **page,
                 )
                 if transfer.etag and str(reply.get("ETag", "")).strip('"') != transfer.etag:
                     return None  # another version than the one listed: the GETs' If-Match will say so
