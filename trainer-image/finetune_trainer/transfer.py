@@ -234,10 +234,12 @@ class RangedDownloader:
         checksum = None
         if parts > 0:
             mode, chunks = "parts", [_Chunk(i) for i in range(parts)]
-            checksum = self._object_checksum(transfer, "COMPOSITE") if self.verify else None
-            spans = self._spans(transfer, parts, checksum) if checksum else None
-            if spans:
-                mode, chunks, step = "spans", spans, _SPAN
+            if self.verify:
+                # The part list carries the object's checksum too; only where the store refuses it, a HEAD.
+                listing = self._part_list(transfer, parts)
+                checksum, spans = listing or (self._object_checksum(transfer, "COMPOSITE"), None)
+                if spans:
+                    mode, chunks, step = "spans", spans, _SPAN
         elif size <= step:
             mode, chunks = "whole", [_Chunk(0, 0, size - 1)] if size else []
         else:
@@ -267,18 +269,17 @@ class RangedDownloader:
         except Exception as exc:
             raise TransferError(f"cannot read the metadata of {transfer.uri}: {exc}") from exc
         found_type = str(head.get("ChecksumType") or ("COMPOSITE" if transfer.etag and "-" in transfer.etag else ""))
-        for algorithm in _ALGORITHMS:
-            value = head.get(f"Checksum{algorithm}")
-            if value and found_type == kind:
-                return algorithm, kind, str(value).split("-")[0]
-        return None
+        return _pick_checksum(head, found_type, kind)
 
-    def _spans(self, transfer: Transfer, count: int, checksum: tuple[str, str, str]) -> list[_Chunk] | None:
-        """The object's parts grouped into ranges of up to _SPAN bytes, each part with its size and checksum; None
-        where the store does not list them (no permission for GetObjectAttributes, an older server) or the list
-        does not add up to the object: then it is fetched part by part."""
-        algorithm, _, expected = checksum
+    def _part_list(
+        self, transfer: Transfer, count: int
+    ) -> tuple[tuple[str, str, str] | None, list[_Chunk] | None] | None:
+        """A multipart object's composite checksum and its parts grouped into ranges of up to _SPAN bytes (each part
+        with its size and checksum), from GetObjectAttributes. None where the store does not answer it (no
+        permission for it, an older server); the ranges are None where the list does not add up to the object,
+        which is then fetched part by part."""
         listed: list[tuple[int, str]] = []
+        checksum: tuple[str, str, str] | None = None
         marker = 0
         try:
             while True:
@@ -286,15 +287,21 @@ class RangedDownloader:
                 reply = self.client.get_object_attributes(
                     Bucket=transfer.bucket,
                     Key=transfer.key,
-                    ObjectAttributes=["ETag", "ObjectParts"],
+                    ObjectAttributes=["ETag", "Checksum", "ObjectParts"],
                     MaxParts=_PARTS_PER_CALL,
                     **page,
                 )
                 if transfer.etag and str(reply.get("ETag", "")).strip('"') != transfer.etag:
                     return None  # another version than the one listed: the GETs' If-Match will say so
+                if checksum is None:
+                    whole = reply.get("Checksum") or {}
+                    checksum = _pick_checksum(whole, str(whole.get("ChecksumType") or "COMPOSITE"), "COMPOSITE")
+                    if checksum is None:
+                        return None, None  # no additional checksum: each part's MD5 serves for the ETag
                 found = reply.get("ObjectParts") or {}
                 listed += [
-                    (int(p.get("Size", -1)), str(p.get(f"Checksum{algorithm}") or "")) for p in found.get("Parts") or []
+                    (int(p.get("Size", -1)), str(p.get(f"Checksum{checksum[0]}") or ""))
+                    for p in found.get("Parts") or []
                 ]
                 if not found.get("IsTruncated"):
                     break
@@ -302,21 +309,23 @@ class RangedDownloader:
         except Exception as exc:
             log.debug("%s: no part list (%s); fetching it part by part", transfer.uri, exc)
             return None
+        algorithm, _, expected = checksum
         sizes_add_up = len(listed) == count and sum(size for size, _ in listed) == transfer.size
         if not sizes_add_up or not all(size > 0 and ck and "-" not in ck for size, ck in listed):
-            return None
+            return checksum, None
         if _digest(algorithm, b"".join(base64.b64decode(ck) for _, ck in listed)) != expected:
-            return None  # a list that does not give the object's checksum is not used to check it
+            return checksum, None  # a list that does not give the object's checksum is not used to check it
         spans: list[_Chunk] = []
         group: list[tuple[int, str]] = []
-        start = 0
-        for size, ck in [*listed, (0, "")]:
-            held = sum(n for n, _ in group)
-            if group and (size == 0 or held + size > _SPAN):
+        start = held = 0
+        for size, ck in listed:
+            if group and held + size > _SPAN:
                 spans.append(_Chunk(len(spans), start, start + held - 1, tuple(group)))
-                start, group = start + held, []
+                start, group, held = start + held, [], 0
             group.append((size, ck))
-        return spans
+            held += size
+        spans.append(_Chunk(len(spans), start, start + held - 1, tuple(group)))
+        return checksum, spans
 
     @staticmethod
     def _read_state(path: Path, header: dict[str, Any]) -> dict[int, dict[str, str]]:
@@ -472,6 +481,16 @@ class RangedDownloader:
         except Exception:
             return False
         return head.get("ServerSideEncryption") == "aws:kms" or bool(head.get("SSECustomerAlgorithm"))
+
+
+def _pick_checksum(found: dict[str, Any], found_type: str, kind: str) -> tuple[str, str, str] | None:
+    """(algorithm, kind, base64 value) of the first checksum in `found` this module can check, when it is of type
+    `kind`; a composite value's "-<parts>" suffix is left off."""
+    for algorithm in _ALGORITHMS:
+        value = found.get(f"Checksum{algorithm}")
+        if value and found_type == kind:
+            return algorithm, kind, str(value).split("-")[0]
+    return None
 
 
 def ask_for_checksums(client: Any) -> None:
