@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from finetune_trainer.data import cache as token_cache
+from finetune_trainer.data import forking
 from finetune_trainer.data.cache import TokenCache
 from finetune_trainer.data.packing import Layout, Rows
 from finetune_trainer.data.parallel import PART, Part, encode_parts
@@ -85,6 +86,38 @@ def test_every_process_takes_parts_and_they_come_back_in_order() -> None:
     assert len(makers) > 1, "the forked workers made parts too"
     assert str(PARENT) in makers
     assert done[-1] == sum(f.count for f in files)
+
+
+def test_a_workers_parts_are_taken_without_waiting_for_it_to_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker says it has sent everything before it exits (a forked copy of a big process takes a while to tear
+    down); inside reaping_later() it is left to exit on its own and reaped when the block ends, outside it before
+    encode_parts returns."""
+    real_exit = os._exit
+
+    def slow_exit(status: int) -> None:  # only the forked workers call it
+        time.sleep(2.0)
+        real_exit(status)
+
+    monkeypatch.setattr(forking.os, "_exit", slow_exit)
+    before = _children()
+    started = time.monotonic()
+    with forking.reaping_later():
+        grouped = encode_parts(_Encoder(slow=0.01), [_File(8 * PART)], workers=2)
+        took = time.monotonic() - started
+        exiting = _children() - before
+    reaped = time.monotonic() - started
+
+    assert np.concatenate([part.input_ids for part in grouped[0]]).tolist() == list(range(8 * PART))
+    assert {part.read_drops[0][1] for part in grouped[0]} > {str(PARENT)}, "the worker made parts"
+    assert took < 1.5, f"the parts were taken once sent, not after the worker's exit ({took:.1f} s)"
+    assert exiting, "the worker was still exiting when encode_parts returned"
+    assert reaped >= 2.0, "the block's end waited for the worker"
+    assert not _children() - before, "the block's end reaped the worker"
+
+    started = time.monotonic()
+    encode_parts(_Encoder(slow=0.01), [_File(8 * PART)], workers=2)
+    assert time.monotonic() - started >= 2.0, "outside the block the worker is waited for before the return"
+    assert not _children() - before, "outside the block the worker is reaped before the return"
 
 
 def test_a_workers_error_fails_the_build_with_its_message() -> None:

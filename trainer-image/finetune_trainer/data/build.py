@@ -15,6 +15,7 @@ import numpy as np
 from finetune_trainer.config import DatasetSpec, TrainerConfig
 from finetune_trainer.data.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
 from finetune_trainer.data.encode import Masking
+from finetune_trainer.data.forking import reaping_later, trim_heap
 from finetune_trainer.data.formats import Drops, Reader, reader
 from finetune_trainer.data.packing import Layout
 from finetune_trainer.data.parallel import Part, PartEncoder, default_workers, encode_parts
@@ -242,6 +243,8 @@ def _encode(
             next_report[0] += REPORT_EVERY
 
     workers = default_workers(count) if job.workers is None else job.workers
+    if workers > 1:
+        trim_heap()  # before the forks of this and the cache writer's phase
     encoder = PartEncoder(job.template, job.tokenizer, job.masking)
     parts = iter(encode_parts(encoder, readers, workers, progress))
     return workers, [[(dataset, [next(parts) for _ in files]) for dataset, files in group] for group in groups]
@@ -380,19 +383,21 @@ def build_datasets(
     )
     cache = TokenCache(Path(config.cache_dir) / "tokenized", key)
     hit = cache.complete
-    if main and not hit:
-        cache.clear_error()
-        try:
-            splits, stats, processes = _build(_Job(config, tokenizer, template, workers), train_sets, eval_sets)
-        except TrainerError as exc:
-            cache.record_error(exc)
-            raise
-        cache.write(splits, stats, processes)
-    elif not main:
-        cache.wait(wait_timeout_s)
-    if hit:
-        log.info("using tokenized data from %s", cache.path)
-    loaded, stats = cache.load()
+    # The worker processes of one phase exit while the next one runs (and the last ones while the cache loads).
+    with reaping_later():
+        if main and not hit:
+            cache.clear_error()
+            try:
+                splits, stats, processes = _build(_Job(config, tokenizer, template, workers), train_sets, eval_sets)
+            except TrainerError as exc:
+                cache.record_error(exc)
+                raise
+            cache.write(splits, stats, processes)
+        elif not main:
+            cache.wait(wait_timeout_s)
+        if hit:
+            log.info("using tokenized data from %s", cache.path)
+        loaded, stats = cache.load()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DataBundle(
         train=loaded["train"],

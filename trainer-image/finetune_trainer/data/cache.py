@@ -166,14 +166,17 @@ class TokenCache:
     def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The splits as memory-mapped `datasets.Dataset`s, and the stats."""
         import datasets
+        from datasets.table import ConcatenationTable, MemoryMappedTable
 
         stats = json.loads((self.path / "stats.json").read_text())
         shards: dict[str, list[Any]] = {}
         for file in sorted(self.path.glob("*.arrow")):
-            shards.setdefault(file.name.split("-", 1)[0], []).append(datasets.Dataset.from_file(str(file)))
+            shards.setdefault(file.name.split("-", 1)[0], []).append(MemoryMappedTable.from_file(str(file)))
+        # One dataset over the memory-mapped shards (what Dataset.from_file per shard and concatenate_datasets make,
+        # in a fifth of the time: they also build and merge an info and a fingerprint per shard).
         splits = {
-            name: parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-            for name, parts in shards.items()
+            name: datasets.Dataset(tables[0] if len(tables) == 1 else ConcatenationTable.from_tables(tables))
+            for name, tables in shards.items()
         }
         return splits, stats
 
