@@ -139,10 +139,7 @@ def shared(
         for pid, files in children.items():  # this process failed first: the children's results are not needed
             for file in files:
                 os.close(file)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            _kill(pid)
         gc.unfreeze()
         if not _later:
             reap()
@@ -282,6 +279,14 @@ def _result_file(index: int) -> int:
         return os.dup(handle.fileno())
 
 
+def _kill(pid: int) -> None:
+    """Kill a child and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def _collect(pid: int, out: int, done: int, what: str) -> list[tuple[int, Any]]:
     """A child's results, once it has sent them all (it closed the pipe `done`) or died; its error is raised here.
     A child that finished is left to exit and be reaped (`reap`), one that did not is waited for here."""
@@ -289,6 +294,9 @@ def _collect(pid: int, out: int, done: int, what: str) -> list[tuple[int, Any]]:
         while os.read(done, 1):  # nothing is written to it: it reads as ended once the child has closed it
             pass
         frames = _frames(out)
+    except BaseException:  # interrupted here: the child is not left behind
+        _kill(pid)
+        raise
     finally:
         os.close(out)
         os.close(done)
