@@ -156,7 +156,10 @@ def test_launcher_runs_the_rendered_torchrun_arguments(tmp_path: Any) -> None:
     from finetune_operator.render import LAUNCH, torchrun_args
 
     script = tmp_path / "worker.py"
-    script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
+    # One write per line: the workers share the pipe, and print's separate writes (unbuffered) once interleaved in CI.
+    script.write_text(
+        "import os\nos.write(1, f\"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}\\n\".encode())\n"
+    )
     args = torchrun_args("0", "127.0.0.1", str(_free_port()), "1", "2")
     args = [*args[: args.index("-m")], str(script)]
     result = subprocess.run([sys.executable, *LAUNCH[1:], *args], capture_output=True, text=True, timeout=120)

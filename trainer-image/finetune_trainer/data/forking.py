@@ -167,9 +167,9 @@ def trim_heap() -> None:
     A fork copies the page table entries of every page this process has and marks each read-only, so that this
     process's next write to it faults; a child's exit then drops them again. Memory freed earlier in this process's
     life (a big list of texts, a tokenizer's batch output) stays mapped in the heap and costs all of that for nothing:
-    in a process that had freed ~450 MB, two-process data preparation of 20k records took ~40 ms longer (forks and
-    exits ~30 ms each instead of ~10) until its heap was trimmed. Trimming a heap with little free memory takes a few
-    milliseconds.
+    in a process that had freed ~450 MB, the two forks of a two-process preparation of 20k records took 31-35 ms
+    instead of 11-12, and the whole preparation ~40 ms longer, until its heap was trimmed. Trimming a heap with
+    little free memory takes a few milliseconds.
     """
     trim = _malloc_trim()
     if trim is not None:
