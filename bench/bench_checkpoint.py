@@ -9,10 +9,12 @@ with saveSteps past the end. The input is the model and a small alpaca file on l
 
 Step time is the wall time between the end of the first --warmup steps and the end of the last step, divided by
 the steps in between: it includes every save the Trainer made in that window and whatever the background upload
-takes from the two CPUs, and leaves out the final save after the last step. Runs alternate (with, without, with,
-...) and the best of --repeat counts for each. Before each run the page cache is written back and, where this
-process may (root), dropped, as in bench_s3_pull.py: writes into a page cache that must first evict other files
-cost several times the CPU on the development VM.
+takes from the two CPUs, and leaves out the final save after the last step. Each of the --repeat rounds is a pair of
+runs, one with checkpoints and one without (the order alternates from round to round), and gives that pair's
+overhead; the figure is the median over the rounds (on the 2-CPU development VM the same run's step time moved by up
+to 7% from one invocation to the next, so a pair run back to back says more than the best of each side). Before
+each run the page cache is written back and, where this process may (root), dropped, as in bench_s3_pull.py: writes
+into a page cache that must first evict other files cost several times the CPU on the development VM.
 
     ~/.cache/finetune-operator/venv/bin/python bench/bench_checkpoint.py [--methods lora,full] [--steps 12]
         [--save-every 4] [--layers 24] [--repeat 1]
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -178,35 +181,41 @@ def main() -> None:
             f"{args.steps} steps of {args.cutoff} tokens, checkpoint every {args.save_every} to MinIO; "
             f"step time from step {args.warmup} to {args.steps}"
         )
-        figures: dict[str, float] = {}
+        figures: dict[str, tuple[float, float]] = {}
         for method in args.methods.split(","):
-            best = {"with": (float("inf"), 0.0), "without": (float("inf"), 0.0)}
+            rounds: list[tuple[float, float]] = []  # per round: (overhead %, blocking %)
             for attempt in range(args.repeat):
-                for label, every in (("with", args.save_every), ("without", 10 * args.steps)):
+                runs = [("with", args.save_every), ("without", 10 * args.steps)]
+                measured: dict[str, tuple[float, float]] = {}
+                for label, every in runs if attempt % 2 == 0 else runs[::-1]:
                     uri = bucket.uri(f"{method}-{label}-{attempt}/")
                     drop_page_cache()
-                    seconds, between = run_once(work, work / "model", data, uri, storage, method, every, args)
-                    best[label] = min(best[label], (seconds, between))
+                    measured[label] = run_once(work, work / "model", data, uri, storage, method, every, args)
+                    seconds, between = measured[label]
                     print(
                         f"  {method} {label:7} checkpoints: {seconds:.3f} s/step, {between:.3f} of it between steps",
                         flush=True,
                     )
-            (with_s, with_between), (without_s, without_between) = best["with"], best["without"]
-            overhead = 100 * (with_s / without_s - 1)
-            # What the save blocks (serialization in the Trainer, the callbacks), apart from what the background
-            # upload and the object store take from the same CPUs while the next steps run.
-            blocking = 100 * (with_between - without_between) / without_s
-            figures[method] = (overhead, blocking)
-            print(
-                json.dumps(
-                    {
-                        "method": method,
-                        "with_s_per_step": round(with_s, 3),
-                        "without_s_per_step": round(without_s, 3),
-                        "overhead_pct": round(overhead, 1),
-                        "blocking_pct": round(blocking, 1),
-                    }
+                (with_s, with_between), (without_s, without_between) = measured["with"], measured["without"]
+                # What the save blocks (serialization in the Trainer, the callbacks), apart from what the background
+                # upload and the object store take from the same CPUs while the next steps run.
+                rounds.append((100 * (with_s / without_s - 1), 100 * (with_between - without_between) / without_s))
+                print(
+                    json.dumps(
+                        {
+                            "method": method,
+                            "round": attempt + 1,
+                            "with_s_per_step": round(with_s, 3),
+                            "without_s_per_step": round(without_s, 3),
+                            "overhead_pct": round(rounds[-1][0], 1),
+                            "blocking_pct": round(rounds[-1][1], 1),
+                        }
+                    ),
+                    flush=True,
                 )
+            figures[method] = (
+                statistics.median(overhead for overhead, _ in rounds),
+                statistics.median(blocking for _, blocking in rounds),
             )
         print("checkpoint overhead " + ", ".join(f"{m} {o:.1f}% (blocking {b:.1f}%)" for m, (o, b) in figures.items()))
     finally:
