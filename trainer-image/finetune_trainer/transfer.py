@@ -486,9 +486,10 @@ class RangedDownloader:
 def _pick_checksum(found: dict[str, Any], found_type: str, kind: str) -> tuple[str, str, str] | None:
     """(algorithm, kind, base64 value) of the first checksum in `found` this module can check, when it is of type
     `kind`; a composite value's "-<parts>" suffix is left off."""
+    if found_type != kind:
+        return None
     for algorithm in _ALGORITHMS:
-        value = found.get(f"Checksum{algorithm}")
-        if value and found_type == kind:
+        if value := found.get(f"Checksum{algorithm}"):
             return algorithm, kind, str(value).split("-")[0]
     return None
 
