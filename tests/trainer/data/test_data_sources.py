@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from trainer.datafiles import MakeConfig, write_json, write_jsonl
 
-from finetune_trainer.data import build_datasets, cache
+from finetune_trainer.data import build_datasets, cache, readers
 
 ROWS = [
     {"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The answer is {2 * i + 1}."} for i in range(3)
@@ -139,6 +139,7 @@ def test_worker_processes_give_the_same_rows_as_one_process(
     tmp_path: Path, tokenizer: Any, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cache, "MIN_SHARD_TOKENS", 1000)  # shards of this small data too
+    monkeypatch.setattr(readers, "PIECE_BYTES", 4096)  # pieces of this small file for both processes to take
     rows = [{"instruction": f"item {i}", "output": "word " * (i % 7)} for i in range(2500)]
     rows[5] = {"conversations": "not alpaca"}  # dropped, and counted the same either way
     data = write_jsonl(

@@ -17,33 +17,45 @@ import pytest
 from finetune_trainer.data import cache as token_cache
 from finetune_trainer.data import forking
 from finetune_trainer.data.cache import TokenCache
+from finetune_trainer.data.formats import PART
 from finetune_trainer.data.packing import Layout, Rows
-from finetune_trainer.data.parallel import PART, Part, encode_parts
+from finetune_trainer.data.parallel import Part, encode_parts
 
 PARENT = os.getpid()
 
 
 @dataclass
 class _File:
+    """A file of `count` records in pieces of PART, as a formats.Reader has them."""
+
     count: int
+    exact = True
+
+    @property
+    def pieces(self) -> int:
+        return -(-self.count // PART)
+
+    def span(self, piece: int) -> tuple[int, int]:
+        return piece * PART, min((piece + 1) * PART, self.count)
 
 
 class _Encoder:
-    """Makes a part from its record range (ids = the record numbers), noting which process made it; `fail` is
+    """Makes a part from a piece's records (ids = the record numbers), noting which process made it; `fail` is
     called first in every process but this one."""
 
     def __init__(self, fail: Any = None, slow: float = 0.0) -> None:
         self.fail = fail
         self.slow = slow
 
-    def __call__(self, reader: _File, start: int, end: int) -> Part:
+    def __call__(self, reader: _File, piece: int) -> Part:
+        start, end = reader.span(piece)
         if self.fail is not None and os.getpid() != PARENT:
             self.fail(start)
         time.sleep(self.slow)  # parts take long enough that every process gets some
         ids = np.arange(start, end, dtype=np.int32)
         return Part(
             conversations=end - start,
-            read_drops=[("pid", str(os.getpid()))],
+            read_drops=[("pid", os.getpid())],
             input_ids=ids,
             labels=-ids,
             lengths=np.ones(end - start, dtype=np.int64),
@@ -84,8 +96,9 @@ def test_every_process_takes_parts_and_they_come_back_in_order() -> None:
         assert np.concatenate([part.labels for part in parts]).tolist() == [-i for i in range(file.count)]
     makers = {part.read_drops[0][1] for parts in grouped for part in parts}
     assert len(makers) > 1, "the forked workers made parts too"
-    assert str(PARENT) in makers
-    assert done[-1] == sum(f.count for f in files)
+    assert PARENT in makers
+    # Each part counts its records (here one more than its conversations: the record naming its maker).
+    assert done[-1] == sum(f.count + f.pieces for f in files)
 
 
 def test_a_workers_parts_are_taken_without_waiting_for_it_to_exit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,7 +121,7 @@ def test_a_workers_parts_are_taken_without_waiting_for_it_to_exit(monkeypatch: p
     reaped = time.monotonic() - started
 
     assert np.concatenate([part.input_ids for part in grouped[0]]).tolist() == list(range(8 * PART))
-    assert {part.read_drops[0][1] for part in grouped[0]} > {str(PARENT)}, "the worker made parts"
+    assert {part.read_drops[0][1] for part in grouped[0]} > {PARENT}, "the worker made parts"
     assert took < 1.5, f"the parts were taken once sent, not after the worker's exit ({took:.1f} s)"
     assert exiting, "the worker was still exiting when encode_parts returned"
     assert reaped >= 2.0, "the block's end waited for the worker"
@@ -138,11 +151,11 @@ def test_a_worker_killed_on_the_way_fails_the_build_and_says_how() -> None:
 
 def test_when_this_process_fails_first_the_workers_are_stopped() -> None:
     class _Failing(_Encoder):
-        def __call__(self, reader: _File, start: int, end: int) -> Part:
-            if os.getpid() == PARENT and start >= 2 * PART:
+        def __call__(self, reader: _File, piece: int) -> Part:
+            if os.getpid() == PARENT and piece >= 2:
                 raise KeyError("main process failed")
             time.sleep(0.5 if os.getpid() != PARENT else 0.0)
-            return super().__call__(reader, start, end)
+            return super().__call__(reader, piece)
 
     started = time.monotonic()
     with pytest.raises(KeyError, match="main process failed"):

@@ -16,10 +16,10 @@ from finetune_trainer.config import DatasetSpec, TrainerConfig
 from finetune_trainer.data.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
 from finetune_trainer.data.encode import Masking
 from finetune_trainer.data.forking import reaping_later, trim_heap
-from finetune_trainer.data.formats import Drops, Reader, reader
+from finetune_trainer.data.formats import Drops, PieceReader, Reader, piece_reader, reader
 from finetune_trainer.data.packing import Layout
 from finetune_trainer.data.parallel import Part, PartEncoder, default_workers, encode_parts
-from finetune_trainer.data.readers import list_files, read_file
+from finetune_trainer.data.readers import PieceError, list_files, read_file, read_pieces
 from finetune_trainer.data.templates import ChatTemplate, get_template
 from finetune_trainer.errors import DataError, TrainerError
 
@@ -106,8 +106,23 @@ def _describe(datasets: Sequence[_Dataset], fingerprint: Callable[[Path], str]) 
     return described
 
 
-def _readers(datasets: Sequence[_Dataset]) -> list[tuple[_Dataset, list[Reader]]]:
-    """Each dataset with a Reader per file it uses (files past its maxSamples are not read)."""
+def _file_reader(dataset: _Dataset, path: Path, remaining: int | None, whole: bool) -> Reader | None:
+    """The Reader of one file: a JSON file in pieces, unless `whole` or under maxSamples (whose cut needs the count
+    of every record before it) or where its first piece cannot tell how to read it; any other file whole."""
+    spec = dataset.spec
+    if not whole and remaining is None:
+        text = read_pieces(path, spec.file_type)
+        if text is not None:
+            try:
+                return piece_reader(spec, text)
+            except PieceError as exc:
+                log.debug("reading %s whole: %s", path, exc)
+    return reader(spec, read_file(path, spec.file_type), remaining)
+
+
+def _readers(datasets: Sequence[_Dataset], whole: bool) -> list[tuple[_Dataset, list[Reader]]]:
+    """Each dataset with a Reader per file it uses (files past its maxSamples are not read); JSON files in pieces
+    unless `whole`."""
     out = []
     for dataset in datasets:
         limit = dataset.spec.max_samples
@@ -117,7 +132,7 @@ def _readers(datasets: Sequence[_Dataset]) -> list[tuple[_Dataset, list[Reader]]
             remaining = None if limit is None else limit - read
             if remaining == 0:
                 break
-            file_reader = reader(dataset.spec, read_file(path, dataset.spec.file_type), remaining)
+            file_reader = _file_reader(dataset, path, remaining, whole)
             if file_reader is not None:
                 found.append(file_reader)
                 read += file_reader.count
@@ -140,39 +155,40 @@ class _Encoded:
     lengths: np.ndarray
     cut: np.ndarray
     labeled: np.ndarray
-    dropped: dict[int, tuple[str, str]]  # conversation → (reason, origin)
+    dropped: dict[int, tuple[str, str]]  # conversation → (reason, where its record is)
 
     @property
     def count(self) -> int:
         return len(self.lengths)
 
     @classmethod
-    def join(cls, datasets: Sequence[tuple[_Dataset, list[list[Part]]]]) -> _Encoded:
+    def join(cls, datasets: Sequence[tuple[_Dataset, list[tuple[Reader, list[Part]]]]]) -> _Encoded:
         """The parts of these datasets, in order; a dataset that yields no conversation is a DataError."""
         drops = Drops()
         records = 0
         parts: list[Part] = []
+        dropped: dict[int, tuple[str, str]] = {}
+        offset = 0  # conversations before the part
         for dataset, files in datasets:
             own = Drops()
             read = found = 0
-            for file_parts in files:
+            for file_reader, file_parts in files:
+                base = 0  # the file's records before the part
                 for part in file_parts:
-                    for reason, where in part.read_drops:
-                        own.add(reason, where)
-                    read += part.conversations + len(part.read_drops)
+                    for reason, locator in part.read_drops:
+                        own.add(reason, file_reader.where(base, locator))
+                    for index, reason, locator in part.dropped:
+                        dropped[offset + index] = (reason, file_reader.where(base, locator))
+                    base += part.records
+                    offset += part.conversations
                     found += part.conversations
                     parts.append(part)
+                read += base
             if not found:
                 detail = f": {read} records, all dropped ({own.summary()}); first: {own.examples[0]}" if read else ""
                 raise DataError(f"dataset {dataset.spec.uri} has no usable samples{detail or ' (no records)'}")
             drops.merge(own)
             records += read
-        dropped: dict[int, tuple[str, str]] = {}
-        offset = 0
-        for part in parts:
-            for index, reason, origin in part.dropped:
-                dropped[offset + index] = (reason, origin)
-            offset += part.conversations
         sizes = [part.conversations for part in parts]
         return cls(
             records,
@@ -228,25 +244,43 @@ class _Job:
         return Masking(training.cutoff_len, training.train_on_prompt, training.mask_history)
 
 
-def _encode(
-    job: _Job, groups: Sequence[list[tuple[_Dataset, list[Reader]]]]
-) -> tuple[int, list[list[tuple[_Dataset, list[list[Part]]]]]]:
-    """Every file of these groups of datasets converted and encoded, in one pass over all processes (and how many
-    processes that is)."""
+Grouped = list[tuple[_Dataset, list[tuple[Reader, list[Part]]]]]
+
+
+def _encode(job: _Job, groups: Sequence[Sequence[_Dataset]]) -> tuple[int, list[Grouped]]:
+    """Every file of these groups of datasets read, converted and encoded, in one pass over all processes (and how
+    many processes that is).
+
+    JSON files are read in pieces, parsed where they are encoded; when a piece turns out not to be whole records, or
+    a file's later records call for another format than its first, it is all done again with every file read whole.
+    """
+    try:
+        return _encode_read(job, [_readers(group, whole=False) for group in groups])
+    except PieceError as exc:
+        log.info("reading the data files whole: %s", exc)
+    return _encode_read(job, [_readers(group, whole=True) for group in groups])
+
+
+def _encode_read(job: _Job, groups: Sequence[list[tuple[_Dataset, list[Reader]]]]) -> tuple[int, list[Grouped]]:
     readers = [file_reader for group in groups for _, files in group for file_reader in files]
     count = sum(file_reader.count for file_reader in readers)
+    about = "" if all(file_reader.exact for file_reader in readers) else "about "
     next_report = [REPORT_EVERY]
 
     def progress(done: int) -> None:
         if next_report[0] <= done < count:
-            log.info("prepared %d of %d records", done, count)
+            log.info("prepared %d of %s%d records", done, about, count)
             next_report[0] += REPORT_EVERY
 
     workers = default_workers(count) if job.workers is None else job.workers
     if workers > 1:
         trim_heap()  # before the forks of this and the cache writer's phase
     encoder = PartEncoder(job.template, job.tokenizer, job.masking)
-    parts = iter(encode_parts(encoder, readers, workers, progress))
+    encoded = encode_parts(encoder, readers, workers, progress)
+    for file_reader, file_parts in zip(readers, encoded, strict=True):
+        if isinstance(file_reader, PieceReader):
+            file_reader.check(frozenset().union(*(part.columns or () for part in file_parts)))
+    parts = iter(zip(readers, encoded, strict=True))
     return workers, [[(dataset, [next(parts) for _ in files]) for dataset, files in group] for group in groups]
 
 
@@ -301,9 +335,9 @@ def _build(
     """The splits' rows planned, their stats, and the number of processes that prepared them."""
     config = job.config
     seed = config.training.seed
-    groups = [_readers(train_sets)]
+    groups = [train_sets]
     if not config.val_size and eval_sets:
-        groups.append(_readers(eval_sets))
+        groups.append(eval_sets)
     workers, grouped = _encode(job, groups)
     encoded = [_Encoded.join(group) for group in grouped]
     train = encoded[0]

@@ -32,7 +32,7 @@ class Conversation:
     system: str | None = None
     tools: Any = None
     tools_text: str | None = None
-    origin: str = ""  # file and row, for messages about this sample
+    origin: int = 0  # where the record is in its file, for messages about this sample (its reader's `where`)
 
 
 def check_turns(turns: tuple[Turn, ...]) -> str | None:

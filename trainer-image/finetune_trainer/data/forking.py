@@ -78,7 +78,7 @@ def shared(
     work: Callable[[int], Any],
     processes: int,
     *,
-    size: Callable[[int], int] = lambda index: 1,
+    size: Callable[[int, Any], int] = lambda index, result: 1,
     progress: Callable[[int], None] | None = None,
     what: str = "data preparation worker",
 ) -> list[Any]:
@@ -88,9 +88,9 @@ def shared(
     Every process takes the next index from one shared counter until none is left, so they finish within an item
     of each other whatever the machine's other load. A child sends each result as soon as it is made, so nothing is
     left to send at the end. `progress(done)` is called in this process after each item it finishes, and once at
-    the end, with the total `size` of the items all processes have finished. A child's exception is raised here
-    (its text when it cannot be pickled), as is a child that died before it finished (`what` names it in the
-    message); when this process fails first, the children are killed and reaped.
+    the end, with the total `size(i, result)` of the items all processes have finished. A child's exception is
+    raised here (its text when it cannot be pickled), as is a child that died before it finished (`what` names it in
+    the message); when this process fails first, the children are killed and reaped.
 
     A child's results are taken as soon as it says it has sent them all, not when it has exited: a forked copy of a
     large process takes milliseconds to tear down. The children are reaped before this returns, or, inside
@@ -101,8 +101,9 @@ def shared(
 
     def take_all(send: Callable[[int, Any], None], report: Callable[[int], None] | None) -> None:
         while (index := counters.take(count)) is not None:
-            send(index, work(index))
-            done = counters.finished(size(index))
+            result = work(index)
+            send(index, result)
+            done = counters.finished(size(index, result))
             if report:
                 report(done)
 

@@ -8,13 +8,16 @@ row dropped" into a DataError.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from finetune_trainer.config import ALPACA_COLUMNS, SHAREGPT_COLUMNS, DatasetSpec, DatasetTags
 from finetune_trainer.data.conversation import Conversation, Turn, check_turns
-from finetune_trainer.data.readers import SourceFile
+from finetune_trainer.data.readers import PieceError, SourceFile, TextPieces, columns_of
 from finetune_trainer.errors import DataError
 
 Format = Literal["alpaca", "sharegpt"]
@@ -65,9 +68,11 @@ def _mapping(spec: DatasetSpec, defaults: dict[str, str]) -> dict[str, str]:
     return {**defaults, **given}
 
 
-def detect_format(spec: DatasetSpec, source: SourceFile) -> tuple[Format, dict[str, str], DatasetTags]:
-    """The format, the column mapping and the tags to read `source` with; DataError when columns are missing."""
-    columns = source.columns
+def detect_format(
+    spec: DatasetSpec, path: Path, columns: frozenset[str], rows: Sequence[dict[str, Any]]
+) -> tuple[Format, dict[str, str], DatasetTags]:
+    """The format, the column mapping and the tags to read the file at `path` with, from its `columns` (those of all
+    its records) and, for the tags, its first `rows`; DataError when columns are missing."""
     tags = spec.tags or DatasetTags()
     fmt = spec.format
     if fmt == "auto":
@@ -79,7 +84,7 @@ def detect_format(spec: DatasetSpec, source: SourceFile) -> tuple[Format, dict[s
             fmt = "alpaca"
         else:
             raise DataError(
-                f"{source.path}: cannot tell the dataset format from its columns ({', '.join(sorted(columns))}): "
+                f"{path}: cannot tell the dataset format from its columns ({', '.join(sorted(columns))}): "
                 f"alpaca needs {alpaca['prompt']!r} and {alpaca['response']!r}, sharegpt needs "
                 f"{sharegpt['messages']!r}; map the columns in `columns` or set `format`"
             )
@@ -93,28 +98,33 @@ def detect_format(spec: DatasetSpec, source: SourceFile) -> tuple[Format, dict[s
         if not explicit and mapping["messages"] not in columns and "messages" in columns:
             mapping["messages"] = "messages"
         if spec.tags is None:
-            tags = _guess_tags(source, mapping["messages"])
+            tags = guess_tags(rows, mapping["messages"]) or DatasetTags()
     for key in required:
         if mapping[key] not in columns:
             raise DataError(
-                f"{source.path}: column {mapping[key]!r} ({key}) required by format {fmt} is missing; "
+                f"{path}: column {mapping[key]!r} ({key}) required by format {fmt} is missing; "
                 f"columns present: {', '.join(sorted(columns)) or 'none'}"
             )
     return fmt, mapping, tags
 
 
-def _guess_tags(source: SourceFile, column: str) -> DatasetTags:
-    # Without tags LLaMA-Factory assumes from/value; OpenAI-style role/content files are recognised instead of
-    # having every row dropped for an unknown role.
-    default = DatasetTags()
-    for row in source.rows[:100]:
+TAG_ROWS = 100  # the rows the tags are guessed from
+
+
+def guess_tags(rows: Sequence[dict[str, Any]], column: str) -> DatasetTags | None:
+    """The tags the first of the first TAG_ROWS rows with a list of messages calls for; None when none has one.
+
+    Without tags LLaMA-Factory assumes from/value; OpenAI-style role/content files are recognised instead of
+    having every row dropped for an unknown role.
+    """
+    for row in rows[:TAG_ROWS]:
         messages = _maybe_json(row.get(column))
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             first = messages[0]
-            if default.role_tag not in first and "role" in first and "content" in first:
+            if DatasetTags().role_tag not in first and "role" in first and "content" in first:
                 return OPENAI_TAGS
-            return default
-    return default
+            return DatasetTags()
+    return None
 
 
 def _maybe_json(value: Any) -> Any:
@@ -154,7 +164,7 @@ def _tools(value: Any) -> Any:
     return value or None
 
 
-def _alpaca(row: dict[str, Any], mapping: dict[str, str], origin: str) -> Conversation:
+def _alpaca(row: dict[str, Any], mapping: dict[str, str], origin: int) -> Conversation:
     # LLaMA-Factory joins instruction and input with a newline and leaves out whichever is empty.
     parts = []
     for key in ("prompt", "query"):
@@ -180,7 +190,7 @@ def _alpaca(row: dict[str, Any], mapping: dict[str, str], origin: str) -> Conver
     return Conversation(tuple(turns), system=system, origin=origin)
 
 
-def _sharegpt(row: dict[str, Any], mapping: dict[str, str], tags: DatasetTags, origin: str) -> Conversation:
+def _sharegpt(row: dict[str, Any], mapping: dict[str, str], tags: DatasetTags, origin: int) -> Conversation:
     messages = _maybe_json(row.get(mapping["messages"]))
     if not isinstance(messages, list) or not messages:
         raise _BadRowError(f"{mapping['messages']} is missing, empty or not a list")
@@ -215,33 +225,142 @@ def _sharegpt(row: dict[str, Any], mapping: dict[str, str], tags: DatasetTags, o
     return Conversation(tuple(turns), system=system, tools=tools, tools_text=tools_text, origin=origin)
 
 
+# Records per piece of a file read whole: small enough that the processes finish close together (the last pieces
+# are waited for), large enough that a piece's arrays are worth a trip through a pipe.
+PART = 250
+
+
 @dataclass(frozen=True)
-class Reader:
-    """How the records of one file become conversations: its format, column mapping and tags, and how many of its
-    records are used (the first `count`, under maxSamples).
+class Converted:
+    """What the records of one piece of a file became: the conversations (each with its locator as `origin`), the
+    records dropped as (reason, locator), all in order, and the columns of the piece's records (when the reader
+    needs them back). A locator names a record for the reader's `where`."""
+
+    conversations: list[Conversation]
+    drops: list[tuple[str, int]]
+    columns: frozenset[str] | None = None
+
+    @property
+    def records(self) -> int:
+        return len(self.conversations) + len(self.drops)
+
+
+@dataclass(frozen=True)
+class Reader(ABC):
+    """How the records of one file become conversations: its format, column mapping and tags, and its pieces (the
+    units of work), converted one at a time by `convert`.
     """
 
-    source: SourceFile
     fmt: Format
     mapping: dict[str, str]
     tags: DatasetTags
-    count: int
 
-    def convert(self, start: int = 0, end: int | None = None) -> tuple[list[Conversation], list[tuple[str, str]]]:
-        """Conversations from records [start, end), and (reason, where) for each record dropped, in order."""
-        source, mapping, tags = self.source, self.mapping, self.tags
+    @property
+    @abstractmethod
+    def count(self) -> int:
+        """The records used (an estimate where they are only known once every piece is parsed)."""
+
+    @property
+    def exact(self) -> bool:
+        """Whether `count` is exact."""
+        return True
+
+    @property
+    @abstractmethod
+    def pieces(self) -> int:
+        """How many pieces `convert` takes."""
+
+    @abstractmethod
+    def convert(self, piece: int) -> Converted:
+        """The records of one piece converted."""
+
+    @abstractmethod
+    def where(self, base: int, locator: int) -> str:
+        """Where a record is, for messages, from its locator and the records of the file before its piece."""
+
+    def _convert(
+        self, rows: Sequence[dict[str, Any]], locators: Sequence[int]
+    ) -> tuple[list[Conversation], list[tuple[str, int]]]:
+        mapping, tags = self.mapping, self.tags
         alpaca = self.fmt == "alpaca"
         out: list[Conversation] = []
-        dropped: list[tuple[str, str]] = []
-        stop = self.count if end is None else min(end, self.count)
-        for index in range(start, stop):
-            row = source.rows[index]
-            where = source.where(index)
+        dropped: list[tuple[str, int]] = []
+        for row, locator in zip(rows, locators, strict=True):
             try:
-                out.append(_alpaca(row, mapping, where) if alpaca else _sharegpt(row, mapping, tags, where))
+                out.append(_alpaca(row, mapping, locator) if alpaca else _sharegpt(row, mapping, tags, locator))
             except _BadRowError as bad:
-                dropped.append((str(bad), where))
+                dropped.append((str(bad), locator))
         return out, dropped
+
+
+@dataclass(frozen=True)
+class RowReader(Reader):
+    """A file read whole: the first `used` of its rows (maxSamples), in pieces of PART; a record's locator is its
+    index in its piece."""
+
+    source: SourceFile
+    used: int
+
+    @property
+    def count(self) -> int:
+        return self.used
+
+    @property
+    def pieces(self) -> int:
+        return -(-self.used // PART)
+
+    def convert(self, piece: int) -> Converted:
+        start = piece * PART
+        rows = self.source.rows[start : min(start + PART, self.used)]
+        return Converted(*self._convert(rows, range(len(rows))))
+
+    def where(self, base: int, locator: int) -> str:
+        return self.source.where(base + locator)
+
+
+@dataclass(frozen=True)
+class PieceReader(Reader):
+    """A JSON file read in pieces (readers.TextPieces), each parsed where it is converted. The format was told from
+    the first piece, parsed here; `check` confirms it against the columns of all records once every piece is in.
+    A record's locator is its line (JSON lines) or its index in its piece (a JSON array)."""
+
+    spec: DatasetSpec
+    text: TextPieces
+    first: list[dict[str, Any]]  # the first piece's records
+    first_lines: list[int] | None
+
+    @property
+    def count(self) -> int:
+        first = self.text.ends[0] - self.text.starts[0]
+        return len(self.first) if len(self.text) == 1 else round(len(self.first) * len(self.text.data) / max(1, first))
+
+    @property
+    def exact(self) -> bool:
+        return len(self.text) == 1
+
+    @property
+    def pieces(self) -> int:
+        return len(self.text)
+
+    def convert(self, piece: int) -> Converted:
+        rows, lines = (self.first, self.first_lines) if piece == 0 else self.text.parse(piece)
+        conversations, drops = self._convert(rows, range(len(rows)) if lines is None else lines)
+        return Converted(conversations, drops, columns_of(rows))
+
+    def where(self, base: int, locator: int) -> str:
+        if self.text.lines is not None:
+            return f"{self.text.path} line {locator}"
+        return f"{self.text.path} row {base + locator + 1}"
+
+    def check(self, columns: frozenset[str]) -> None:
+        """PieceError unless the whole file's `columns` call for the format, mapping and tags the pieces were read
+        with."""
+        try:
+            found = detect_format(self.spec, self.text.path, columns, self.first)
+        except DataError:
+            found = None
+        if found != (self.fmt, self.mapping, self.tags):
+            raise PieceError(f"{self.text.path}: its later records call for other columns than its first")
 
 
 def reader(spec: DatasetSpec, source: SourceFile, limit: int | None = None) -> Reader | None:
@@ -251,22 +370,25 @@ def reader(spec: DatasetSpec, source: SourceFile, limit: int | None = None) -> R
     """
     if not source.rows:  # an empty file among others is fine; a dataset with no records at all is not
         return None
-    fmt, mapping, tags = detect_format(spec, source)
+    fmt, mapping, tags = detect_format(spec, source.path, source.columns, source.rows)
     count = len(source.rows) if limit is None else min(limit, len(source.rows))
-    return Reader(source, fmt, mapping, tags, count)
+    return RowReader(fmt, mapping, tags, source, count)
 
 
-def convert(
-    spec: DatasetSpec, source: SourceFile, drops: Drops, limit: int | None = None
-) -> tuple[list[Conversation], int]:
-    """Conversations from the first `limit` records of `source` (all without a limit), and the records read.
-
-    Bad rows go to `drops`; a file whose columns do not fit the format raises DataError.
-    """
-    found = reader(spec, source, limit)
-    if found is None:
-        return [], 0
-    out, dropped = found.convert()
-    for reason, where in dropped:
-        drops.add(reason, where)
-    return out, found.count
+def piece_reader(spec: DatasetSpec, text: TextPieces) -> Reader | None:
+    """The Reader of a file read in pieces; None for a file without records. PieceError where the first piece
+    cannot tell how to read the file (or is not whole records): the file is then to be read whole."""
+    first, lines = text.parse(0)
+    if not first:
+        if len(text) > 1:
+            raise PieceError(f"{text.path}: its first piece holds no record")
+        return None
+    columns = columns_of(first)
+    try:
+        fmt, mapping, tags = detect_format(spec, text.path, columns, first)
+    except DataError:
+        raise PieceError(f"{text.path}: its first records do not tell its format") from None
+    undecided = fmt == "sharegpt" and spec.tags is None and guess_tags(first, mapping["messages"]) is None
+    if undecided and len(first) < TAG_ROWS and len(text) > 1:
+        raise PieceError(f"{text.path}: its first records do not tell its tags")
+    return PieceReader(fmt, mapping, tags, spec, text, first, lines)

@@ -1,10 +1,11 @@
 """Converting, rendering and tokenizing records in parts, in this process and, for large data, worker processes.
 
-The work is split into parts (a range of records of one file): each part is converted to conversations, rendered
-and encoded where it is taken up, and only its arrays come back. The caller puts the conversations in their seeded
-order afterwards, so the result does not depend on the number of processes. The workers are forked once the files
-are parsed (`forking`): they inherit the records, the template and the encoder, so nothing is shipped to them but
-part numbers. Where fork does not exist everything runs in this process.
+The work is split into parts (a piece of one file, formats.Reader): each part is parsed (a JSON file read in
+pieces), converted to conversations, rendered and encoded where it is taken up, and only its arrays come back. The
+caller puts the conversations in their seeded order afterwards, so the result does not depend on the number of
+processes. The workers are forked once the files are read (`forking`): they inherit the files' text or records,
+the template and the encoder, so nothing is shipped to them but part numbers. Where fork does not exist everything
+runs in this process.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from finetune_trainer.data.conversation import Conversation
 from finetune_trainer.data.encode import Encoder, Masking
 from finetune_trainer.data.forking import shared, usable
-from finetune_trainer.data.formats import Reader
+from finetune_trainer.data.formats import Converted, Reader
 from finetune_trainer.data.templates import ChatTemplate, Rendered, RenderError
 
 log = logging.getLogger("finetune_trainer.data")
 
-# Records per part: small enough that the processes finish close together (the last parts are waited for), large
-# enough that a part's arrays are worth a trip through a pipe.
-PART = 250
 # Below this many records, or with fewer CPUs, one process does it all: workers would not pay for themselves (on
 # the 2-CPU development machine, shared with other work, two processes measured slower than one: docs/benchmarks.md).
 PARALLEL_MIN = 10_000
@@ -60,38 +57,44 @@ def default_workers(records: int) -> int:
 
 @dataclass
 class Part:
-    """What one range of records became.
+    """What one piece of a file became.
 
-    `conversations` counts the records converted (the others are in `read_drops` as (reason, where), in order);
+    `conversations` counts the records converted (the others are in `read_drops` as (reason, locator), in order);
     per conversation, `lengths` (0 where it was dropped), `cut` (truncated at cutoff_len) and `labeled` (its tokens
-    with a loss); the kept samples' ids and labels concatenated; and (conversation index, reason, origin) for each
-    conversation dropped.
+    with a loss); the kept samples' ids and labels concatenated; (conversation index, reason, locator) for each
+    conversation dropped; and the columns of the piece's records where its reader wants them back. A locator names
+    a record for its reader's `where`.
     """
 
     conversations: int
-    read_drops: list[tuple[str, str]]
+    read_drops: list[tuple[str, int]]
     input_ids: np.ndarray
     labels: np.ndarray
     lengths: np.ndarray
     cut: np.ndarray
     labeled: np.ndarray
-    dropped: list[tuple[int, str, str]] = field(default_factory=list)
+    dropped: list[tuple[int, str, int]] = field(default_factory=list)
+    columns: frozenset[str] | None = None
+
+    @property
+    def records(self) -> int:
+        return self.conversations + len(self.read_drops)
 
 
 class PartEncoder:
-    """Converts, renders and encodes ranges of records."""
+    """Converts, renders and encodes the pieces of files."""
 
     def __init__(self, template: ChatTemplate, tokenizer: Any, masking: Masking) -> None:
         self.template = template
         self.encoder = Encoder(tokenizer, masking, template)
 
-    def __call__(self, reader: Reader, start: int, end: int) -> Part:
-        conversations, read_drops = reader.convert(start, end)
-        return self.encode(conversations, read_drops)
+    def __call__(self, reader: Reader, piece: int) -> Part:
+        return self.encode(reader.convert(piece))
 
-    def encode(self, conversations: Sequence[Conversation], read_drops: list[tuple[str, str]] | None = None) -> Part:
+    def encode(self, converted: Converted) -> Part:
+        conversations = converted.conversations
         count = len(conversations)
-        dropped: list[tuple[int, str, str]] = []
+        dropped: list[tuple[int, str, int]] = []
         rendered: list[Rendered] = []
         positions: list[int] = []
         render = self.template.render
@@ -114,7 +117,17 @@ class PartEncoder:
         cut[where] = encoded.cut
         labeled = np.zeros(count, dtype=np.int64)
         labeled[where] = encoded.labeled
-        return Part(count, read_drops or [], encoded.input_ids, encoded.labels, lengths, cut, labeled, dropped)
+        return Part(
+            count,
+            converted.drops,
+            encoded.input_ids,
+            encoded.labels,
+            lengths,
+            cut,
+            labeled,
+            dropped,
+            converted.columns,
+        )
 
 
 def encode_parts(
@@ -123,28 +136,22 @@ def encode_parts(
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[Part]]:
-    """For each reader, its records converted and encoded, in parts, in order; `workers` processes, this one included.
+    """For each reader, its pieces converted and encoded, in order; `workers` processes, this one included.
 
-    The processes share the parts out as `forking.shared` describes; `progress` is told the records done.
+    The processes share the pieces out as `forking.shared` describes; `progress` is told the records done.
     """
-    tasks = [
-        (r, start, min(start + PART, reader.count))
-        for r, reader in enumerate(readers)
-        for start in range(0, reader.count, PART)
-    ]
+    tasks = [(r, piece) for r, reader in enumerate(readers) for piece in range(reader.pieces)]
     processes = usable(workers, len(tasks))
     if processes > 1:
-        log.info("preparing %d records in %d processes", sum(r.count for r in readers), processes)
+        about = "" if all(r.exact for r in readers) else "about "
+        log.info("preparing %s%d records in %d processes", about, sum(r.count for r in readers), processes)
 
     def encode(index: int) -> Part:
-        r, start, end = tasks[index]
-        return encoder(readers[r], start, end)
+        r, piece = tasks[index]
+        return encoder(readers[r], piece)
 
-    def records(index: int) -> int:
-        return tasks[index][2] - tasks[index][1]
-
-    results = shared(len(tasks), encode, processes, size=records, progress=progress)
+    results = shared(len(tasks), encode, processes, size=lambda index, part: part.records, progress=progress)
     grouped: list[list[Part]] = [[] for _ in readers]
-    for (r, _, _), made in zip(tasks, results, strict=True):
+    for (r, _), made in zip(tasks, results, strict=True):
         grouped[r].append(made)
     return grouped

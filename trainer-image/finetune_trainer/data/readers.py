@@ -2,12 +2,17 @@
 
 A dataset URI names a file or a prefix; the caller's `resolve` has already turned it into a local file or directory.
 Every problem that makes a file unreadable is a DataError naming the file (and the line, for JSON).
+
+JSON files can also be read as text cut into pieces at record boundaries (`read_pieces`), each piece parsed on its
+own by the process that converts its records: the parsing is then shared out like the rest of the work, and no
+process holds more than a piece's records at a time.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,8 @@ EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet"
 # Files that live next to data in LLaMA-Factory style folders but are not data.
 NOT_DATA = {"dataset_info.json"}
 NOT_DATA_SUFFIXES = {".md", ".txt", ".yaml", ".yml"}
+# About this many bytes per piece of a JSON file read in pieces (~300 records of a typical instruction set).
+PIECE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ def _text(path: Path) -> str:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _columns(rows: list[dict[str, Any]]) -> frozenset[str]:
+def columns_of(rows: list[dict[str, Any]]) -> frozenset[str]:
     # JSON records need not all carry every key; a column exists when any record has it (as datasets infers it).
     names: set[str] = set()
     for row in rows:
@@ -125,7 +132,7 @@ def _read_json(path: Path) -> SourceFile:
     for index, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {index + 1} of the JSON array is {type(row).__name__}, not an object")
-    return SourceFile(path, "json", data, _columns(data))
+    return SourceFile(path, "json", data, columns_of(data))
 
 
 def _read_jsonl(path: Path) -> SourceFile:
@@ -135,7 +142,7 @@ def _read_jsonl(path: Path) -> SourceFile:
 def _parse_jsonl(path: Path, text: str, kind: str) -> SourceFile:
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -149,7 +156,119 @@ def _parse_jsonl(path: Path, text: str, kind: str) -> SourceFile:
             raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object")
         rows.append(row)
         lines.append(number)
-    return SourceFile(path, kind, rows, _columns(rows), lines)
+    return SourceFile(path, kind, rows, columns_of(rows), lines)
+
+
+def _lines(text: str) -> list[str]:
+    # Lines end at \n (\r\n included) only, as JSON-lines readers (pyarrow's, so `datasets`') have them: a record may
+    # hold U+2028 or NEL unescaped in a string, which str.splitlines would take for line ends.
+    return text.split("\n")
+
+
+def _parse(text: str | bytes) -> Any:
+    # Parsed records are trees of dicts, lists and strings without cycles: the collector's passes while hundreds of
+    # thousands of them are made (each one longer, as the records pile up) would find nothing to free.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(text)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class PieceError(Exception):
+    """A piece of a file read in pieces that is not a run of whole records on its own (the cut fell inside a record,
+    or the file is malformed there): the file is then read whole, which names the problem if there is one."""
+
+
+# Between two records of a JSON array, where a piece may end: "}" "," "{" with JSON whitespace around the comma.
+# (In UTF-8 these bytes never stand inside a multi-byte character.)
+_BETWEEN_RECORDS = re.compile(rb"\}[ \t\r\n]*,[ \t\r\n]*\{")
+_BOM = b"\xef\xbb\xbf"
+_SPACE = re.compile(rb"[ \t\r\n]*")
+
+
+@dataclass(frozen=True)
+class TextPieces:
+    """A JSON file's bytes and where its pieces are: piece i is data[starts[i]:ends[i]], decoded where it is parsed.
+
+    A JSON array is cut at commas that look like they are between two records; whether each one is, only parsing
+    can tell, and `parse` raises PieceError for a piece that is not a run of whole records. Every piece parsed
+    proves the cuts: the first starts right after the array's "[", and a piece that starts between records parses
+    only when it also ends between records, so when every piece parses every cut was between records. JSON lines are
+    cut at line ends, which are always between records; `lines` holds the number of each piece's first line.
+    """
+
+    path: Path
+    file_type: str
+    data: bytes
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    lines: tuple[int, ...] | None  # JSON lines: each piece's first line; None for a JSON array
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def parse(self, piece: int) -> tuple[list[dict[str, Any]], list[int] | None]:
+        """The records of a piece and, for JSON lines, the line each is on."""
+        start, end = self.starts[piece], self.ends[piece]
+        numbers: list[int] | None = None
+        try:
+            text = self.data[start:end].decode("utf-8")
+            if self.lines is None:
+                last = piece == len(self.starts) - 1  # it runs to the end of the file and holds the closing "]"
+                rows = _parse("[" + text + ("" if last else "]"))
+                if not rows and len(self.starts) > 1:
+                    raise PieceError(f"{self.path}: piece {piece} holds no record")
+            else:
+                rows, numbers = [], []
+                for number, line in enumerate(_lines(text), start=self.lines[piece]):
+                    if line.strip():
+                        rows.append(_parse(line))
+                        numbers.append(number)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PieceError(f"{self.path}: piece {piece} is not a run of whole JSON records") from None
+        if not all(isinstance(row, dict) for row in rows):
+            raise PieceError(f"{self.path}: piece {piece} holds something other than JSON objects")
+        return rows, numbers
+
+
+def read_pieces(path: Path, declared_type: str | None = None) -> TextPieces | None:
+    """A JSON or JSON-lines file's bytes, cut into pieces of about PIECE_BYTES; None for other file types."""
+    kind = file_type_of(path, declared_type)
+    if kind not in ("json", "jsonl"):
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    begin = len(_BOM) if data.startswith(_BOM) else 0
+    body = _SPACE.match(data, begin).end()  # type: ignore[union-attr]  # it matches the empty string too
+    starts, ends = [], []
+    if kind == "json" and data.startswith(b"[", body):
+        start = body + 1
+        while (found := _BETWEEN_RECORDS.search(data, start + PIECE_BYTES)) is not None:
+            comma = data.index(b",", found.start())
+            starts.append(start)
+            ends.append(comma)
+            start = comma + 1
+        starts.append(start)
+        ends.append(len(data))
+        return TextPieces(path, kind, data, tuple(starts), tuple(ends), None)
+    lines, line = [], 1
+    start = begin
+    while True:
+        starts.append(start)
+        lines.append(line)
+        cut = data.find(b"\n", start + PIECE_BYTES)
+        if cut < 0:
+            ends.append(len(data))
+            break
+        ends.append(cut + 1)
+        line += data.count(b"\n", start, cut + 1)
+        start = cut + 1
+    return TextPieces(path, kind, data, tuple(starts), tuple(ends), tuple(lines))
 
 
 def _read_parquet(path: Path) -> SourceFile:
