@@ -6,8 +6,10 @@ read whole, with the same result (or error) as a whole read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,22 @@ def _rows(count: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _build(
-    data: Path, make_config: MakeConfig, tokenizer: Any, cache: Path, *, whole: bool, workers: int = 1, **fields: Any
-) -> Any:
-    dataset: dict[str, Any] = {"uri": data.as_uri()}
-    if whole:
-        dataset["maxSamples"] = WHOLE
-    return build_datasets(make_config(dataset, cache=cache, **fields), tokenizer, workers=workers)
+Build = Callable[..., Any]
+
+
+@pytest.fixture
+def build(tmp_path: Path, tokenizer: Any, make_config: MakeConfig) -> Build:
+    """build(data, whole=..., workers=1): the data prepared into a cache of its own, read whole or in pieces."""
+    caches = itertools.count()
+
+    def run(data: Path, *, whole: bool, workers: int = 1) -> Any:
+        dataset: dict[str, Any] = {"uri": data.as_uri()}
+        if whole:
+            dataset["maxSamples"] = WHOLE
+        config = make_config(dataset, cache=tmp_path / f"cache-{next(caches)}")
+        return build_datasets(config, tokenizer, workers=workers)
+
+    return run
 
 
 def _same(pieces: Any, whole: Any) -> None:
@@ -46,18 +57,22 @@ def _same(pieces: Any, whole: Any) -> None:
     assert pieces.train["labels"] == whole.train["labels"]
 
 
+def _falls_back(build: Build, data: Path, caplog: pytest.LogCaptureFixture, workers: int = 1) -> Any:
+    """The data prepared in pieces, checked to have been read whole in the end and to equal a whole read."""
+    with caplog.at_level(logging.DEBUG, logger="finetune_trainer.data"):
+        pieces = build(data, whole=False, workers=workers)
+    assert FELL_BACK in caplog.text
+    _same(pieces, build(data, whole=True))
+    return pieces
+
+
 def _dropped(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "dropped" in r.getMessage() and r.levelno == logging.WARNING]
 
 
 @pytest.mark.parametrize("layout", ["indented", "compact", "lines"])
 def test_a_file_in_many_pieces_gives_what_it_gives_read_whole(
-    layout: str,
-    tmp_path: Path,
-    tokenizer: Any,
-    make_config: MakeConfig,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    layout: str, build: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(readers, "PIECE_BYTES", 2000)
     rows = _rows(600)
@@ -73,13 +88,13 @@ def test_a_file_in_many_pieces_gives_what_it_gives_read_whole(
     assert len(text) > 10
 
     with caplog.at_level(logging.DEBUG, logger="finetune_trainer.data"):
-        pieces = _build(data, make_config, tokenizer, tmp_path / "pieces", whole=False, workers=2)
+        pieces = build(data, whole=False, workers=2)
     assert FELL_BACK not in caplog.text, "every cut was between records"
     assert "preparing about" in caplog.text, "two processes shared the pieces"
     in_pieces = _dropped(caplog)
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="finetune_trainer.data"):
-        whole = _build(data, make_config, tokenizer, tmp_path / "whole", whole=True)
+        whole = build(data, whole=True)
 
     _same(pieces, whole)
     assert (pieces.stats.records, pieces.stats.dropped) == (600, 7)
@@ -91,12 +106,7 @@ def test_a_file_in_many_pieces_gives_what_it_gives_read_whole(
 
 @pytest.mark.parametrize("plain", [0, 40])
 def test_a_cut_inside_a_record_sends_the_file_to_be_read_whole(
-    plain: int,
-    tmp_path: Path,
-    tokenizer: Any,
-    make_config: MakeConfig,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    plain: int, build: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Texts that hold "}, {" look like the place between two records: a piece cut there does not parse, the first
     one (in this process, before any other is taken) or a later one (in whichever process takes it)."""
@@ -108,17 +118,13 @@ def test_a_cut_inside_a_record_sends_the_file_to_be_read_whole(
         text = readers.read_pieces(data)
         assert text is not None
         assert readers.json.loads(b"[" + text.data[text.starts[0] : text.ends[0]] + b"]"), "the first cut is sound"
-    with caplog.at_level(logging.DEBUG, logger="finetune_trainer.data"):
-        pieces = _build(data, make_config, tokenizer, tmp_path / "pieces", whole=False, workers=2)
-    assert FELL_BACK in caplog.text
-    whole = _build(data, make_config, tokenizer, tmp_path / "whole", whole=True)
-    _same(pieces, whole)
+    pieces = _falls_back(build, data, caplog, workers=2)
     assert pieces.stats.samples == 200 + plain
 
 
 @pytest.mark.parametrize("lines", [False, True])
 def test_a_malformed_record_in_a_later_piece_is_named_as_a_whole_read_names_it(
-    lines: bool, tmp_path: Path, tokenizer: Any, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+    lines: bool, build: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(readers, "PIECE_BYTES", 1000)
     rows = _rows(300)
@@ -135,36 +141,23 @@ def test_a_malformed_record_in_a_later_piece_is_named_as_a_whole_read_names_it(
 
     for whole in (False, True):
         with pytest.raises(DataError, match=expected):
-            _build(data, make_config, tokenizer, tmp_path / f"cache-{whole}", whole=whole, workers=2)
+            build(data, whole=whole, workers=2)
 
 
 def test_later_records_that_call_for_another_format_send_the_file_to_be_read_whole(
-    tmp_path: Path,
-    tokenizer: Any,
-    make_config: MakeConfig,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    build: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The format is told from the columns of every record: a `messages` column in the last record makes the file
     sharegpt, although its first piece reads as alpaca."""
     monkeypatch.setattr(readers, "PIECE_BYTES", 1000)
     rows: list[dict[str, Any]] = [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(200)]
     rows.append({"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
-    data = write_jsonl(tmp_path / "data.jsonl", rows)
-    with caplog.at_level(logging.DEBUG, logger="finetune_trainer.data"):
-        pieces = _build(data, make_config, tokenizer, tmp_path / "pieces", whole=False)
-    assert FELL_BACK in caplog.text
-    whole = _build(data, make_config, tokenizer, tmp_path / "whole", whole=True)
-    _same(pieces, whole)
+    pieces = _falls_back(build, write_jsonl(tmp_path / "data.jsonl", rows), caplog)
     assert (pieces.stats.samples, pieces.stats.dropped) == (1, 200)
 
 
 def test_tags_the_first_piece_cannot_tell_are_told_from_the_first_hundred_records(
-    tmp_path: Path,
-    tokenizer: Any,
-    make_config: MakeConfig,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    build: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """OpenAI-style role/content messages are recognised from the first record of the first hundred that has a
     list of messages; when that record is beyond the first piece, the file is read whole to find it."""
@@ -178,21 +171,17 @@ def test_tags_the_first_piece_cannot_tell_are_told_from_the_first_hundred_record
     text = readers.read_pieces(data)
     assert text is not None
     assert len(text.parse(0)[0]) < 60, "the first piece holds only records without a list"
-    with caplog.at_level(logging.DEBUG, logger="finetune_trainer.data"):
-        pieces = _build(data, make_config, tokenizer, tmp_path / "pieces", whole=False)
-    assert FELL_BACK in caplog.text
-    whole = _build(data, make_config, tokenizer, tmp_path / "whole", whole=True)
-    _same(pieces, whole)
+    pieces = _falls_back(build, data, caplog)
     assert (pieces.stats.samples, pieces.stats.dropped) == (100, 60)
 
 
-def test_json_lines_end_at_newlines_only(tmp_path: Path, tokenizer: Any, make_config: MakeConfig) -> None:
+def test_json_lines_end_at_newlines_only(build: Build, tmp_path: Path) -> None:
     """U+2028, U+2029 and NEL may stand unescaped in a JSON string; str.splitlines would end a line there."""
     data = tmp_path / "data.jsonl"
     rows = [{"instruction": "a\u2028b", "output": "c\x85d"}, {"instruction": "e\u2029f", "output": "g"}]
     data.write_text("\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\r\n", encoding="utf-8")
     for whole in (False, True):
-        bundle = _build(data, make_config, tokenizer, tmp_path / f"cache-{whole}", whole=whole)
+        bundle = build(data, whole=whole)
         assert (bundle.stats.samples, bundle.stats.dropped) == (2, 0)
 
 
@@ -213,9 +202,8 @@ def test_other_errors_in_a_later_piece_are_reported_as_a_whole_read_reports_them
     lines: bool,
     spoiled: bytes,
     expected: str,
+    build: Build,
     tmp_path: Path,
-    tokenizer: Any,
-    make_config: MakeConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(readers, "PIECE_BYTES", 1000)
@@ -227,14 +215,14 @@ def test_other_errors_in_a_later_piece_are_reported_as_a_whole_read_reports_them
     data.write_bytes(data.read_bytes().replace(json.dumps(RECORD).encode(), spoiled))
     for whole in (False, True):
         with pytest.raises(DataError, match=expected):
-            _build(data, make_config, tokenizer, tmp_path / f"cache-{whole}", whole=whole)
+            build(data, whole=whole)
 
 
 @pytest.mark.parametrize("lines", [False, True])
-def test_a_byte_order_mark_is_skipped(lines: bool, tmp_path: Path, tokenizer: Any, make_config: MakeConfig) -> None:
+def test_a_byte_order_mark_is_skipped(lines: bool, build: Build, tmp_path: Path) -> None:
     rows = _rows(20)
     data = write_jsonl(tmp_path / "d.jsonl", rows) if lines else write_json(tmp_path / "d.json", rows)
     data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
-    pieces = _build(data, make_config, tokenizer, tmp_path / "pieces", whole=False)
-    _same(pieces, _build(data, make_config, tokenizer, tmp_path / "whole", whole=True))
+    pieces = build(data, whole=False)
+    _same(pieces, build(data, whole=True))
     assert pieces.stats.samples == 19
