@@ -16,7 +16,7 @@ from finetune_trainer.config import DatasetSpec, TrainerConfig
 from finetune_trainer.data.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fingerprint
 from finetune_trainer.data.encode import Masking
 from finetune_trainer.data.forking import reaping_later, trim_heap
-from finetune_trainer.data.formats import Drops, PieceReader, Reader, piece_reader, reader
+from finetune_trainer.data.formats import Drops, PieceReader, Reader, counted, piece_reader, reader
 from finetune_trainer.data.packing import Layout
 from finetune_trainer.data.parallel import Part, PartEncoder, default_workers, encode_parts
 from finetune_trainer.data.readers import PieceError, list_files, read_file, read_pieces
@@ -106,10 +106,9 @@ def _describe(datasets: Sequence[_Dataset], fingerprint: Callable[[Path], str]) 
     return described
 
 
-def _file_reader(dataset: _Dataset, path: Path, remaining: int | None, whole: bool) -> Reader | None:
+def _file_reader(spec: DatasetSpec, path: Path, remaining: int | None, whole: bool) -> Reader | None:
     """The Reader of one file: a JSON file in pieces, unless `whole` or under maxSamples (whose cut needs the count
     of every record before it) or where its first piece cannot tell how to read it; any other file whole."""
-    spec = dataset.spec
     if not whole and remaining is None:
         text = read_pieces(path, spec.file_type)
         if text is not None:
@@ -132,7 +131,7 @@ def _readers(datasets: Sequence[_Dataset], whole: bool) -> list[tuple[_Dataset, 
             remaining = None if limit is None else limit - read
             if remaining == 0:
                 break
-            file_reader = _file_reader(dataset, path, remaining, whole)
+            file_reader = _file_reader(dataset.spec, path, remaining, whole)
             if file_reader is not None:
                 found.append(file_reader)
                 read += file_reader.count
@@ -264,12 +263,12 @@ def _encode(job: _Job, groups: Sequence[Sequence[_Dataset]]) -> tuple[int, list[
 def _encode_read(job: _Job, groups: Sequence[list[tuple[_Dataset, list[Reader]]]]) -> tuple[int, list[Grouped]]:
     readers = [file_reader for group in groups for _, files in group for file_reader in files]
     count = sum(file_reader.count for file_reader in readers)
-    about = "" if all(file_reader.exact for file_reader in readers) else "about "
+    total = counted(readers)
     next_report = [REPORT_EVERY]
 
     def progress(done: int) -> None:
         if next_report[0] <= done < count:
-            log.info("prepared %d of %s%d records", done, about, count)
+            log.info("prepared %d of %s records", done, total)
             next_report[0] += REPORT_EVERY
 
     workers = default_workers(count) if job.workers is None else job.workers

@@ -117,13 +117,14 @@ def guess_tags(rows: Sequence[dict[str, Any]], column: str) -> DatasetTags | Non
     Without tags LLaMA-Factory assumes from/value; OpenAI-style role/content files are recognised instead of
     having every row dropped for an unknown role.
     """
+    default = DatasetTags()
     for row in rows[:TAG_ROWS]:
         messages = _maybe_json(row.get(column))
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             first = messages[0]
-            if DatasetTags().role_tag not in first and "role" in first and "content" in first:
+            if default.role_tag not in first and "role" in first and "content" in first:
                 return OPENAI_TAGS
-            return DatasetTags()
+            return default
     return None
 
 
@@ -361,6 +362,12 @@ class PieceReader(Reader):
             found = None
         if found != (self.fmt, self.mapping, self.tags):
             raise PieceError(f"{self.text.path}: its later records call for other columns than its first")
+
+
+def counted(readers: Sequence[Reader]) -> str:
+    """The records these readers use, for messages: "N", or "about N" where a count is an estimate."""
+    about = "" if all(r.exact for r in readers) else "about "
+    return f"{about}{sum(r.count for r in readers)}"
 
 
 def reader(spec: DatasetSpec, source: SourceFile, limit: int | None = None) -> Reader | None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from finetune_trainer.data.encode import Encoder, Masking
 from finetune_trainer.data.forking import shared, usable
-from finetune_trainer.data.formats import Converted, Reader
+from finetune_trainer.data.formats import Converted, Reader, counted
 from finetune_trainer.data.templates import ChatTemplate, Rendered, RenderError
 
 log = logging.getLogger("finetune_trainer.data")
@@ -143,8 +143,7 @@ def encode_parts(
     tasks = [(r, piece) for r, reader in enumerate(readers) for piece in range(reader.pieces)]
     processes = usable(workers, len(tasks))
     if processes > 1:
-        about = "" if all(r.exact for r in readers) else "about "
-        log.info("preparing %s%d records in %d processes", about, sum(r.count for r in readers), processes)
+        log.info("preparing %s records in %d processes", counted(readers), processes)
 
     def encode(index: int) -> Part:
         r, piece = tasks[index]

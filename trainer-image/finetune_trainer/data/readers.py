@@ -10,10 +10,11 @@ process holds more than a piece's records at a time.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,24 +92,35 @@ def read_file(path: Path, declared_type: str | None = None) -> SourceFile:
         "parquet": _read_parquet,
         "csv": _read_csv,
     }
-    # Parsed records are trees of dicts, lists and strings without cycles: the collector's passes while a file's
-    # hundreds of thousands of them are made (each one longer, as the records pile up) would find nothing to free.
+    with _collector_off():
+        return readers[kind](path)
+
+
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    # Parsed records are trees of dicts, lists and strings without cycles: the collector's passes while hundreds of
+    # thousands of them are made (each one longer, as the records pile up) would find nothing to free.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return readers[kind](path)
+        yield
     finally:
         if enabled:
             gc.enable()
 
 
-def _text(path: Path) -> str:
+def _bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text: byte {exc.start} cannot be decoded") from None
+        return path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _text(path: Path) -> str:
+    try:
+        return _bytes(path).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: byte {exc.start} cannot be decoded") from None
 
 
 def columns_of(rows: list[dict[str, Any]]) -> frozenset[str]:
@@ -165,18 +177,6 @@ def _lines(text: str) -> list[str]:
     return text.split("\n")
 
 
-def _parse(text: str | bytes) -> Any:
-    # Parsed records are trees of dicts, lists and strings without cycles: the collector's passes while hundreds of
-    # thousands of them are made (each one longer, as the records pile up) would find nothing to free.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return json.loads(text)
-    finally:
-        if enabled:
-            gc.enable()
-
-
 class PieceError(Exception):
     """A piece of a file read in pieces that is not a run of whole records on its own (the cut fell inside a record,
     or the file is malformed there): the file is then read whole, which names the problem if there is one."""
@@ -201,7 +201,6 @@ class TextPieces:
     """
 
     path: Path
-    file_type: str
     data: bytes
     starts: tuple[int, ...]
     ends: tuple[int, ...]
@@ -216,17 +215,18 @@ class TextPieces:
         numbers: list[int] | None = None
         try:
             text = self.data[start:end].decode("utf-8")
-            if self.lines is None:
-                last = piece == len(self.starts) - 1  # it runs to the end of the file and holds the closing "]"
-                rows = _parse("[" + text + ("" if last else "]"))
-                if not rows and len(self.starts) > 1:
-                    raise PieceError(f"{self.path}: piece {piece} holds no record")
-            else:
-                rows, numbers = [], []
-                for number, line in enumerate(_lines(text), start=self.lines[piece]):
-                    if line.strip():
-                        rows.append(_parse(line))
-                        numbers.append(number)
+            with _collector_off():
+                if self.lines is None:
+                    last = piece == len(self.starts) - 1  # it runs to the end of the file and holds the closing "]"
+                    rows = json.loads("[" + text + ("" if last else "]"))
+                    if not rows and len(self.starts) > 1:
+                        raise PieceError(f"{self.path}: piece {piece} holds no record")
+                else:
+                    rows, numbers = [], []
+                    for number, line in enumerate(_lines(text), start=self.lines[piece]):
+                        if line.strip():
+                            rows.append(json.loads(line))
+                            numbers.append(number)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise PieceError(f"{self.path}: piece {piece} is not a run of whole JSON records") from None
         if not all(isinstance(row, dict) for row in rows):
@@ -239,10 +239,7 @@ def read_pieces(path: Path, declared_type: str | None = None) -> TextPieces | No
     kind = file_type_of(path, declared_type)
     if kind not in ("json", "jsonl"):
         return None
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = _bytes(path)
     begin = len(_BOM) if data.startswith(_BOM) else 0
     body = _SPACE.match(data, begin).end()  # type: ignore[union-attr]  # it matches the empty string too
     starts, ends = [], []
@@ -255,7 +252,7 @@ def read_pieces(path: Path, declared_type: str | None = None) -> TextPieces | No
             start = comma + 1
         starts.append(start)
         ends.append(len(data))
-        return TextPieces(path, kind, data, tuple(starts), tuple(ends), None)
+        return TextPieces(path, data, tuple(starts), tuple(ends), None)
     lines, line = [], 1
     start = begin
     while True:
@@ -268,7 +265,7 @@ def read_pieces(path: Path, declared_type: str | None = None) -> TextPieces | No
         ends.append(cut + 1)
         line += data.count(b"\n", start, cut + 1)
         start = cut + 1
-    return TextPieces(path, kind, data, tuple(starts), tuple(ends), tuple(lines))
+    return TextPieces(path, data, tuple(starts), tuple(ends), tuple(lines))
 
 
 def _read_parquet(path: Path) -> SourceFile:
