@@ -28,10 +28,11 @@ Each pull row also shows "+fsync": the same run until an fsync of every file it 
 that a method leaves to the kernel counts too (ours fsyncs each file itself before renaming it).
 Push: a checkpoint-shaped directory of about --push-size-gb (a few large files and the small ones a Hugging Face
 checkpoint has) uploaded by
-  * ours: `CheckpointUploader` (finetune_trainer.checkpoints: the path the trainer takes, a 4-thread pool of
-           `S3Storage.upload_file`, i.e. boto3 upload_file with 64 MiB parts and CRC32 checksums; before that the
-           sha256 of every file for the node record, and the record and manifest written after);
-  * ours, files only: the same pool of `S3Storage.upload_file` without the sha256 record;
+  * ours: `CheckpointUploader` (finetune_trainer.checkpoints: the path the trainer takes, `S3Storage.upload_dir`:
+           4 files at a time, each hashed for the node record and sent in one PUT with that sha256 as its checked
+           checksum, the payload unsigned; files over 1 GiB through boto3 upload_file with 64 MiB parts and CRC32;
+           the record and manifest written after);
+  * ours, files only: the same pool of `S3Storage.upload_file` without digests (all through boto3 upload_file);
   * s5cmd: `s5cmd --endpoint-url URL cp dir/ s3://bucket/prefix/` (defaults: 50 MiB parts, 5 at once per file);
   * boto3-tm: `upload` of every file through one TransferManager (max_concurrency=--workers, 8 MiB parts, CRC32).
 CPU is user+system seconds per GiB of this process and its finished children (s5cmd runs as one), from
@@ -461,7 +462,7 @@ def push(
                 future.result()
 
     methods: dict[str, Callable[[], None]] = {
-        "ours: CheckpointUploader (sha256 record, 64 MiB parts)": ours,
+        "ours: CheckpointUploader (sha256 record sent as the checksum)": ours,
         "ours, files only (S3Storage.upload_file, 4 at once)": ours_files_only,
         "s5cmd cp dir/ (50 MiB parts)": s5cmd_cp,
         f"boto3-tm: one TransferManager, {args.workers} threads": boto3_tm,

@@ -11,6 +11,7 @@ in every test, so equality cannot come from an adapter that does nothing).
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -24,11 +25,11 @@ from safetensors.torch import load_file, save_file
 from trainer.tiny import build_tokenizer
 from trainer.tinymodels import PYTHON, REPO_ROOT, config_dict, trainer_env, write_model
 
-from finetune_trainer.checkpoints import sha256_file
 from finetune_trainer.errors import ConfigError, MergeError
 from finetune_trainer.merge import merge_model
 from finetune_trainer.merge.shards import SAFE_INDEX, ShardWriter, TensorEntry, parse_size, plan_shards
 from finetune_trainer.merge.weights import merge_state_dict, parse_adapter
+from finetune_trainer.storage import sha256_file
 from support.s3 import S3Bucket
 
 TOLERANCE = 1e-5
@@ -530,6 +531,9 @@ def test_cli_merges_between_s3_prefixes_with_the_manifest_last(
         (merged / key).parent.mkdir(parents=True, exist_ok=True)
         s3.client().download_file(s3.bucket, "runs/r1/merged/" + key, str(merged / key))
     assert all(sha256_file(merged / f["path"]) == f["sha256"] for f in manifest["files"])
+    for f in manifest["files"]:  # the store checked every file against the digest the manifest lists
+        head = s3.client().head_object(Bucket=s3.bucket, Key="runs/r1/merged/" + f["path"], ChecksumMode="ENABLED")
+        assert base64.b64decode(head["ChecksumSHA256"]).hex() == f["sha256"], f["path"]
     assert '"learningRate": 0.005' in (merged / "README.md").read_text()  # the training configuration
     assert_reproduces_adapter(llama, llama_adapter, merged)
 

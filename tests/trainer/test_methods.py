@@ -14,11 +14,11 @@ import pytest
 import torch
 from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
 
-from finetune_trainer.checkpoints import sha256_file
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.methods import apply_freeze, linear_module_names, resolve_lora_targets
 from finetune_trainer.progress import ProgressReporter
 from finetune_trainer.recipe import FineTuneRecipe
+from finetune_trainer.storage import sha256_file
 
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.0, "target": "all"}
 

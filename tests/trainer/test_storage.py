@@ -4,12 +4,14 @@ errors that name the URI, and a whole training run reading from and writing to S
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -384,13 +386,57 @@ def test_storage_errors_name_the_uri_and_the_cause(s3_env: Any, monkeypatch: pyt
         wrong.list(s3_env.uri("x/"))
 
 
+def _stored_sha256(s3: Any, key: str) -> str | None:
+    """The SHA-256 additional checksum the store keeps for `key` (hex), or None when it has none."""
+    head = s3.client().head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
+    value = head.get("ChecksumSHA256")
+    return base64.b64decode(value).hex() if value else None
+
+
+def test_a_file_sent_with_its_sha256_is_checked_by_the_store_against_it(s3_env: Any, tmp_path: Path) -> None:
+    storage = S3Storage(_spec(s3_env))
+    sent: list[dict[str, str]] = []
+    storage.put_client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+    )
+    data = _blob(3 * MiB + 5, 7)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    uri = s3_env.uri("runs/y/adapter_model.safetensors")
+
+    storage.upload_file(path, uri, sha256=digest)
+
+    assert _stored_sha256(s3_env, "runs/y/adapter_model.safetensors") == digest
+    # The body is hashed once (by the caller): it is covered by the signed x-amz-checksum-sha256 header, which the
+    # store checks, instead of by a second SHA-256 in the signature.
+    headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent[-1].items()}
+    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert base64.b64decode(headers["x-amz-checksum-sha256"]).hex() == digest
+    assert "x-amz-checksum-sha256" in headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+
+    # Bytes that do not match the digest (the file changed after it was hashed) are refused; what was there stays.
+    path.write_bytes(_blob(3 * MiB + 5, 8))
+    with pytest.raises(StorageError, match=rf"cannot upload to {re.escape(uri)} .*do not match the file's sha256"):
+        storage.upload_file(path, uri, sha256=digest)
+    assert storage.read_bytes(uri) == data
+
+
 def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path: Path) -> None:
     storage = S3Storage(_spec(s3_env))
+    storage.single_put_max = 4 * MiB  # larger files go in parts through the transfer manager
     (tmp_path / "ckpt" / "global_step2").mkdir(parents=True)
     (tmp_path / "ckpt" / "optimizer.pt").write_bytes(_blob(9 * MiB, 4))
     (tmp_path / "ckpt" / "global_step2" / "zero_pp_rank_0.pt").write_bytes(b"shard")
     prefix = s3_env.uri("runs/x/checkpoints/step-2/")
-    assert storage.upload_dir(tmp_path / "ckpt", prefix) == ["global_step2/zero_pp_rank_0.pt", "optimizer.pt"]
+    described = storage.upload_dir(tmp_path / "ckpt", prefix)
+    assert described == [
+        {"path": "global_step2/zero_pp_rank_0.pt", "size": 5, "sha256": hashlib.sha256(b"shard").hexdigest()},
+        {"path": "optimizer.pt", "size": 9 * MiB, "sha256": hashlib.sha256(_blob(9 * MiB, 4)).hexdigest()},
+    ]
+    # The store checked the small file against the digest the record holds; the large one against its CRC32s.
+    assert _stored_sha256(s3_env, "runs/x/checkpoints/step-2/global_step2/zero_pp_rank_0.pt") == described[0]["sha256"]
+    assert _stored_sha256(s3_env, "runs/x/checkpoints/step-2/optimizer.pt") is None
     assert {o.key: o.size for o in storage.list(prefix)} == {
         "global_step2/zero_pp_rank_0.pt": 5,
         "optimizer.pt": 9 * MiB,
@@ -441,6 +487,13 @@ def test_a_training_run_reads_model_and_data_from_s3_and_resumes_from_s3_checkpo
     for key in ("manifest.json", "adapter_model.safetensors", "loss.png", "checkpoints/step-2/manifest.json"):
         assert f"runs/tiny/{key}" in keys
     assert "runs/tiny/checkpoints/step-4/optimizer.pt" in keys
+    # Every file a checkpoint or the final outputs list was checked by the store against the sha256 listed.
+    for manifest_key in ("runs/tiny/manifest.json", "runs/tiny/checkpoints/step-2/manifest.json"):
+        listed = json.loads(client.get_object(Bucket=s3_env.bucket, Key=manifest_key)["Body"].read())["files"]
+        base = manifest_key.rsplit("/", 1)[0]
+        assert {f["path"]: _stored_sha256(s3_env, f"{base}/{f['path']}") for f in listed} == {
+            f["path"]: f["sha256"] for f in listed
+        }
 
     # A Pod that starts after success does not train again.
     assert run(config, reporter=ProgressReporter("tiny", stream=io.StringIO())).status == "already-complete"

@@ -16,7 +16,6 @@ first, so a half-deleted checkpoint never looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -25,7 +24,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,22 +103,6 @@ def latest_complete(storage: Storage, output_uri: str) -> CheckpointRef | None:
     if listing.incomplete:
         log.info("ignoring incomplete checkpoint(s) (no manifest): steps %s", listing.incomplete)
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(8 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_files(root: Path, workers: int = 4) -> list[dict[str, Any]]:
-    """path, size and sha256 of every file under `root` (hashing in parallel: hashlib releases the GIL)."""
-    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    with ThreadPoolExecutor(workers) as pool:
-        digests = list(pool.map(lambda n: sha256_file(root / n), names))
-    return [{"path": n, "size": (root / n).stat().st_size, "sha256": d} for n, d in zip(names, digests, strict=True)]
 
 
 def apply_retention(storage: Storage, output_uri: str, keep: int) -> list[int]:
@@ -224,10 +206,7 @@ class CheckpointUploader:
     def _upload(self, job: _Job) -> None:
         started = time.monotonic()
         uri = step_uri(self.output_uri, job.step)
-        files = describe_files(job.local_dir)
-        names = [f["path"] for f in files]
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda n: self.storage.upload_file(job.local_dir / n, join_uri(uri, n)), names))
+        files = self.storage.upload_dir(job.local_dir, uri)
         node_record: dict[str, Any] = {"node": self.ranks.node_rank, "attempt": self.attempt, "files": files}
         if self.run is not None:
             node_record["run"] = self.run

@@ -26,7 +26,6 @@ from finetune_trainer.checkpoints import (
     CheckpointRef,
     CheckpointUploader,
     apply_retention,
-    describe_files,
     latest_complete,
     list_checkpoints,
     step_uri,
@@ -447,9 +446,7 @@ class FineTuneRecipe:
             plot_loss(trainer.state.log_history, self.final_dir / LOSS_PLOT, title=self.config.job_name)
         if self.tensorboard_dir.is_dir():  # the Trainer closed its writer at the end of training
             shutil.copytree(self.tensorboard_dir, self.final_dir / tracking.TENSORBOARD_DIR)
-        files = describe_files(self.final_dir)
-        for entry in files:
-            self.storage.upload_file(self.final_dir / entry["path"], join_uri(self.output_uri, entry["path"]))
+        files = self.storage.upload_dir(self.final_dir, self.output_uri)
         manifest = {
             "format": 1,
             "job": self.config.job_name,

@@ -14,7 +14,9 @@ Every error names the URI it is about.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +24,7 @@ import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -122,7 +125,6 @@ def as_prefix(uri: str) -> str:
 
 # The storage classes have a method named `list`; annotations inside them use this alias for the builtin.
 ObjectList = list[ObjectInfo]
-NameList = list[str]
 
 
 class Storage(ABC):
@@ -141,8 +143,9 @@ class Storage(ABC):
         """Write a small object in one piece (readers see the old or the new content, never a part)."""
 
     @abstractmethod
-    def upload_file(self, path: Path, uri: str) -> None:
-        """Copy one local file to `uri`."""
+    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None) -> None:
+        """Copy one local file to `uri`. `sha256`: the file's digest (hex) where the caller has computed it; a
+        store that can check the bytes it receives against it does, and refuses them when they differ."""
 
     @abstractmethod
     def delete_prefix(self, uri: str) -> int:
@@ -166,12 +169,34 @@ class Storage(ABC):
     def exists(self, uri: str) -> bool:
         return bool(self.list(uri))
 
-    def upload_dir(self, src: Path, uri: str, files: Iterable[str] | None = None) -> NameList:
-        """Upload every file under `src` (or just `files`, relative paths) to the prefix `uri`; return the keys."""
+    def upload_dir(self, src: Path, uri: str, files: Iterable[str] | None = None, *, workers: int = 4) -> FileList:
+        """Upload every file under `src` (or just `files`, relative paths) to the prefix `uri`, `workers` files at a
+        time (largest first). Each file is hashed just before it is sent and the digest goes with it (see
+        `upload_file`), so one read serves both the record and the store's check. Returns each file's path, size and
+        sha256, in path order: the record checkpoints and outputs list (checkpoints.py)."""
         names = sorted(files) if files is not None else _files_under(src)
-        for name in names:
-            self.upload_file(src / name, join_uri(uri, name))
-        return names
+        sizes = {name: (src / name).stat().st_size for name in names}
+
+        def send(name: str) -> str:
+            digest = sha256_file(src / name)
+            self.upload_file(src / name, join_uri(uri, name), sha256=digest)
+            return digest
+
+        with ThreadPoolExecutor(workers) as pool:
+            digests = dict(zip(order := sorted(names, key=lambda n: -sizes[n]), pool.map(send, order), strict=True))
+        return [{"path": name, "size": sizes[name], "sha256": digests[name]} for name in names]
+
+
+FileList = list[dict[str, Any]]
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file, read 8 MiB at a time (hashlib releases the GIL: threads hash in parallel)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _files_under(root: Path) -> list[str]:
@@ -217,8 +242,8 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot write {uri}: {exc}") from exc
 
-    def upload_file(self, path: Path, uri: str) -> None:
-        try:
+    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None) -> None:
+        try:  # a local copy crosses no network: the digest is not checked again
             replace_atomically(self.path(uri), lambda tmp: shutil.copyfile(path, tmp))
         except OSError as exc:
             raise StorageError(f"cannot upload {path} to {uri}: {exc}") from exc
@@ -261,9 +286,11 @@ class LocalStorage(Storage):
 # --- S3 ---------------------------------------------------------------------------------------------------------
 
 
-def s3_client(spec: StorageSpec, *, max_connections: int = 32) -> Any:
+def s3_client(spec: StorageSpec, *, max_connections: int = 32, sign_payload: bool = True) -> Any:
     """A boto3 S3 client for `spec`: endpoint, region and addressing style from the spec, keys from the environment
-    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; without them boto3's default chain, e.g. IRSA web identity)."""
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; without them boto3's default chain, e.g. IRSA web identity).
+    `sign_payload=False`: request bodies are not hashed into the signature, even over plain HTTP (botocore's
+    default there); only for requests whose body a signed checksum header covers instead."""
     import boto3
     from botocore.config import Config
 
@@ -275,8 +302,11 @@ def s3_client(spec: StorageSpec, *, max_connections: int = 32) -> Any:
         aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
         region_name=spec.region,
     )
+    s3: dict[str, Any] = {"addressing_style": spec.addressing_style}
+    if not sign_payload:
+        s3["payload_signing_enabled"] = False
     config = Config(
-        s3={"addressing_style": spec.addressing_style},
+        s3=s3,
         retries={"max_attempts": 8, "mode": "adaptive"},
         # Response checksums are checked where they are wanted: read_bytes asks botocore (ChecksumMode), the
         # downloader checks them itself with a faster CRC32 (finetune_trainer.transfer).
@@ -295,21 +325,40 @@ def _client_error_code(exc: BaseException) -> str:
 
 
 class S3Storage(Storage):
-    """S3-compatible storage through boto3; prefix downloads go through the concurrent, resumable downloader."""
+    """S3-compatible storage through boto3; prefix downloads go through the concurrent, resumable downloader.
+
+    A file uploaded with its sha256 (up to `single_put_max` bytes) goes in one PUT that carries the digest as the
+    object's SHA-256 checksum (`x-amz-checksum-sha256`, a signed header the store checks the body against and keeps),
+    with the body left out of the signature: hashed once, by the caller, instead of a second time by botocore's
+    payload signature over plain HTTP and a third time for its default CRC32. Larger files, and files sent without
+    a digest, go in parts through boto3's transfer manager."""
+
+    single_put_max = 1024 * 1024 * 1024  # one PUT may be 5 GiB; past 1 GiB parts sent at once are worth more
 
     def __init__(self, spec: StorageSpec, *, workers: int = 16, chunk_size: int = 16 * 1024 * 1024) -> None:
         self.spec = spec
         self.workers = workers
         self.chunk_size = chunk_size
-        self._client: Any = None
+        self._clients: dict[bool, Any] = {}
         self._lock = threading.Lock()
+
+    def _client_for(self, sign_payload: bool) -> Any:
+        with self._lock:
+            if sign_payload not in self._clients:
+                connections = max(10, self.workers + 4)
+                self._clients[sign_payload] = s3_client(
+                    self.spec, max_connections=connections, sign_payload=sign_payload
+                )
+            return self._clients[sign_payload]
 
     @property
     def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._client = s3_client(self.spec, max_connections=max(10, self.workers + 4))
-            return self._client
+        return self._client_for(True)
+
+    @property
+    def put_client(self) -> Any:
+        """The client for PUTs whose body a signed checksum header covers (payload not signed)."""
+        return self._client_for(False)
 
     @staticmethod
     def _split(uri: str) -> tuple[str, str]:
@@ -325,6 +374,9 @@ class S3Storage(Storage):
             "AccessDenied": "access denied: check the storage secret's keys and the bucket policy",
             "InvalidAccessKeyId": "the access key id is not known to the endpoint",
             "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+            "BadDigest": "the bytes the store received do not match the file's sha256 (it changed after it was hashed)",
+            "XAmzContentChecksumMismatch": "the bytes the store received do not match the file's sha256 (it changed "
+            "after it was hashed)",
         }.get(code, str(exc))
         endpoint = self.spec.endpoint or "AWS"
         return StorageError(f"cannot {action} {uri} (endpoint {endpoint}): {hint}")
@@ -371,14 +423,19 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._fail("write", uri, exc) from exc
 
-    def upload_file(self, path: Path, uri: str) -> None:
+    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None) -> None:
         from boto3.s3.transfer import TransferConfig
 
         bucket, key = self._split(uri)
-        # boto3's transfer manager already does concurrent multipart uploads; 64 MiB parts keep the part count of
-        # multi-GB checkpoint shards low, and downloads later fetch part by part.
-        config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
         try:
+            if sha256 is not None and path.stat().st_size <= self.single_put_max:
+                checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+                with open(path, "rb") as body:
+                    self.put_client.put_object(Bucket=bucket, Key=key, Body=body, ChecksumSHA256=checksum)
+                return
+            # boto3's transfer manager does concurrent multipart uploads; 64 MiB parts keep the part count of
+            # multi-GB checkpoint shards low, and downloads later fetch part by part.
+            config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
             self.client.upload_file(str(path), bucket, key, Config=config)
         except Exception as exc:
             raise self._fail("upload to", uri, exc) from exc

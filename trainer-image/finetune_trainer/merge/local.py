@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from finetune_trainer.checkpoints import sha256_file
 from finetune_trainer.config import METHOD_REGISTRY, TrainerConfig
 from finetune_trainer.errors import MergeError
 from finetune_trainer.merge.card import CardFacts, render_model_card
@@ -49,6 +48,7 @@ from finetune_trainer.merge.shards import (
 )
 from finetune_trainer.merge.weights import AdapterWeights, fit_problems, merge_tensor, parse_adapter
 from finetune_trainer.samples import SAMPLES_FILE, read_samples
+from finetune_trainer.storage import sha256_file
 from finetune_trainer.timefmt import now_rfc3339
 
 log = logging.getLogger(__name__)

@@ -231,7 +231,7 @@ def merge_from_storage(request: MergeRequest, *, cache_dir: Path, storage: Stora
     out_storage.write_bytes(join_uri(output, INCOMPLETE_MARKER), json.dumps(marker).encode())
 
     def upload(path: Path, entry: WrittenFile) -> None:
-        out_storage.upload_file(path, join_uri(output, entry.path))
+        out_storage.upload_file(path, join_uri(output, entry.path), sha256=entry.sha256)
         path.unlink()  # scratch holds at most one finished shard at a time
 
     try:
