@@ -125,6 +125,7 @@ def as_prefix(uri: str) -> str:
 
 # The storage classes have a method named `list`; annotations inside them use this alias for the builtin.
 ObjectList = list[ObjectInfo]
+FileList = list[dict[str, Any]]  # path, size and sha256 of each file, as checkpoint and output records list them
 
 
 class Storage(ABC):
@@ -182,12 +183,10 @@ class Storage(ABC):
             self.upload_file(src / name, join_uri(uri, name), sha256=digest)
             return digest
 
+        largest_first = sorted(names, key=lambda n: -sizes[n])
         with ThreadPoolExecutor(workers) as pool:
-            digests = dict(zip(order := sorted(names, key=lambda n: -sizes[n]), pool.map(send, order), strict=True))
+            digests = dict(zip(largest_first, pool.map(send, largest_first), strict=True))
         return [{"path": name, "size": sizes[name], "sha256": digests[name]} for name in names]
-
-
-FileList = list[dict[str, Any]]
 
 
 def sha256_file(path: Path) -> str:
@@ -324,6 +323,9 @@ def _client_error_code(exc: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+_DIGEST_MISMATCH = "the bytes the store received do not match the file's sha256 (it changed after it was hashed)"
+
+
 class S3Storage(Storage):
     """S3-compatible storage through boto3; prefix downloads go through the concurrent, resumable downloader.
 
@@ -374,9 +376,8 @@ class S3Storage(Storage):
             "AccessDenied": "access denied: check the storage secret's keys and the bucket policy",
             "InvalidAccessKeyId": "the access key id is not known to the endpoint",
             "SignatureDoesNotMatch": "the secret access key does not match the access key id",
-            "BadDigest": "the bytes the store received do not match the file's sha256 (it changed after it was hashed)",
-            "XAmzContentChecksumMismatch": "the bytes the store received do not match the file's sha256 (it changed "
-            "after it was hashed)",
+            "BadDigest": _DIGEST_MISMATCH,
+            "XAmzContentChecksumMismatch": _DIGEST_MISMATCH,
         }.get(code, str(exc))
         endpoint = self.spec.endpoint or "AWS"
         return StorageError(f"cannot {action} {uri} (endpoint {endpoint}): {hint}")
