@@ -62,18 +62,19 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_model(root / "model"), write_dataset(root / "train.jsonl", n=40)
 
 
+@pytest.mark.parametrize("method", [METHOD, {"type": "full"}], ids=["lora", "full"])
 def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_uninterrupted_run(
-    tmp_path: Path, sources: tuple[Path, Path]
+    tmp_path: Path, sources: tuple[Path, Path], method: dict[str, Any]
 ) -> None:
     model, data = sources
-    common = {"model_uri": model.as_uri(), "data_uri": data.as_uri(), "method": METHOD, "training": TRAINING}
+    common = {"model_uri": model.as_uri(), "data_uri": data.as_uri(), "method": method, "training": TRAINING}
     reference, _, ref_log = _run(make_config(tmp_path / "a", **common))
     assert reference.status == "finished"
     expected = losses_by_step(progress_lines(ref_log))
     assert sorted(expected) == list(range(1, 9))
 
     interrupted_cfg = make_config(tmp_path / "b", **common)
-    stopped, _, _ = _run(interrupted_cfg, sigterm_at=3)
+    stopped, stopped_recipe, _ = _run(interrupted_cfg, sigterm_at=3)
     # The signal arrives during step 3's callbacks; all ranks agree on the following step boundary at the latest.
     assert stopped.status == "preempted"
     assert stopped.exit_code == EXIT_PREEMPTED
@@ -86,6 +87,15 @@ def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_unint
     # resumed run below loads the optimizer state all the same.
     saved = tmp_path / "b" / "out" / "checkpoints" / f"step-{stopped.step}" / "optimizer.pt"
     assert {record.CRC for record in zipfile.ZipFile(saved).infolist()} == {0}
+    # Both checkpoints (step 2 and the preemption's) went through the staging buffers: the optimizer state (and a
+    # full fine-tune's weights) written in the background while training went on, then uploaded.
+    staging = stopped_recipe.trainer.staging
+    assert staging is not None
+    assert staging.staged_saves == 2
+    weights = "adapter_model.safetensors" if method is METHOD else "model.safetensors"
+    assert (saved.parent / weights).is_file()
+    if method is not METHOD:
+        assert staging.buffer_bytes > 3 * sum(p.numel() * 4 for p in stopped_recipe.trainer.model.parameters())
 
     # A newer checkpoint whose upload never finished (no manifest) must be ignored.
     torn = tmp_path / "b" / "out" / "checkpoints" / "step-7"

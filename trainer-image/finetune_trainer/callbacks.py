@@ -10,9 +10,11 @@ reporting progress to the FineTuneJob.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -20,11 +22,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import reissue_pt_warnings
 
 from finetune_trainer.checkpoints import LOCAL_PREFIX
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
+from finetune_trainer.staging import PendingWrites, StagedWrites
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,12 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
     """
 
     _tokens_mark: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+    # Set by the recipe in the process that writes and uploads this node's checkpoints: the model's weights and the
+    # optimizer state of a checkpoint are staged in host memory and written in the background (staging.py);
+    # `pending_writes` is the last save's, for the uploader to wait on.
+    staging: StagedWrites | None = None
+    pending_writes: PendingWrites | None = None
+    _staging_save = False  # inside a checkpoint save that stages
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,6 +87,62 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
                 logs["tokens_per_second"] = round((tokens - mark[1]) / (now - mark[0]), 1)
             self._tokens_mark = (now, tokens)
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """A checkpoint whose largest files are written in the background (see `staging`). DeepSpeed and FSDP
+        write their own sharded files, collectively: those saves stay as they are."""
+        staging = self.staging
+        if staging is None or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._save_checkpoint(model, trial)
+            return
+        staging.ready()  # the previous checkpoint's files are written: its buffers can take this one
+        self._staging_save = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            staging.discard()
+            raise
+        finally:
+            self._staging_save = False
+        self.pending_writes = staging.flush()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        """In a staged checkpoint save, the weights of a whole model (full and freeze fine-tunes) are copied to the
+        staging buffers and written in the background; the tokenizer and training arguments are written here. An
+        adapter (a PeftModel) is small and saved as the Trainer saves it."""
+        staging = self.staging
+        if not self._staging_save or staging is None or state_dict is not None or output_dir is None:
+            super()._save(output_dir, state_dict)
+            return
+        model: Any = self.model
+        tokenizer: Any = self.processing_class
+        staged = (
+            staging.stage("model", model.state_dict()) if isinstance(model, PreTrainedModel) and tokenizer else None
+        )
+        if staged is None:
+            super()._save(output_dir, state_dict)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        staging.defer(output_dir, lambda: model.save_pretrained(output_dir, state_dict=staged, is_main_process=True))
+        tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """In a staged checkpoint save, the optimizer state is copied to the staging buffers and written in the
+        background; the scheduler's (a few numbers) is written here."""
+        staging = self.staging
+        optimizer: Any = self.optimizer
+        scheduler: Any = self.lr_scheduler
+        staged = staging.stage("optimizer", optimizer.state_dict()) if self._staging_save and staging else None
+        if staging is None or staged is None:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, OPTIMIZER_NAME)
+        staging.defer(path, lambda: torch.save(staged, path))
+        with warnings.catch_warnings(record=True) as caught:
+            torch.save(scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        reissue_pt_warnings(caught)  # type: ignore[no-untyped-call]
 
     def create_accelerator_and_postprocess(self) -> None:
         """FSDP on the CPU too. accelerate (1.15) turns an FSDP plugin into FSDP only for accelerator process groups

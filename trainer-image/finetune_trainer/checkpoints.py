@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.storage import Storage, StorageError, join_uri
@@ -123,12 +123,17 @@ def apply_retention(storage: Storage, output_uri: str, keep: int) -> list[int]:
     return sorted(doomed)
 
 
+class _Writes(Protocol):
+    def wait(self) -> None: ...
+
+
 @dataclass
 class _Job:
     step: int
     local_dir: Path
     loss: float | None
     extra: dict[str, Any]
+    writes: _Writes | None = None
 
 
 class CheckpointUploader:
@@ -169,10 +174,13 @@ class CheckpointUploader:
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
-    def submit(self, local_dir: Path, step: int, *, loss: float | None = None, **extra: Any) -> None:
-        """Queue checkpoint `step` (already fully written to `local_dir` by every local rank) for upload."""
+    def submit(
+        self, local_dir: Path, step: int, *, loss: float | None = None, writes: _Writes | None = None, **extra: Any
+    ) -> None:
+        """Queue checkpoint `step` for upload: written to `local_dir` by every local rank, except for the files
+        this process still writes in the background (`writes`, staging.PendingWrites), which the upload waits for."""
         self.check()
-        self._queue.put(_Job(step, local_dir, loss, extra))
+        self._queue.put(_Job(step, local_dir, loss, extra, writes))
 
     def check(self) -> None:
         """Raise the first background upload error, if any."""
@@ -206,6 +214,8 @@ class CheckpointUploader:
     def _upload(self, job: _Job) -> None:
         started = time.monotonic()
         uri = step_uri(self.output_uri, job.step)
+        if job.writes is not None:
+            job.writes.wait()
         files = self.storage.upload_dir(job.local_dir, uri)
         node_record: dict[str, Any] = {"node": self.ranks.node_rank, "attempt": self.attempt, "files": files}
         if self.run is not None:

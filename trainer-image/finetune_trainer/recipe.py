@@ -247,6 +247,7 @@ class FineTuneRecipe:
         from transformers import PrinterCallback
 
         from finetune_trainer.callbacks import ResumableTrainer
+        from finetune_trainer.staging import StagedWrites
 
         self.trainer = ResumableTrainer(
             model=model,
@@ -258,6 +259,8 @@ class FineTuneRecipe:
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)  # our JSON lines replace its printed dicts
+        if self.uploader is not None:  # the process that uploads this node's checkpoints writes them off the step
+            self.trainer.staging = StagedWrites()
 
     def _log_setup_done(self, started: float, args: Any) -> None:
         import torch
@@ -435,7 +438,8 @@ class FineTuneRecipe:
         saveSteps, at the last step and on SIGTERM): this node's local rank 0 queues it for upload to
         <output>/checkpoints/step-<step>/; training goes on while it uploads."""
         if self.uploader is not None:
-            self.uploader.submit(local_dir, step, loss=loss)
+            writes, self.trainer.pending_writes = self.trainer.pending_writes, None
+            self.uploader.submit(local_dir, step, loss=loss, writes=writes)
 
     # -- final outputs -----------------------------------------------------------------------------------------
 

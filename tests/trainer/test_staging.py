@@ -1,0 +1,166 @@
+"""Checkpoint files written in the background (finetune_trainer.staging): the staged copy is a snapshot that the
+next optimizer step cannot change, tied weights stay tied, buffers are reused from save to save, staging steps
+aside when memory is short, and a failed write names its file. The whole path through the Trainer (a preempted
+full fine-tune resuming with the losses of an uninterrupted run) is in test_resume.py."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer.staging import StagedWrites, available_memory
+
+
+def _optimizer_like() -> dict[str, object]:
+    torch.manual_seed(0)
+    return {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(64, 32), "exp_avg_sq": torch.rand(64, 32)}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}],
+    }
+
+
+def test_a_staged_state_is_a_snapshot_that_later_in_place_updates_do_not_reach(tmp_path: Path) -> None:
+    state = _optimizer_like()
+    expected = {k: v.clone() for k, v in state["state"][0].items()}  # type: ignore[index]
+    staging = StagedWrites()
+    staged = staging.stage("optimizer", state)
+    assert staged is not None
+    for tensor in state["state"][0].values():  # type: ignore[index]
+        tensor.add_(1.0)  # the next optimizer step, before the background write has run
+    path = tmp_path / "optimizer.pt"
+    staging.defer(str(path), lambda: torch.save(staged, path))
+    pending = staging.flush()
+    assert pending is not None
+    assert pending.paths == [str(path)]
+    staging.ready()
+    loaded = torch.load(path, weights_only=True)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded["state"][0][name], tensor), name
+    assert loaded["param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]
+    assert staging.staged_saves == 1
+
+
+def test_tied_weights_stay_one_tensor_and_the_buffers_are_reused_from_save_to_save() -> None:
+    embedding, other = torch.randn(16, 8), torch.randn(8, 8)
+    state = OrderedDict(embed=embedding, lm_head=embedding, proj=other, half=other[:4])
+    state._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]  # as nn.Module.state_dict() carries
+    staging = StagedWrites()
+    first = staging.stage("model", state)
+    assert first is not None
+    assert type(first) is OrderedDict
+    assert first._metadata == {"": {"version": 1}}
+    assert first["embed"] is first["lm_head"], "a tied weight must stay one tensor (save_pretrained drops the twin)"
+    assert first["proj"] is not first["half"]
+    assert torch.equal(first["half"], other[:4])
+    assert first["embed"].untyped_storage().data_ptr() != embedding.untyped_storage().data_ptr()
+    assert staging.buffer_bytes == embedding.nbytes + other.nbytes + other[:4].nbytes
+    assert staging.flush() is None  # nothing deferred, nothing to write
+
+    embedding.mul_(2.0)
+    staging.ready()
+    second = staging.stage("model", state)
+    assert second is not None
+    assert second["embed"].data_ptr() == first["embed"].data_ptr(), "the second save reuses the first one's buffers"
+    assert torch.equal(second["embed"], embedding)
+    assert staging.buffer_bytes == embedding.nbytes + other.nbytes + other[:4].nbytes
+
+
+def test_the_next_save_waits_until_the_previous_files_are_written(tmp_path: Path) -> None:
+    staging = StagedWrites()
+    staged = staging.stage("optimizer", _optimizer_like())
+    release = threading.Event()
+
+    def slow_write() -> None:
+        release.wait(30)
+        torch.save(staged, tmp_path / "optimizer.pt")
+
+    staging.defer(str(tmp_path / "optimizer.pt"), slow_write)
+    pending = staging.flush()
+    assert pending is not None
+    assert not pending.done()
+    with pytest.raises(AssertionError, match="ready"):
+        staging.stage("optimizer", _optimizer_like())  # its buffers are still being written
+    waiter = threading.Thread(target=staging.ready)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "ready() returned while the previous checkpoint was still being written"
+    release.set()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert (tmp_path / "optimizer.pt").is_file()
+    assert staging.stage("optimizer", _optimizer_like()) is not None
+
+
+def test_a_failed_write_names_its_file_and_stops_the_next_save(tmp_path: Path) -> None:
+    staging = StagedWrites()
+    staged = staging.stage("optimizer", _optimizer_like())
+    path = tmp_path / "gone" / "optimizer.pt"  # its directory does not exist
+    staging.defer(str(path), lambda: torch.save(staged, path))
+    pending = staging.flush()
+    assert pending is not None
+    with pytest.raises(OSError, match=rf"cannot write checkpoint file {path}: "):
+        pending.wait()
+    staging.defer(str(path), lambda: None)
+    staging.discard()
+    assert staging.flush() is None, "discard() drops the writes of a failed save"
+
+
+def test_staging_steps_aside_when_its_buffers_would_not_fit_in_memory(caplog: pytest.LogCaptureFixture) -> None:
+    state = _optimizer_like()
+    needed = sum(t.nbytes for t in state["state"][0].values())  # type: ignore[index]
+    assert StagedWrites(available=lambda: 2 * needed).stage("optimizer", state) is not None
+    tight = StagedWrites(available=lambda: 2 * needed - 1)
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.staging"):
+        assert tight.stage("optimizer", state) is None
+        assert tight.stage("optimizer", state) is None
+    warnings = [r.getMessage() for r in caplog.records if "synchronously" in r.getMessage()]
+    assert len(warnings) == 1, "said once, not at every save"
+    assert "more than 50% of the 0 MiB this process may still use" in warnings[0]
+    assert StagedWrites(available=lambda: None).stage("optimizer", state) is None, "unknown memory: no staging"
+
+
+def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:    2000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_memory(meminfo, cgroup) == 2000 * 1024, "no cgroup files: MemAvailable"
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123456\n")
+    assert available_memory(meminfo, cgroup) == 2000 * 1024, "no limit: MemAvailable"
+    (cgroup / "memory.max").write_text("1000000\n")
+    assert available_memory(meminfo, cgroup) == 1000000 - 123456
+    (cgroup / "memory.current").write_text("2000000\n")
+    assert available_memory(meminfo, cgroup) == 0, "over the limit already"
+    assert available_memory(tmp_path / "none", tmp_path / "none") is None
+    assert available_memory() is not None, "this machine's own figures are readable"
+
+
+def test_a_model_with_tied_weights_saved_from_its_staged_state_equals_its_own_save(tmp_path: Path) -> None:
+    """What the Trainer defers for a full fine-tune: save_pretrained with the staged state dict. Its files hold the
+    same tensors as the model's own save (the tied lm_head dropped as there), not the later updates."""
+    from safetensors.torch import load_file
+    from trainer.tiny import tiny_llama
+
+    model = tiny_llama(96, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "direct")
+    staging = StagedWrites()
+    staged = staging.stage("model", model.state_dict())
+    assert staged is not None
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # training goes on
+    target = tmp_path / "staged"
+    staging.defer(str(target), lambda: model.save_pretrained(target, state_dict=staged, is_main_process=True))
+    staging.flush()
+    staging.ready()
+    direct, written = load_file(tmp_path / "direct" / "model.safetensors"), load_file(target / "model.safetensors")
+    assert sorted(written) == sorted(direct)
+    assert "lm_head.weight" not in written
+    for name, tensor in direct.items():
+        assert torch.equal(written[name], tensor), name
