@@ -17,7 +17,11 @@ each run the page cache is written back and, where this process may (root), drop
 into a page cache that must first evict other files cost several times the CPU on the development VM.
 
     ~/.cache/finetune-operator/venv/bin/python bench/bench_checkpoint.py [--methods lora,full] [--steps 12]
-        [--save-every 4] [--layers 24] [--repeat 1]
+        [--save-every 4] [--layers 24] [--repeat 1] [--sync-writes]
+
+The trainer copies a checkpoint's optimizer state (and a full fine-tune's weights) into host buffers and writes
+the files in the background (finetune_trainer/staging.py); --sync-writes turns that off, so that a run can be
+compared with the Trainer writing every file before the next step.
 
 Also the part the save blocks: the time between the end of a step and the start of the next (where the Trainer
 serializes the checkpoint and the callbacks hand it to the uploader), against the same gaps without saves; the rest
@@ -144,6 +148,8 @@ def run_once(
     try:
         recipe.setup()
         recipe.trainer.add_callback(clock)
+        if args.sync_writes:  # the Trainer writes every file before the next step, as before staging.py
+            recipe.trainer.staging = None
         recipe.train()  # returns once the background uploads have finished
     finally:
         recipe.cleanup()
@@ -165,6 +171,11 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=4864)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--sync-writes",
+        action="store_true",
+        help="write each checkpoint's files before the next step (no staging in host memory), to compare",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

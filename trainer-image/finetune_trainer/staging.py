@@ -104,7 +104,8 @@ class StagedWrites:
         self._buffers: dict[tuple[str, ...], torch.Tensor] = {}
         self._deferred: list[tuple[str, Callable[[], None]]] = []
         self._pending: PendingWrites | None = None
-        self._declined = False
+        self._declined = False  # said why checkpoints are written synchronously
+        self._failed = False  # a buffer could not be allocated: no more staging in this process
 
     # -- one save ------------------------------------------------------------------------------------------------
 
@@ -121,6 +122,8 @@ class StagedWrites:
         the caller then saves `obj` itself. Tensors that are the same view of the same storage (tied weights) stay
         one tensor. Call `ready()` first."""
         assert self._pending is None, "ready() before staging: the previous checkpoint may still be writing"
+        if self._failed:
+            return None
         tensors: dict[tuple[str, ...], torch.Tensor] = {}
         _collect(obj, (name,), tensors)
         unique: dict[tuple[Any, ...], tuple[tuple[str, ...], torch.Tensor]] = {}  # view -> (first key, tensor)
@@ -137,9 +140,16 @@ class StagedWrites:
             if buffer is None or not _fits(buffer, tensor):
                 if buffer is not None:
                     self.buffer_bytes -= buffer.nbytes
-                buffer = torch.empty_strided(
-                    tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda
-                )
+                try:
+                    buffer = torch.empty_strided(
+                        tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda
+                    )
+                except RuntimeError as exc:  # pinned memory can run out before MemAvailable does: stop staging
+                    self._buffers.clear()
+                    self.buffer_bytes = 0
+                    self._failed = True
+                    self._decline(f"allocating {tensor.nbytes / 2**20:.0f} MiB of host memory failed: {exc}")
+                    return None
                 self._buffers[key] = buffer
                 self.buffer_bytes += buffer.nbytes
             buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
@@ -173,17 +183,18 @@ class StagedWrites:
         available = self.available()
         if available is not None and needed <= self.memory_fraction * available:
             return True
-        if not self._declined:  # once: every later save would say the same
-            log.warning(
-                "checkpoints are written synchronously: staging them needs %.0f MiB of host memory beside %.0f MiB "
-                "already staged, more than %.0f%% of the %s this process may still use",
-                needed / 2**20,
-                self.buffer_bytes / 2**20,
-                self.memory_fraction * 100,
-                "unknown amount" if available is None else f"{available / 2**20:.0f} MiB",
-            )
-            self._declined = True
+        self._decline(
+            f"staging them needs {needed / 2**20:.0f} MiB of host memory beside {self.buffer_bytes / 2**20:.0f} MiB "
+            f"already staged, more than {self.memory_fraction * 100:.0f}% of the "
+            + ("unknown amount" if available is None else f"{available / 2**20:.0f} MiB")
+            + " this process may still use"
+        )
         return False
+
+    def _decline(self, reason: str) -> None:
+        if not self._declined:  # once: every later save would say the same
+            log.warning("checkpoints are written synchronously: %s", reason)
+            self._declined = True
 
 
 def _collect(obj: Any, key: tuple[str, ...], out: dict[tuple[str, ...], torch.Tensor]) -> None:
