@@ -41,12 +41,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchutil import drop_page_cache  # noqa: E402
+from benchutil import drop_page_cache, process_cpu_seconds  # noqa: E402
 from trainer.tiny import build_tokenizer  # noqa: E402
 from trainer.tinymodels import write_dataset  # noqa: E402
 
@@ -91,9 +91,11 @@ class StepClock:
     """Wall time at the start and the end of each optimizer step (a transformers TrainerCallback). Between the end
     of one step and the start of the next the Trainer logs and saves: that gap is what a save blocks."""
 
-    def __init__(self) -> None:
+    def __init__(self, store_pid: int) -> None:
+        self.store_pid = store_pid
         self.begins: list[float] = []
         self.ends: list[float] = []
+        self.cpu: list[tuple[float, float]] = []  # at each step's end: CPU s of this process and of the store
 
     def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
         self.begins.append(time.perf_counter())
@@ -105,6 +107,14 @@ class StepClock:
 
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu.append((process_cpu_seconds(os.getpid()), process_cpu_seconds(self.store_pid)))
+
+
+class Window(NamedTuple):
+    seconds: float  # wall seconds per step
+    between: float  # of them, between the end of a step and the start of the next
+    cpu: float  # CPU seconds per step of this process (training, saves, the upload's client side)
+    store_cpu: float  # CPU seconds per step of MinIO
 
 
 def run_once(
@@ -116,8 +126,10 @@ def run_once(
     method: str,
     save_every: int,
     args: argparse.Namespace,
-) -> tuple[float, float]:
-    """Seconds per step in the window, and of those the seconds per step spent between steps (logging, saving)."""
+    store_pid: int,
+) -> Window:
+    """Seconds per step in the window, the part of them between steps (logging, saving), and CPU seconds per step
+    of this process and of the object store in the same window."""
     config = TrainerConfig.model_validate(
         {
             "jobName": f"bench-{method}",
@@ -144,7 +156,7 @@ def run_once(
     )
     quiet = ProgressReporter(config.job_name, None, stream=open(os.devnull, "w"))  # noqa: SIM115
     recipe = FineTuneRecipe(config, ranks=Ranks(0, 0, 1, 1), reporter=quiet)
-    clock = StepClock()
+    clock = StepClock(store_pid)
     try:
         recipe.setup()
         recipe.trainer.add_callback(clock)
@@ -157,7 +169,13 @@ def run_once(
     first, last = args.warmup - 1, len(clock.ends) - 1
     steps = last - first
     between = sum(clock.begins[i + 1] - clock.ends[i] for i in range(first, last))
-    return (clock.ends[last] - clock.ends[first]) / steps, between / steps
+    (own0, store0), (own1, store1) = clock.cpu[first], clock.cpu[last]
+    return Window(
+        (clock.ends[last] - clock.ends[first]) / steps,
+        between / steps,
+        (own1 - own0) / steps,
+        (store1 - store0) / steps,
+    )
 
 
 def main() -> None:
@@ -181,6 +199,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ftj-bench-ckpt-"))
     server = MinioServer.start(work / "minio")
+    store_pid = server.pid
     try:
         bucket = server.new_bucket()
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = bucket.access_key, bucket.secret_key
@@ -197,29 +216,39 @@ def main() -> None:
             rounds: list[tuple[float, float]] = []  # per round: (overhead %, blocking %)
             for attempt in range(args.repeat):
                 runs = [("with", args.save_every), ("without", 10 * args.steps)]
-                measured: dict[str, tuple[float, float]] = {}
+                measured: dict[str, Window] = {}
                 for label, every in runs if attempt % 2 == 0 else runs[::-1]:
                     uri = bucket.uri(f"{method}-{label}-{attempt}/")
                     drop_page_cache()
-                    measured[label] = run_once(work, work / "model", data, uri, storage, method, every, args)
-                    seconds, between = measured[label]
+                    run = run_once(work, work / "model", data, uri, storage, method, every, args, store_pid)
+                    measured[label] = run
                     print(
-                        f"  {method} {label:7} checkpoints: {seconds:.3f} s/step, {between:.3f} of it between steps",
+                        f"  {method} {label:7} checkpoints: {run.seconds:.3f} s/step, {run.between:.3f} of it between "
+                        f"steps; CPU s/step: this process {run.cpu:.2f}, MinIO {run.store_cpu:.2f}",
                         flush=True,
                     )
-                (with_s, with_between), (without_s, without_between) = measured["with"], measured["without"]
+                with_, without = measured["with"], measured["without"]
                 # What the save blocks (serialization in the Trainer, the callbacks), apart from what the background
-                # upload and the object store take from the same CPUs while the next steps run.
-                rounds.append((100 * (with_s / without_s - 1), 100 * (with_between - without_between) / without_s))
+                # writes, the upload and the object store take from the same CPUs while the next steps run.
+                rounds.append(
+                    (
+                        100 * (with_.seconds / without.seconds - 1),
+                        100 * (with_.between - without.between) / without.seconds,
+                    )
+                )
                 print(
                     json.dumps(
                         {
                             "method": method,
                             "round": attempt + 1,
-                            "with_s_per_step": round(with_s, 3),
-                            "without_s_per_step": round(without_s, 3),
+                            "with_s_per_step": round(with_.seconds, 3),
+                            "without_s_per_step": round(without.seconds, 3),
                             "overhead_pct": round(rounds[-1][0], 1),
                             "blocking_pct": round(rounds[-1][1], 1),
+                            # CPU seconds the checkpoints added per step: in this process (background writes, the
+                            # upload's client side) and in MinIO, both on the two cores that train
+                            "extra_cpu_s_per_step": round(with_.cpu - without.cpu, 2),
+                            "store_cpu_s_per_step": round(with_.store_cpu - without.store_cpu, 2),
                         }
                     ),
                     flush=True,

@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # This checkout's trainer, not whichever one the venv's editable install points at (as tests/conftest.py does).
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "trainer-image")]
 
-from benchutil import drop_page_cache  # noqa: E402
+from benchutil import drop_page_cache, process_cpu_seconds  # noqa: E402
 from boto3.s3.transfer import TransferConfig, create_transfer_manager  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
@@ -82,7 +82,6 @@ from support.s3 import MinioServer, S3Bucket  # noqa: E402
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 _BLOCK = os.urandom(64 * MiB)  # incompressible; repeated, since content does not matter to the transfers
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def write_file(path: Path, size: int) -> None:
@@ -146,8 +145,7 @@ class Meter:
         self.server_pid = server_pid
 
     def _server_cpu(self) -> float:
-        fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15 of stat)
+        return process_cpu_seconds(self.server_pid)
 
     def measure(self, run: Callable[[], None], settle: Callable[[], None] | None = None) -> Run:
         def cpu() -> float:
@@ -264,7 +262,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ftj-bench-s3-"))
     server = MinioServer.start(work / "minio")
     assert server._process is not None
-    meter = Meter(server._process.pid)
+    meter = Meter(server.pid)
     try:
         bucket = server.new_bucket()
         client = bucket.client()

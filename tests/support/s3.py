@@ -118,6 +118,12 @@ class MinioServer:
         return server
 
     @property
+    def pid(self) -> int:
+        """The MinIO process's id (the benchmarks read its CPU time)."""
+        assert self._process is not None, "MinIO was never started"
+        return self._process.pid
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / "minio.log"
 
