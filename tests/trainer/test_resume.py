@@ -89,6 +89,7 @@ def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_unint
     assert {record.CRC for record in zipfile.ZipFile(saved).infolist()} == {0}
     # Both checkpoints (step 2 and the preemption's) went through the staging buffers: the optimizer state (and a
     # full fine-tune's weights) written in the background while training went on, then uploaded.
+    assert not list(stopped_recipe.work_dir.glob("checkpoint-*")), "an uploaded checkpoint's local copy is removed"
     staging = stopped_recipe.trainer.staging
     assert staging is not None
     assert staging.staged_saves == 2

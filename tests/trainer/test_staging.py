@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_trainer.errors import CheckpointWriteError
 from finetune_trainer.staging import StagedWrites, available_memory
 
 
@@ -103,7 +104,7 @@ def test_a_failed_write_names_its_file_and_stops_the_next_save(tmp_path: Path) -
     staging.defer(str(path), lambda: torch.save(staged, path))
     pending = staging.flush()
     assert pending is not None
-    with pytest.raises(OSError, match=rf"cannot write checkpoint file {path}: "):
+    with pytest.raises(CheckpointWriteError, match=rf"cannot write checkpoint file {path}: "):
         pending.wait()
     staging.defer(str(path), lambda: None)
     staging.discard()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from finetune_trainer.distenv import Ranks
+from finetune_trainer.errors import CheckpointWriteError
 from finetune_trainer.storage import Storage, StorageError, join_uri
 from finetune_trainer.timefmt import now_rfc3339
 
@@ -154,7 +155,7 @@ class CheckpointUploader:
         job_name: str = "",
         nodes_wait_seconds: float = 1800.0,
         on_complete: Callable[[int, str, float | None], None] | None = None,
-        keep_local: int = 1,
+        keep_local: int = 0,
         attempt: str = "",
         run: dict[str, Any] | None = None,
     ) -> None:
@@ -186,6 +187,8 @@ class CheckpointUploader:
         """Raise the first background upload error, if any."""
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, CheckpointWriteError):  # the local disk, not the upload: its own message
+                raise CheckpointWriteError(str(error)) from error
             raise StorageError(f"checkpoint upload failed: {error}") from error
 
     def drain(self) -> None:
@@ -284,14 +287,22 @@ class CheckpointUploader:
             time.sleep(1.0)
 
     def _prune_local(self, job: _Job) -> None:
-        # The Trainer's own rotation is off (it could delete a directory that is still uploading); local copies
-        # older than the newest `keep_local` uploaded ones go here.
+        """Once a checkpoint is uploaded its local copy serves nothing (resume reads storage, and a new container
+        removes what an earlier one left) but holds disk and page cache, gigabytes for a full fine-tune: it goes,
+        with any older one, except the newest `keep_local` uploaded ones. Newer directories may still be being
+        written and stay. (The Trainer's own rotation is off: it could delete a directory that is still
+        uploading.)"""
         parent = job.local_dir.parent
-        steps = sorted(
-            int(p.name[len(LOCAL_PREFIX) :])
-            for p in parent.glob(LOCAL_PREFIX + "*")
-            if p.name[len(LOCAL_PREFIX) :].isdigit()
+        uploaded = sorted(
+            step
+            for step in (
+                int(p.name[len(LOCAL_PREFIX) :])
+                for p in parent.glob(LOCAL_PREFIX + "*")
+                if p.name[len(LOCAL_PREFIX) :].isdigit()
+            )
+            if step <= job.step
         )
-        for step in steps:
-            if step < job.step and step not in steps[-self.keep_local :]:
+        kept = set(uploaded[-self.keep_local :]) if self.keep_local > 0 else set()
+        for step in uploaded:
+            if step not in kept:
                 shutil.rmtree(parent / f"{LOCAL_PREFIX}{step}", ignore_errors=True)

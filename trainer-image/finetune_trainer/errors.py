@@ -42,3 +42,10 @@ class OutputInUseError(TrainerError):
     """output.uri already holds checkpoints or final outputs of another run (another run fingerprint)."""
 
     reason = "OutputInUse"
+
+
+class CheckpointWriteError(TrainerError):
+    """A checkpoint file could not be written to the local disk (full, gone); the message names the file. A restart
+    resumes from the newest complete checkpoint in storage."""
+
+    reason = "CheckpointWriteError"

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.serialization import config as serialization_config
 
+from finetune_trainer.errors import CheckpointWriteError
+
 log = logging.getLogger(__name__)
 
 _CGROUP = Path("/sys/fs/cgroup")
@@ -72,7 +74,7 @@ class PendingWrites:
             try:
                 write()
             except BaseException as exc:  # kept for wait(); nothing after a failed file is written
-                self._error = OSError(f"cannot write checkpoint file {path}: {exc}")
+                self._error = CheckpointWriteError(f"cannot write checkpoint file {path}: {exc}")
                 self._error.__cause__ = exc
                 log.error("%s", self._error)
                 return
