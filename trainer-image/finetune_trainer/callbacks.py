@@ -116,9 +116,8 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             return
         model: Any = self.model
         tokenizer: Any = self.processing_class
-        staged = (
-            staging.stage("model", model.state_dict()) if isinstance(model, PreTrainedModel) and tokenizer else None
-        )
+        whole_model = isinstance(model, PreTrainedModel) and tokenizer is not None
+        staged = staging.stage("model", model.state_dict()) if whole_model else None
         if staged is None:
             super()._save(output_dir, state_dict)
             return
