@@ -261,7 +261,6 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ftj-bench-s3-"))
     server = MinioServer.start(work / "minio")
-    assert server._process is not None
     meter = Meter(server.pid)
     try:
         bucket = server.new_bucket()

@@ -288,20 +288,13 @@ class CheckpointUploader:
 
     def _prune_local(self, job: _Job) -> None:
         """Once a checkpoint is uploaded its local copy serves nothing (resume reads storage, and a new container
-        removes what an earlier one left) but holds disk and page cache, gigabytes for a full fine-tune: it goes,
+        removes what an earlier one left) but holds scratch disk, gigabytes for a full fine-tune: it goes,
         with any older one, except the newest `keep_local` uploaded ones. Newer directories may still be being
         written and stay. (The Trainer's own rotation is off: it could delete a directory that is still
         uploading.)"""
         parent = job.local_dir.parent
-        uploaded = sorted(
-            step
-            for step in (
-                int(p.name[len(LOCAL_PREFIX) :])
-                for p in parent.glob(LOCAL_PREFIX + "*")
-                if p.name[len(LOCAL_PREFIX) :].isdigit()
-            )
-            if step <= job.step
-        )
+        suffixes = (p.name[len(LOCAL_PREFIX) :] for p in parent.glob(LOCAL_PREFIX + "*"))
+        uploaded = sorted(step for step in map(int, filter(str.isdigit, suffixes)) if step <= job.step)
         kept = set(uploaded[-self.keep_local :]) if self.keep_local > 0 else set()
         for step in uploaded:
             if step not in kept:

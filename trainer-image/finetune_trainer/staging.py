@@ -128,9 +128,10 @@ class StagedWrites:
             return None
         tensors: dict[tuple[str, ...], torch.Tensor] = {}
         _collect(obj, (name,), tensors)
+        views = {key: _view_key(tensor) for key, tensor in tensors.items()}
         unique: dict[tuple[Any, ...], tuple[tuple[str, ...], torch.Tensor]] = {}  # view -> (first key, tensor)
         for key, tensor in tensors.items():
-            unique.setdefault(_view_key(tensor), (key, tensor))
+            unique.setdefault(views[key], (key, tensor))
         needed = sum(t.nbytes for key, t in unique.values() if not _fits(self._buffers.get(key), t))
         if needed and not self._room_for(needed):
             return None
@@ -160,7 +161,7 @@ class StagedWrites:
         if cuda:
             torch.cuda.synchronize()
         log.debug("staged %s: %d tensor(s) in %.2fs", name, len(staged), time.monotonic() - started)
-        return _rebuild(obj, (name,), {key: staged[_view_key(t)] for key, t in tensors.items()})
+        return _rebuild(obj, (name,), {key: staged[view] for key, view in views.items()})
 
     def defer(self, path: str, write: Callable[[], None]) -> None:
         """Run `write` (which writes `path` from staged state) in the background at the next `flush()`."""
