@@ -4,6 +4,10 @@ reason in the container's termination message (what the operator reads into the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,38 @@ def test_a_data_error_exits_3_with_its_reason_in_the_termination_message(tmp_pat
     assert "train.jsonl" in report["message"]
     assert "line 5" in report["message"]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+ENDING = """
+import atexit, os, sys
+from finetune_trainer.cli import exit_process
+
+marker = os.path.join(sys.argv[1], "finalized")
+
+class Finalized:  # freed by the interpreter's finalization, if that runs
+    def __del__(self, fd=os.open(marker, os.O_WRONLY | os.O_CREAT), write=os.write):
+        write(fd, b"yes")
+
+kept = Finalized()
+atexit.register(lambda: open(os.path.join(sys.argv[1], "atexit"), "w").write("ran"))
+sys.stdout.write("the last words, not yet flushed")
+exit_process(7)
+"""
+
+
+@pytest.mark.parametrize("world_size, finalized", [("2", ""), ("1", "yes")], ids=["rank-of-two", "single"])
+def test_a_distributed_rank_ends_without_the_interpreters_finalization(
+    tmp_path: Path, world_size: str, finalized: str
+) -> None:
+    """gloo's threads can abort a finished rank in the finalization (SIGABRT; torchrun calls the rank failed): a
+    rank of a distributed run skips it, keeping its exit code, its atexit handlers and its unflushed output."""
+    script = tmp_path / "ending.py"
+    script.write_text(textwrap.dedent(ENDING))
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 7, done.stderr
+    assert done.stdout == "the last words, not yet flushed"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "finalized").read_text() == finalized

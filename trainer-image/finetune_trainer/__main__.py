@@ -1,7 +1,5 @@
 """`python -m finetune_trainer`: see finetune_trainer.cli."""
 
-import sys
+from finetune_trainer.cli import exit_process, main
 
-from finetune_trainer.cli import main
-
-sys.exit(main())
+exit_process(main())

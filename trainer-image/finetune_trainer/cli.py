@@ -12,12 +12,14 @@ finetune_trainer.merge.command).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -138,3 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
+
+
+def exit_process(code: int, ranks: Ranks | None = None) -> NoReturn:
+    """End the process with `code`. A rank of a distributed run ends without the interpreter's finalization: the
+    atexit handlers run (logging's flush among them) and the standard streams are flushed, then os._exit. Its work is
+    done by then (the process group destroyed, uploads drained), but gloo's C++ threads can still hold objects that
+    the finalization frees after the interpreter has gone, and that aborts the process ("terminate called without an
+    active exception", SIGABRT): torchrun then reports a finished rank as failed and its peer waits out the exit
+    barrier. A single process exits normally."""
+    ranks = Ranks.from_env() if ranks is None else ranks
+    if not ranks.distributed:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to keep
+            pass
+    os._exit(code)
