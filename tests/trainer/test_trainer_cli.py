@@ -77,7 +77,7 @@ exit_process(7)
 """
 
 
-@pytest.mark.parametrize("world_size, finalized", [("2", ""), ("1", "yes")], ids=["rank-of-two", "single"])
+@pytest.mark.parametrize(("world_size", "finalized"), [("2", ""), ("1", "yes")], ids=["rank-of-two", "single"])
 def test_a_distributed_rank_ends_without_the_interpreters_finalization(
     tmp_path: Path, world_size: str, finalized: str
 ) -> None:

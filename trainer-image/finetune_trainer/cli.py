@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -154,8 +155,6 @@ def exit_process(code: int, ranks: Ranks | None = None) -> NoReturn:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing left to keep
             stream.flush()
-        except (OSError, ValueError):  # closed or gone: nothing left to keep
-            pass
     os._exit(code)
