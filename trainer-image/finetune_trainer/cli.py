@@ -143,15 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def exit_process(code: int, ranks: Ranks | None = None) -> NoReturn:
+def exit_process(code: int) -> NoReturn:
     """End the process with `code`. A rank of a distributed run ends without the interpreter's finalization: the
     atexit handlers run (logging's flush among them) and the standard streams are flushed, then os._exit. Its work is
     done by then (the process group destroyed, uploads drained), but gloo's C++ threads can still hold objects that
     the finalization frees after the interpreter has gone, and that aborts the process ("terminate called without an
     active exception", SIGABRT): torchrun then reports a finished rank as failed and its peer waits out the exit
     barrier. A single process exits normally."""
-    ranks = Ranks.from_env() if ranks is None else ranks
-    if not ranks.distributed:
+    if not Ranks.from_env().distributed:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
