@@ -29,10 +29,11 @@ that a method leaves to the kernel counts too (ours fsyncs each file itself befo
 Push: a checkpoint-shaped directory of about --push-size-gb (a few large files and the small ones a Hugging Face
 checkpoint has) uploaded by
   * ours: `CheckpointUploader` (finetune_trainer.checkpoints: the path the trainer takes, `S3Storage.upload_dir`:
-           4 files at a time, each hashed for the node record and sent in one PUT with that sha256 as its checked
-           checksum, the payload unsigned; files over 1 GiB through boto3 upload_file with 64 MiB parts and CRC32;
-           the record and manifest written after);
-  * ours, files only: the same pool of `S3Storage.upload_file` without digests (all through boto3 upload_file);
+           4 files at a time, each read once for its sha256 (the node record) and CRC32 and sent in one PUT with
+           that CRC32 as its checked checksum; files over 1 GiB through boto3 upload_file with 64 MiB parts and
+           CRC32; payloads unsigned; the record and manifest written after);
+  * ours, files only: the same pool of `S3Storage.upload_file` without digests (all through boto3 upload_file,
+           payloads unsigned);
   * s5cmd: `s5cmd --endpoint-url URL cp dir/ s3://bucket/prefix/` (defaults: 50 MiB parts, 5 at once per file);
   * boto3-tm: `upload` of every file through one TransferManager (max_concurrency=--workers, 8 MiB parts, CRC32).
 CPU is user+system seconds per GiB of this process and its finished children (s5cmd runs as one), from

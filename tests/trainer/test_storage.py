@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from finetune_trainer.config import StorageSpec
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
 from finetune_trainer.recipe import run
-from finetune_trainer.storage import LocalStorage, S3Storage, StorageError
+from finetune_trainer.storage import LocalStorage, S3Storage, StorageError, digest_file
 from finetune_trainer.transfer import RangedDownloader, Transfer, TransferError
 
 MiB = 1024 * 1024
@@ -386,61 +387,102 @@ def test_storage_errors_name_the_uri_and_the_cause(s3_env: Any, monkeypatch: pyt
         wrong.list(s3_env.uri("x/"))
 
 
-def _stored_sha256(s3: Any, key: str) -> str | None:
-    """The SHA-256 additional checksum the store keeps for `key` (hex), or None when it has none."""
+def _stored_checksums(s3: Any, key: str) -> dict[str, str]:
+    """The additional checksums the store keeps for `key` (algorithm -> base64 value; composite ones end "-<parts>")."""
     head = s3.client().head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
-    value = head.get("ChecksumSHA256")
-    return base64.b64decode(value).hex() if value else None
+    return {
+        name[len("Checksum") :]: v for name, v in head.items() if name.startswith("Checksum") and name[8:].isupper()
+    }
 
 
-def test_a_file_sent_with_its_sha256_is_checked_by_the_store_against_it(s3_env: Any, tmp_path: Path) -> None:
+def _b64_crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+class SentHeaders:
+    """The headers of every request `client` sends for `operation` (before-send hook), names lower-cased."""
+
+    def __init__(self, client: Any, operation: str) -> None:
+        self.requests: list[dict[str, str]] = []
+        client.meta.events.register(f"before-send.s3.{operation}", self._record)
+
+    def _record(self, request: Any, **_: Any) -> None:
+        items = request.headers.items()
+        self.requests.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in items})
+
+
+def _signed(headers: dict[str, str]) -> list[str]:
+    return headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+
+
+def test_a_file_sent_with_its_digests_is_checked_by_the_store_against_its_crc32(s3_env: Any, tmp_path: Path) -> None:
     storage = S3Storage(_spec(s3_env))
-    sent: list[dict[str, str]] = []
-    storage.put_client.meta.events.register(
-        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
-    )
+    sent = SentHeaders(storage.put_client, "PutObject")
     data = _blob(3 * MiB + 5, 7)
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(data)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = digest_file(path)
+    assert (digest.sha256, digest.crc32) == (hashlib.sha256(data).hexdigest(), zlib.crc32(data))
     uri = s3_env.uri("runs/y/adapter_model.safetensors")
 
-    storage.upload_file(path, uri, sha256=digest)
+    storage.upload_file(path, uri, sha256=digest.sha256, crc32=digest.crc32)
 
-    assert _stored_sha256(s3_env, "runs/y/adapter_model.safetensors") == digest
-    # The body is hashed once (by the caller): it is covered by the signed x-amz-checksum-sha256 header, which the
-    # store checks, instead of by a second SHA-256 in the signature.
-    headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent[-1].items()}
+    assert _stored_checksums(s3_env, "runs/y/adapter_model.safetensors") == {"CRC32": _b64_crc32(data)}
+    # The body is read once for both digests (by the caller): it is covered by the signed x-amz-checksum-crc32
+    # header, which the store checks, not by a SHA-256 in the signature (botocore's default over plain HTTP).
+    headers = sent.requests[-1]
     assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
-    assert base64.b64decode(headers["x-amz-checksum-sha256"]).hex() == digest
-    assert "x-amz-checksum-sha256" in headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert headers["x-amz-checksum-crc32"] == _b64_crc32(data)
+    assert "x-amz-checksum-crc32" in _signed(headers)
 
-    # Bytes that do not match the digest (the file changed after it was hashed) are refused; what was there stays.
+    # Bytes that do not match the digests (the file changed after it was hashed) are refused; what was there stays.
     path.write_bytes(_blob(3 * MiB + 5, 8))
-    with pytest.raises(StorageError, match=rf"cannot upload to {re.escape(uri)} .*do not match the file's sha256"):
-        storage.upload_file(path, uri, sha256=digest)
+    with pytest.raises(StorageError, match=rf"cannot upload to {re.escape(uri)} .*do not match the file's checksum"):
+        storage.upload_file(path, uri, sha256=digest.sha256, crc32=digest.crc32)
     assert storage.read_bytes(uri) == data
+
+    # A caller with only the sha256 (the merge's shard writer) gets it checked and kept instead.
+    merged = s3_env.uri("runs/y/merged.safetensors")
+    storage.upload_file(
+        tmp_path / "adapter_model.safetensors", merged, sha256=hashlib.sha256(_blob(3 * MiB + 5, 8)).hexdigest()
+    )
+    stored = _stored_checksums(s3_env, "runs/y/merged.safetensors")
+    assert base64.b64decode(stored["SHA256"]).hex() == hashlib.sha256(_blob(3 * MiB + 5, 8)).hexdigest()
+    assert sent.requests[-1]["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
 
 
 def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path: Path) -> None:
     storage = S3Storage(_spec(s3_env))
     storage.single_put_max = 4 * MiB  # larger files go in parts through the transfer manager
+    parts = SentHeaders(storage.put_client, "UploadPart")
     (tmp_path / "ckpt" / "global_step2").mkdir(parents=True)
-    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(_blob(9 * MiB, 4))
+    (tmp_path / "ckpt" / "optimizer.pt").write_bytes(_blob(70 * MiB, 4))
     (tmp_path / "ckpt" / "global_step2" / "zero_pp_rank_0.pt").write_bytes(b"shard")
     prefix = s3_env.uri("runs/x/checkpoints/step-2/")
     described = storage.upload_dir(tmp_path / "ckpt", prefix)
     assert described == [
         {"path": "global_step2/zero_pp_rank_0.pt", "size": 5, "sha256": hashlib.sha256(b"shard").hexdigest()},
-        {"path": "optimizer.pt", "size": 9 * MiB, "sha256": hashlib.sha256(_blob(9 * MiB, 4)).hexdigest()},
+        {"path": "optimizer.pt", "size": 70 * MiB, "sha256": hashlib.sha256(_blob(70 * MiB, 4)).hexdigest()},
     ]
-    # The store checked the small file against the digest the record holds; the large one against its CRC32s.
-    assert _stored_sha256(s3_env, "runs/x/checkpoints/step-2/global_step2/zero_pp_rank_0.pt") == described[0]["sha256"]
-    assert _stored_sha256(s3_env, "runs/x/checkpoints/step-2/optimizer.pt") is None
+    # The store checked the small file against the CRC32 read with the record's digest; the large one, in 64 MiB
+    # parts, against each part's CRC32 (a signed header; no part's body hashed into its signature).
+    stored = _stored_checksums(s3_env, "runs/x/checkpoints/step-2/global_step2/zero_pp_rank_0.pt")
+    assert stored == {"CRC32": _b64_crc32(b"shard")}
+    optimizer = _blob(70 * MiB, 4)
+    part_crcs = [zlib.crc32(optimizer[: 64 * MiB]), zlib.crc32(optimizer[64 * MiB :])]
+    assert sorted(p["x-amz-checksum-crc32"] for p in parts.requests) == sorted(
+        base64.b64encode(c.to_bytes(4, "big")).decode() for c in part_crcs
+    )
+    assert {p["x-amz-content-sha256"] for p in parts.requests} == {"UNSIGNED-PAYLOAD"}
+    assert all("x-amz-checksum-crc32" in _signed(p) for p in parts.requests)
+    assert _stored_checksums(s3_env, "runs/x/checkpoints/step-2/optimizer.pt")["CRC32"].endswith("-2")
     assert {o.key: o.size for o in storage.list(prefix)} == {
         "global_step2/zero_pp_rank_0.pt": 5,
-        "optimizer.pt": 9 * MiB,
+        "optimizer.pt": 70 * MiB,
     }
+    # What went up comes back down byte for byte, its checksums verified by the downloader.
+    storage.download(prefix, tmp_path / "back")
+    assert (tmp_path / "back" / "optimizer.pt").read_bytes() == optimizer
     assert storage.read_bytes(prefix + "missing.json") is None
     storage.write_bytes(prefix + "manifest.json", b'{"step": 2}')
     assert storage.read_bytes(prefix + "manifest.json") == b'{"step": 2}'
@@ -487,13 +529,15 @@ def test_a_training_run_reads_model_and_data_from_s3_and_resumes_from_s3_checkpo
     for key in ("manifest.json", "adapter_model.safetensors", "loss.png", "checkpoints/step-2/manifest.json"):
         assert f"runs/tiny/{key}" in keys
     assert "runs/tiny/checkpoints/step-4/optimizer.pt" in keys
-    # Every file a checkpoint or the final outputs list was checked by the store against the sha256 listed.
+    # Every file a checkpoint or the final outputs list holds the bytes its sha256 names, and the store checked them
+    # against the CRC32 read with that digest (and keeps it).
     for manifest_key in ("runs/tiny/manifest.json", "runs/tiny/checkpoints/step-2/manifest.json"):
         listed = json.loads(client.get_object(Bucket=s3_env.bucket, Key=manifest_key)["Body"].read())["files"]
         base = manifest_key.rsplit("/", 1)[0]
-        assert {f["path"]: _stored_sha256(s3_env, f"{base}/{f['path']}") for f in listed} == {
-            f["path"]: f["sha256"] for f in listed
-        }
+        for f in listed:
+            body = client.get_object(Bucket=s3_env.bucket, Key=f"{base}/{f['path']}")["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == f["sha256"], f["path"]
+            assert _stored_checksums(s3_env, f"{base}/{f['path']}") == {"CRC32": _b64_crc32(body)}, f["path"]
 
     # A Pod that starts after success does not train again.
     assert run(config, reporter=ProgressReporter("tiny", stream=io.StringIO())).status == "already-complete"
