@@ -460,7 +460,7 @@ def push(
                 future.result()
 
     methods: dict[str, Callable[[], None]] = {
-        "ours: CheckpointUploader (sha256 record sent as the checksum)": ours,
+        "ours: CheckpointUploader (CRC32 read with the sha256 record sent as the checksum)": ours,
         "ours, files only (S3Storage.upload_file, 4 at once)": ours_files_only,
         "s5cmd cp dir/ (50 MiB parts)": s5cmd_cp,
         f"boto3-tm: one TransferManager, {args.workers} threads": boto3_tm,
