@@ -202,7 +202,7 @@ def sha256_file(path: Path) -> str:
 @dataclass(frozen=True)
 class FileDigest:
     sha256: str  # hex: what checkpoint and output records list
-    crc32: int  # what the store checks an upload against (CRC32 is ~15x cheaper to check than SHA-256)
+    crc32: int  # what the store checks an upload against (zlib-ng computes a CRC32 ~14x faster than a SHA-256 here)
 
 
 def digest_file(path: Path) -> FileDigest:
