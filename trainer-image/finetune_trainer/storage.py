@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -190,12 +190,18 @@ class Storage(ABC):
         return [{"path": name, "size": sizes[name], "sha256": digests[name]} for name in names]
 
 
-def sha256_file(path: Path) -> str:
-    """The hex SHA-256 of a file, read 8 MiB at a time (hashlib releases the GIL: threads hash in parallel)."""
-    digest = hashlib.sha256()
+def _blocks(path: Path) -> Iterator[bytes]:
+    """A file's content, 8 MiB at a time."""
     with open(path, "rb") as handle:
         while block := handle.read(8 * 1024 * 1024):
-            digest.update(block)
+            yield block
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file (hashlib releases the GIL: threads hash in parallel)."""
+    digest = hashlib.sha256()
+    for block in _blocks(path):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -206,15 +212,14 @@ class FileDigest:
 
 
 def digest_file(path: Path) -> FileDigest:
-    """A file's SHA-256 and CRC32 from one read, 8 MiB at a time (zlib-ng's vectorised CRC32 adds ~7% to the
-    SHA-256's CPU; both release the GIL)."""
+    """A file's SHA-256 and CRC32 from one read (zlib-ng's vectorised CRC32 adds ~7% to the SHA-256's CPU; both
+    release the GIL)."""
     from zlib_ng.zlib_ng import crc32
 
     sha, crc = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while block := handle.read(8 * 1024 * 1024):
-            sha.update(block)
-            crc = crc32(block, crc)
+    for block in _blocks(path):
+        sha.update(block)
+        crc = crc32(block, crc)
     return FileDigest(sha.hexdigest(), crc)
 
 
@@ -448,11 +453,13 @@ class S3Storage(Storage):
     def upload_file(self, path: Path, uri: str, *, sha256: str | None = None, crc32: int | None = None) -> None:
         from boto3.s3.transfer import TransferConfig
 
+        from finetune_trainer.transfer import crc32_checksum
+
         bucket, key = self._split(uri)
         try:
             if (sha256 is not None or crc32 is not None) and path.stat().st_size <= self.single_put_max:
                 if crc32 is not None:
-                    checksum = {"ChecksumCRC32": base64.b64encode(crc32.to_bytes(4, "big")).decode()}
+                    checksum = {"ChecksumCRC32": crc32_checksum(crc32)}
                 else:
                     checksum = {"ChecksumSHA256": base64.b64encode(bytes.fromhex(str(sha256))).decode()}
                 with open(path, "rb") as body:

@@ -585,9 +585,14 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         done += n
 
 
+def crc32_checksum(crc: int) -> str:
+    """A CRC32 in the form S3 sends and keeps it (`x-amz-checksum-crc32`: base64 of its four big-endian bytes)."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
 def _digest(algorithm: str, data: bytes) -> str:
     if algorithm == "CRC32":
-        return base64.b64encode(crc32(data).to_bytes(4, "big")).decode()
+        return crc32_checksum(crc32(data))
     return base64.b64encode(hashlib.new(algorithm.lower(), data).digest()).decode()
 
 
