@@ -25,7 +25,10 @@ compared with the Trainer writing every file before the next step.
 
 Also the part the save blocks: the time between the end of a step and the start of the next (where the Trainer
 serializes the checkpoint and the callbacks hand it to the uploader), against the same gaps without saves; the rest
-of the overhead is what the background upload and the object store take from the same CPUs.
+of the overhead is what the background upload and the object store take from the same CPUs. After its first step
+the Trainer reserves the staging buffers in the background (staging.StagedWrites.reserve); the gap after the first
+step, before the window, is printed for each run. The run without checkpoints stages nothing (its one save comes
+after the window): the reservation is a cost of checkpointing and falls in the window of the run with them.
 
 Last line: `checkpoint overhead lora P% (blocking B%), full Q% (blocking C%)`.
 """
@@ -113,6 +116,7 @@ class StepClock:
 class Window(NamedTuple):
     seconds: float  # wall seconds per step
     between: float  # of them, between the end of a step and the start of the next
+    after_first: float  # seconds between the end of the first step and the start of the second (before the window)
     cpu: float  # CPU seconds per step of this process (training, saves, the upload's client side)
     store_cpu: float  # CPU seconds per step of MinIO
 
@@ -160,7 +164,10 @@ def run_once(
     try:
         recipe.setup()
         recipe.trainer.add_callback(clock)
-        if args.sync_writes:  # the Trainer writes every file before the next step, as before staging.py
+        # --sync-writes: the Trainer writes every file before the next step, as before staging.py. In the run
+        # without checkpoints nothing is staged either: its only save comes after the last step, and the staging
+        # buffers it would reserve after its first step are a cost of checkpointing.
+        if args.sync_writes or save_every > args.steps:
             recipe.trainer.staging = None
         recipe.train()  # returns once the background uploads have finished
     finally:
@@ -173,6 +180,7 @@ def run_once(
     return Window(
         (clock.ends[last] - clock.ends[first]) / steps,
         between / steps,
+        clock.begins[1] - clock.ends[0],
         (own1 - own0) / steps,
         (store1 - store0) / steps,
     )
@@ -224,7 +232,8 @@ def main() -> None:
                     measured[label] = run
                     print(
                         f"  {method} {label:7} checkpoints: {run.seconds:.3f} s/step, {run.between:.3f} of it between "
-                        f"steps; CPU s/step: this process {run.cpu:.2f}, MinIO {run.store_cpu:.2f}",
+                        f"steps ({run.after_first:.3f} s after the first step); CPU s/step: this process "
+                        f"{run.cpu:.2f}, MinIO {run.store_cpu:.2f}",
                         flush=True,
                     )
                 with_, without = measured["with"], measured["without"]

@@ -93,6 +93,9 @@ def test_a_preempted_run_resumes_from_its_checkpoint_with_the_losses_of_an_unint
     staging = stopped_recipe.trainer.staging
     assert staging is not None
     assert staging.staged_saves == 2
+    # Their buffers were reserved after the first step, off the step that saved: the saves allocated nothing.
+    assert staging.reserved_bytes == staging.buffer_bytes > 0
+    assert staging.allocated_in_save == 0
     weights = "adapter_model.safetensors" if method is METHOD else "model.safetensors"
     assert (saved.parent / weights).is_file()
     if method is not METHOD:

@@ -1,11 +1,15 @@
 """Checkpoint files written in the background (finetune_trainer.staging): the staged copy is a snapshot that the
-next optimizer step cannot change, tied weights stay tied, buffers are reused from save to save, staging steps
-aside when memory is short, and a failed write names its file. The whole path through the Trainer (a preempted
+next optimizer step cannot change, tied weights stay tied, buffers are reused from save to save, buffers reserved
+ahead are resident before the first save and take it, staging steps aside when memory is short, and a failed write
+names its file. The whole path through the Trainer (a preempted
 full fine-tune resuming with the losses of an uninterrupted run) is in test_resume.py."""
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -13,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_trainer import staging as staging_module
 from finetune_trainer.errors import CheckpointWriteError
-from finetune_trainer.staging import StagedWrites, available_memory
+from finetune_trainer.staging import StagedWrites, available_memory, fault_in
 
 
 def _optimizer_like() -> dict[str, object]:
@@ -69,6 +74,79 @@ def test_tied_weights_stay_one_tensor_and_the_buffers_are_reused_from_save_to_sa
     assert second["embed"].data_ptr() == first["embed"].data_ptr(), "the second save reuses the first one's buffers"
     assert torch.equal(second["embed"], embedding)
     assert staging.buffer_bytes == embedding.nbytes + other.nbytes + other[:4].nbytes
+
+
+def _resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """(pages of `tensor`'s memory present in RAM, pages it spans), from /proc/self/pagemap (bit 63: present)."""
+    page = mmap.PAGESIZE
+    first, end = tensor.data_ptr() // page, -(-(tensor.data_ptr() + tensor.nbytes) // page)
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        entries = os.pread(fd, 8 * (end - first), 8 * first)
+    finally:
+        os.close(fd)
+    return sum(entry >> 63 for (entry,) in struct.iter_unpack("<Q", entries)), end - first
+
+
+def test_buffers_reserved_ahead_are_resident_and_the_first_save_allocates_nothing() -> None:
+    """What the Trainer does after its first step: the buffers of the saves to come are allocated and their pages
+    faulted in off the step, so that the first save only copies (on the development VM faulting in a full
+    fine-tune's 4 GiB took longer than a training step)."""
+    big = torch.randn(16 * 2**20 // 4)  # 16 MiB: its buffer gets pages of its own
+    state = {"state": {0: {"exp_avg": big, "exp_avg_sq": torch.rand(64, 32)}}, "param_groups": [{"lr": 0.1}]}
+    needed = big.nbytes + 64 * 32 * 4
+    staging = StagedWrites()
+    staging.reserve({"optimizer": state})
+    big.add_(1.0)  # the next steps change the values, never the shapes: the save copies what is there then
+    staged = staging.stage("optimizer", state)
+    assert staged is not None
+    assert (staging.reserved_bytes, staging.allocated_in_save, staging.buffer_bytes) == (needed, 0, needed)
+    copy = staged["state"][0]["exp_avg"]
+    assert torch.equal(copy, big)
+    assert copy.untyped_storage().data_ptr() != big.untyped_storage().data_ptr()
+
+    staging.ready()
+    staging.reserve({"optimizer": state})  # the buffers are there already: nothing more to reserve
+    assert staging.reserved_bytes == needed
+
+    # 64 MiB, over glibc's largest mmap threshold: a fresh mapping, whose pages are not in memory until touched
+    larger = torch.empty(64 * 2**20 // 4)
+    untouched = torch.empty_like(larger)  # what the first save used to copy into
+    assert _resident_pages(untouched)[0] < _resident_pages(untouched)[1] // 2
+    fresh = StagedWrites()
+    fresh.reserve({"optimizer": {"exp_avg": larger}})
+    fresh.ready()  # waits for the reservation as it waits for writes
+    (buffer,) = fresh._buffers.values()
+    present, pages = _resident_pages(buffer)
+    assert present == pages, f"only {present} of the reserved buffer's {pages} pages are in memory"
+
+    unstaged = StagedWrites()
+    assert unstaged.stage("optimizer", state) is not None
+    assert (unstaged.reserved_bytes, unstaged.allocated_in_save) == (0, needed), "no reservation: the save allocates"
+
+
+@pytest.mark.parametrize("by_madvise", [True, False], ids=["madvise", "a-byte-per-page"])
+def test_fault_in_makes_every_page_of_a_fresh_buffer_resident(
+    monkeypatch: pytest.MonkeyPatch, by_madvise: bool
+) -> None:
+    """Both ways: MADV_POPULATE_WRITE, and the write per page for kernels older than 5.14."""
+    monkeypatch.setattr(staging_module, "_populate_by_madvise", by_madvise)
+    buffer = torch.empty(64 * 2**20 // 4)  # over glibc's largest mmap threshold: a fresh mapping
+    present, pages = _resident_pages(buffer)
+    assert present < pages // 2
+    fault_in(buffer)
+    assert _resident_pages(buffer) == (pages, pages)
+    assert staging_module._populate_by_madvise is by_madvise, "this kernel (5.14+) populates by madvise"
+
+
+def test_nothing_is_reserved_where_the_buffers_would_not_fit_in_memory() -> None:
+    state = _optimizer_like()
+    needed = sum(t.nbytes for t in state["state"][0].values())  # type: ignore[index]
+    tight = StagedWrites(available=lambda: 2 * needed - 1)
+    tight.reserve({"optimizer": state})
+    tight.ready()
+    assert (tight.reserved_bytes, tight.buffer_bytes) == (0, 0)
+    assert tight.stage("optimizer", state) is None
 
 
 def test_the_next_save_waits_until_the_previous_files_are_written(tmp_path: Path) -> None:

@@ -53,6 +53,29 @@ class _TokensMark(TrainerCallback):  # type: ignore[misc]
         self.trainer._tokens_mark = (time.monotonic(), int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
 
+class _ReserveStaging(TrainerCallback):  # type: ignore[misc]
+    """After the first step of this process, when the optimizer state exists, reserves the staging buffers of the
+    checkpoints to come (StagedWrites.reserve), so that the first save does not allocate them while the step waits."""
+
+    def __init__(self, trainer: ResumableTrainer) -> None:
+        self.trainer = trainer
+        self.done = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.done:
+            return
+        self.done = True
+        trainer = self.trainer
+        staging = trainer.staging_for_saves()
+        if staging is None or trainer.optimizer is None:
+            return
+        states = {"optimizer": trainer.optimizer.state_dict()}
+        model = trainer.staged_model()
+        if model is not None:
+            states["model"] = model.state_dict()
+        staging.reserve(states)
+
+
 class ResumableTrainer(Trainer):  # type: ignore[misc]
     """The Hugging Face Trainer, except that a run resumed from the checkpoint of its last step trains no step.
 
@@ -75,6 +98,7 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_callback(_TokensMark(self))
+        self.add_callback(_ReserveStaging(self))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Every training log also carries tokens_per_second (non-padding input tokens of all ranks per second
@@ -88,11 +112,23 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             self._tokens_mark = (now, tokens)
         super().log(logs, *args, **kwargs)
 
+    def staging_for_saves(self) -> StagedWrites | None:
+        """`staging` where this process's checkpoints go through it. DeepSpeed and FSDP write their own sharded
+        files, collectively: those saves stay as they are."""
+        if not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        return self.staging
+
+    def staged_model(self) -> PreTrainedModel | None:
+        """The model whose whole state a staged save copies (full and freeze fine-tunes); None for an adapter (a
+        PeftModel), which is small and saved as the Trainer saves it."""
+        model = self.model
+        return model if isinstance(model, PreTrainedModel) and self.processing_class is not None else None
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """A checkpoint whose largest files are written in the background (see `staging`). DeepSpeed and FSDP
-        write their own sharded files, collectively: those saves stay as they are."""
-        staging = self.staging
-        if staging is None or not self.args.should_save or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        """A checkpoint whose largest files are written in the background (see `staging`)."""
+        staging = self.staging_for_saves()
+        if staging is None:
             super()._save_checkpoint(model, trial)
             return
         staging.ready()  # the previous checkpoint's files are written: its buffers can take this one
@@ -114,11 +150,10 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
         if not self._staging_save or staging is None or state_dict is not None or output_dir is None:
             super()._save(output_dir, state_dict)
             return
-        model: Any = self.model
+        model = self.staged_model()
         tokenizer: Any = self.processing_class
-        whole_model = isinstance(model, PreTrainedModel) and tokenizer is not None
-        staged = staging.stage("model", model.state_dict()) if whole_model else None
-        if staged is None:
+        staged = staging.stage("model", model.state_dict()) if model is not None else None
+        if model is None or staged is None:
             super()._save(output_dir, state_dict)
             return
         os.makedirs(output_dir, exist_ok=True)

@@ -8,6 +8,11 @@ copy the write would make anyway, into pinned memory). The copy is the snapshot:
 the live tensors, never the staged ones. Before a save stages anything, the previous save's files must be written
 (its buffers are reused), so at most one checkpoint's state is held beside the live one.
 
+The buffers can be reserved ahead (`reserve`, which the Trainer calls after its first step): allocated, and their
+pages faulted in, by a background thread while training goes on. Otherwise the first save pays for that while the
+step waits: on the development VM 4 GiB of fresh host memory for a 0.5B-parameter full fine-tune took 8 s to fault
+in, longer than a training step, where copying into the same buffers at the next save took 0.4 s.
+
 Staging is skipped (the Trainer writes synchronously, as before) when the buffers it would newly allocate exceed
 half of the memory this process may still take: MemAvailable, and the cgroup's memory.max less memory.current in a
 container with a limit. A Pod must never be OOM-killed for a faster save.
@@ -16,7 +21,11 @@ container with a limit. A Pod must never be OOM-killed for a faster save.
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import logging
+import mmap
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +60,34 @@ def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = _CGRO
     except (OSError, ValueError):
         pass
     return min(figures) if figures else None
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in, writable, in one call (the kernel zeroes the pages)
+_populate_by_madvise = sys.platform.startswith("linux")  # turned off the first time the kernel says it cannot
+
+
+def fault_in(buffer: torch.Tensor) -> None:
+    """Make every page of a freshly allocated host buffer resident, so that the first copy into it does not fault
+    them in one by one. The contents are not defined before or after (the buffer is about to be overwritten)."""
+    global _populate_by_madvise
+    start, size = buffer.untyped_storage().data_ptr(), buffer.untyped_storage().nbytes()
+    if not size:
+        return
+    if _populate_by_madvise:
+        page = mmap.PAGESIZE
+        first = start - start % page
+        libc = ctypes.CDLL(None, use_errno=True)
+        # A foreign call without the GIL: training goes on in the other threads.
+        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + size - first), _MADV_POPULATE_WRITE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(code, f"madvise(MADV_POPULATE_WRITE): {errno.errorcode.get(code, code)}")
+        log.debug("the kernel cannot populate memory by madvise (%s); writing a byte per page instead", code)
+        _populate_by_madvise = False
+    every_byte = torch.empty(0, dtype=torch.uint8).set_(buffer.untyped_storage())
+    every_byte[:: mmap.PAGESIZE].zero_()
+    every_byte[-1:].zero_()  # the last page, where the buffer does not start on a page boundary
 
 
 class PendingWrites:
@@ -103,7 +140,10 @@ class StagedWrites:
         self.available = available
         self.staged_saves = 0  # checkpoints whose state went through the buffers (for logs and tests)
         self.buffer_bytes = 0
+        self.reserved_bytes = 0  # of them allocated ahead by reserve()
+        self.allocated_in_save = 0  # of them allocated by stage() itself, while a step waited
         self._buffers: dict[tuple[str, ...], torch.Tensor] = {}
+        self._reservation: _Reservation | None = None
         self._deferred: list[tuple[str, Callable[[], None]]] = []
         self._pending: PendingWrites | None = None
         self._declined = False  # said why checkpoints are written synchronously
@@ -111,9 +151,27 @@ class StagedWrites:
 
     # -- one save ------------------------------------------------------------------------------------------------
 
+    def reserve(self, states: dict[str, Any]) -> None:
+        """Start allocating, in one background thread, the buffers that later `stage(name, obj)` calls copy into
+        (for each name and obj of `states`), and fault their pages in (see the module docstring). Only the tensors'
+        shapes are read here; the values are copied by `stage()`. Nothing is reserved where the buffers would not
+        fit (the same rule as `stage()`)."""
+        self._take_reservation()
+        if self._failed:
+            return
+        needed = [
+            (key, tensor)
+            for name, obj in states.items()
+            for key, tensor in _layout(obj, name)[1].values()
+            if not self._fits(key, tensor)
+        ]
+        if needed and self._room_for(sum(tensor.nbytes for _, tensor in needed)):
+            self._reservation = _Reservation(needed)
+
     def ready(self) -> None:
-        """Wait until the previous checkpoint's files are written (its buffers are about to be reused); raise its
-        failure."""
+        """Wait until the previous checkpoint's files are written (its buffers are about to be reused) and a
+        reservation is done; raise the write's failure."""
+        self._take_reservation()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.wait()
@@ -124,37 +182,25 @@ class StagedWrites:
         the caller then saves `obj` itself. Tensors that are the same view of the same storage (tied weights) stay
         one tensor. Call `ready()` first."""
         assert self._pending is None, "ready() before staging: the previous checkpoint may still be writing"
+        self._take_reservation()
         if self._failed:
             return None
-        tensors: dict[tuple[str, ...], torch.Tensor] = {}
-        _collect(obj, (name,), tensors)
-        views = {key: _view_key(tensor) for key, tensor in tensors.items()}
-        unique: dict[tuple[Any, ...], tuple[tuple[str, ...], torch.Tensor]] = {}  # view -> (first key, tensor)
-        for key, tensor in tensors.items():
-            unique.setdefault(views[key], (key, tensor))
-        needed = sum(t.nbytes for key, t in unique.values() if not _fits(self._buffers.get(key), t))
+        views, unique = _layout(obj, name)
+        needed = sum(t.nbytes for key, t in unique.values() if not self._fits(key, t))
         if needed and not self._room_for(needed):
             return None
         started = time.monotonic()
         staged: dict[tuple[Any, ...], torch.Tensor] = {}
         cuda = False
         for view, (key, tensor) in unique.items():
-            buffer = self._buffers.get(key)
-            if buffer is None or not _fits(buffer, tensor):
-                if buffer is not None:
-                    self.buffer_bytes -= buffer.nbytes
+            if not self._fits(key, tensor):
                 try:
-                    buffer = torch.empty_strided(
-                        tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda
-                    )
+                    self._keep(key, _host_buffer(tensor.size(), tensor.stride(), tensor.dtype, tensor.is_cuda))
                 except RuntimeError as exc:  # pinned memory can run out before MemAvailable does: stop staging
-                    self._buffers.clear()
-                    self.buffer_bytes = 0
-                    self._failed = True
-                    self._decline(f"allocating {tensor.nbytes / 2**20:.0f} MiB of host memory failed: {exc}")
+                    self._stop_staging(f"allocating {tensor.nbytes / 2**20:.0f} MiB of host memory failed: {exc}")
                     return None
-                self._buffers[key] = buffer
-                self.buffer_bytes += buffer.nbytes
+                self.allocated_in_save += tensor.nbytes
+            buffer = self._buffers[key]
             buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
             cuda = cuda or tensor.is_cuda
             staged[view] = buffer
@@ -182,6 +228,42 @@ class StagedWrites:
 
     # -- memory ----------------------------------------------------------------------------------------------------
 
+    def _fits(self, key: tuple[str, ...], tensor: torch.Tensor) -> bool:
+        buffer = self._buffers.get(key)
+        return (
+            buffer is not None
+            and buffer.size() == tensor.size()
+            and buffer.stride() == tensor.stride()
+            and buffer.dtype == tensor.dtype
+        )
+
+    def _keep(self, key: tuple[str, ...], buffer: torch.Tensor) -> None:
+        previous = self._buffers.get(key)
+        if previous is not None:
+            self.buffer_bytes -= previous.nbytes
+        self._buffers[key] = buffer
+        self.buffer_bytes += buffer.nbytes
+
+    def _stop_staging(self, reason: str) -> None:
+        self._buffers.clear()
+        self.buffer_bytes = 0
+        self._failed = True
+        self._decline(reason)
+
+    def _take_reservation(self) -> None:
+        """Wait for the reservation in flight, if any, and keep its buffers."""
+        reservation, self._reservation = self._reservation, None
+        if reservation is None:
+            return
+        reservation.thread.join()
+        if reservation.error is not None:  # as a failed allocation in stage(): no more staging in this process
+            self._stop_staging(f"reserving host memory for checkpoints failed: {reservation.error}")
+            return
+        for key, buffer in reservation.buffers.items():
+            self._keep(key, buffer)
+            self.reserved_bytes += buffer.nbytes
+        log.debug("reserved %.0f MiB for checkpoint state in %.2fs", reservation.nbytes / 2**20, reservation.seconds)
+
     def _room_for(self, needed: int) -> bool:
         available = self.available()
         if available is not None and needed <= self.memory_fraction * available:
@@ -198,6 +280,52 @@ class StagedWrites:
         if not self._declined:  # once: every later save would say the same
             log.warning("checkpoints are written synchronously: %s", reason)
             self._declined = True
+
+
+class _Reservation:
+    """Allocates and faults in host buffers for the given tensors' shapes in a background thread."""
+
+    def __init__(self, tensors: list[tuple[tuple[str, ...], torch.Tensor]]) -> None:
+        # Shapes only: the tensors themselves are not read in the background (the next step changes them).
+        self._specs = [(key, tensor.size(), tensor.stride(), tensor.dtype, tensor.is_cuda) for key, tensor in tensors]
+        self.nbytes = sum(tensor.nbytes for _, tensor in tensors)
+        self.buffers: dict[tuple[str, ...], torch.Tensor] = {}
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="checkpoint-reserve", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            for key, size, stride, dtype, cuda in self._specs:
+                buffer = _host_buffer(size, stride, dtype, cuda)
+                if not cuda:  # pinned memory is resident once allocated
+                    fault_in(buffer)
+                self.buffers[key] = buffer
+        except (RuntimeError, OSError) as exc:
+            self.buffers.clear()
+            self.error = exc
+        self.seconds = time.monotonic() - started
+
+
+def _host_buffer(size: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """An uninitialized host tensor of that layout; pinned for a copy from a GPU."""
+    return torch.empty_strided(size, stride, dtype=dtype, device="cpu", pin_memory=pinned)
+
+
+def _layout(
+    obj: Any, name: str
+) -> tuple[dict[tuple[str, ...], tuple[Any, ...]], dict[tuple[Any, ...], tuple[tuple[str, ...], torch.Tensor]]]:
+    """The view of each tensor in `obj` by key, and the tensors by view (tied weights once), each with the key of
+    its first occurrence."""
+    tensors: dict[tuple[str, ...], torch.Tensor] = {}
+    _collect(obj, (name,), tensors)
+    views = {key: _view_key(tensor) for key, tensor in tensors.items()}
+    unique: dict[tuple[Any, ...], tuple[tuple[str, ...], torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        unique.setdefault(views[key], (key, tensor))
+    return views, unique
 
 
 def _collect(obj: Any, key: tuple[str, ...], out: dict[tuple[str, ...], torch.Tensor]) -> None:
@@ -234,13 +362,4 @@ def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
         tuple(tensor.size()),
         tuple(tensor.stride()),
         tensor.dtype,
-    )
-
-
-def _fits(buffer: torch.Tensor | None, tensor: torch.Tensor) -> bool:
-    return (
-        buffer is not None
-        and buffer.size() == tensor.size()
-        and buffer.stride() == tensor.stride()
-        and buffer.dtype == tensor.dtype
     )
