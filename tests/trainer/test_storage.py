@@ -28,7 +28,7 @@ from finetune_trainer.config import StorageSpec
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
 from finetune_trainer.recipe import run
-from finetune_trainer.storage import LocalStorage, S3Storage, StorageError, digest_file
+from finetune_trainer.storage import PART_SIZE, LocalStorage, S3Storage, StorageError, digest_file
 from finetune_trainer.transfer import RangedDownloader, Transfer, TransferError
 
 MiB = 1024 * 1024
@@ -449,6 +449,45 @@ def test_a_file_sent_with_its_digests_is_checked_by_the_store_against_its_crc32(
     stored = _stored_checksums(s3_env, "runs/y/merged.safetensors")
     assert base64.b64decode(stored["SHA256"]).hex() == hashlib.sha256(_blob(3 * MiB + 5, 8)).hexdigest()
     assert sent.requests[-1]["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+
+
+def test_a_file_over_the_single_put_limit_goes_in_parts_checked_against_crc32s_read_with_its_sha256(
+    s3_env: Any, tmp_path: Path
+) -> None:
+    """Checkpoint weights and optimizer state over 1 GiB: each part carries the CRC32 of its slice, read in the same
+    pass as the record's sha256, so the store checks every part against the bytes that were hashed and this side
+    reads the file once more only to send it."""
+    storage = S3Storage(_spec(s3_env))
+    storage.single_put_max = 4 * MiB
+    parts = SentHeaders(storage.put_client, "UploadPart")
+    data = _blob(PART_SIZE + 6 * MiB + 3, 5)
+    path = tmp_path / "optimizer.pt"
+    path.write_bytes(data)
+    digest = digest_file(path, part_size=PART_SIZE)
+    assert (digest.sha256, digest.crc32) == (hashlib.sha256(data).hexdigest(), zlib.crc32(data))
+    assert digest.part_crc32s == (zlib.crc32(data[:PART_SIZE]), zlib.crc32(data[PART_SIZE:]))
+    assert digest_file(path).part_crc32s == ()
+    uri = s3_env.uri("runs/z/optimizer.pt")
+
+    storage.upload_file(path, uri, sha256=digest.sha256, crc32=digest.crc32, part_crc32s=digest.part_crc32s)
+
+    assert sorted(p["x-amz-checksum-crc32"] for p in parts.requests) == sorted(
+        [_b64_crc32(data[:PART_SIZE]), _b64_crc32(data[PART_SIZE:])]
+    )
+    assert {p["x-amz-content-sha256"] for p in parts.requests} == {"UNSIGNED-PAYLOAD"}
+    assert all("x-amz-checksum-crc32" in _signed(p) for p in parts.requests)
+    assert _stored_checksums(s3_env, "runs/z/optimizer.pt")["CRC32"].endswith("-2")
+    assert storage.read_bytes(uri) == data
+
+    # A byte changed after the file was hashed: its part is refused, the upload is aborted (no parts left in the
+    # store), and the object already there stays.
+    changed = bytearray(data)
+    changed[PART_SIZE + 1] ^= 1
+    path.write_bytes(changed)
+    with pytest.raises(StorageError, match=rf"cannot upload to {re.escape(uri)} .*do not match the file's checksum"):
+        storage.upload_file(path, uri, sha256=digest.sha256, crc32=digest.crc32, part_crc32s=digest.part_crc32s)
+    assert storage.read_bytes(uri) == data
+    assert s3_env.client().list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", []) == []
 
 
 def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path: Path) -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import logging
 import os
 import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -144,10 +145,24 @@ class Storage(ABC):
         """Write a small object in one piece (readers see the old or the new content, never a part)."""
 
     @abstractmethod
-    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None, crc32: int | None = None) -> None:
+    def upload_file(
+        self,
+        path: Path,
+        uri: str,
+        *,
+        sha256: str | None = None,
+        crc32: int | None = None,
+        part_crc32s: Sequence[int] = (),
+    ) -> None:
         """Copy one local file to `uri`. `sha256` (hex) and `crc32`: the file's digests where the caller has
         computed them; a store that can check the bytes it receives does so against the CRC32 where given (cheaper
-        for it, and for every later download), else against the sha256, and refuses bytes that differ."""
+        for it, and for every later download), else against the sha256, and refuses bytes that differ.
+        `part_crc32s`: the CRC32 of each `part_size_for(size)` slice, for a file this store receives in parts."""
+
+    def part_size_for(self, size: int) -> int | None:
+        """The size of the parts a file of `size` bytes is sent in, where it is sent in parts (else None): the
+        caller reads each part's CRC32 with the file's other digests."""
+        return None
 
     @abstractmethod
     def delete_prefix(self, uri: str) -> int:
@@ -180,8 +195,14 @@ class Storage(ABC):
         sizes = {name: (src / name).stat().st_size for name in names}
 
         def send(name: str) -> str:
-            digest = digest_file(src / name)
-            self.upload_file(src / name, join_uri(uri, name), sha256=digest.sha256, crc32=digest.crc32)
+            digest = digest_file(src / name, part_size=self.part_size_for(sizes[name]))
+            self.upload_file(
+                src / name,
+                join_uri(uri, name),
+                sha256=digest.sha256,
+                crc32=digest.crc32,
+                part_crc32s=digest.part_crc32s,
+            )
             return digest.sha256
 
         largest_first = sorted(names, key=lambda n: -sizes[n])
@@ -190,10 +211,14 @@ class Storage(ABC):
         return [{"path": name, "size": sizes[name], "sha256": digests[name]} for name in names]
 
 
+_BLOCK = 8 * 1024 * 1024
+PART_SIZE = 64 * 1024 * 1024  # multipart uploads: few parts for multi-GB checkpoint files, fetched part by part later
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
-    """A file's content, 8 MiB at a time."""
+    """A file's content, _BLOCK bytes at a time."""
     with open(path, "rb") as handle:
-        while block := handle.read(8 * 1024 * 1024):
+        while block := handle.read(_BLOCK):
             yield block
 
 
@@ -209,18 +234,28 @@ def sha256_file(path: Path) -> str:
 class FileDigest:
     sha256: str  # hex: what checkpoint and output records list
     crc32: int  # what the store checks an upload against (zlib-ng computes a CRC32 ~14x faster than a SHA-256 here)
+    part_crc32s: tuple[int, ...] = ()  # the CRC32 of each part, for a file sent in parts
 
 
-def digest_file(path: Path) -> FileDigest:
+def digest_file(path: Path, *, part_size: int | None = None) -> FileDigest:
     """A file's SHA-256 and CRC32 from one read (zlib-ng's vectorised CRC32 adds ~7% to the SHA-256's CPU; both
-    release the GIL)."""
+    release the GIL), and with `part_size` (a multiple of 8 MiB) the CRC32 of each part of that size too."""
     from zlib_ng.zlib_ng import crc32
 
-    sha, crc = hashlib.sha256(), 0
+    if part_size is not None and (part_size <= 0 or part_size % _BLOCK):
+        raise ValueError(f"part_size {part_size} is not a positive multiple of {_BLOCK}")
+    sha, crc, parts, part_crc, part_filled = hashlib.sha256(), 0, [], 0, 0
     for block in _blocks(path):
         sha.update(block)
         crc = crc32(block, crc)
-    return FileDigest(sha.hexdigest(), crc)
+        if part_size is not None:
+            part_crc, part_filled = crc32(block, part_crc), part_filled + len(block)
+            if part_filled == part_size:
+                parts.append(part_crc)
+                part_crc, part_filled = 0, 0
+    if part_filled:
+        parts.append(part_crc)
+    return FileDigest(sha.hexdigest(), crc, tuple(parts))
 
 
 def _files_under(root: Path) -> list[str]:
@@ -266,7 +301,15 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot write {uri}: {exc}") from exc
 
-    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None, crc32: int | None = None) -> None:
+    def upload_file(
+        self,
+        path: Path,
+        uri: str,
+        *,
+        sha256: str | None = None,
+        crc32: int | None = None,
+        part_crc32s: Sequence[int] = (),
+    ) -> None:
         try:  # a local copy crosses no network: the digests are not checked again
             replace_atomically(self.path(uri), lambda tmp: shutil.copyfile(path, tmp))
         except OSError as exc:
@@ -348,6 +391,52 @@ def _client_error_code(exc: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+class _FileSlice(io.RawIOBase):
+    """`length` bytes of a file from `offset` (fewer at its end) as a seekable, read-only stream: the body of one
+    part, which botocore can rewind for a retry. Reads with pread, so parts of one file go up side by side."""
+
+    def __init__(self, path: Path, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._offset = offset
+        self._length = max(0, min(length, os.fstat(self._fd).st_size - offset))
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._length
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(0, base + pos), self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        want = left if size is None or size < 0 else min(size, left)
+        data = os.pread(self._fd, want, self._offset + self._pos) if want else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 _DIGEST_MISMATCH = "the bytes the store received do not match the file's checksum (it changed after it was hashed)"
 
 
@@ -356,12 +445,13 @@ class S3Storage(Storage):
 
     A file uploaded with its digests (up to `single_put_max` bytes) goes in one PUT that carries the caller's CRC32
     (else its sha256) as the object's checksum (`x-amz-checksum-crc32`, a signed header the store checks the body
-    against and keeps): read once, by the caller. Larger files, and files sent without a digest, go in parts through
-    boto3's transfer manager, each part with the CRC32 botocore computes. Bodies are never hashed into the
-    signature (botocore's default over plain HTTP, a SHA-256 on both sides for every byte): a signed checksum header
-    covers each of them instead."""
+    against and keeps): read once, by the caller. A larger file goes in PART_SIZE parts, each with the CRC32 the
+    caller read with its sha256 (`upload_dir` does), or, without those, through boto3's transfer manager, each part
+    with the CRC32 botocore computes. Bodies are never hashed into the signature (botocore's default over plain
+    HTTP, a SHA-256 on both sides for every byte): a signed checksum header covers each of them instead."""
 
     single_put_max = 1024 * 1024 * 1024  # one PUT may be 5 GiB; past 1 GiB parts sent at once are worth more
+    upload_part_workers = 8  # parts of one file in flight (the transfer manager's default is 10)
 
     def __init__(self, spec: StorageSpec, *, workers: int = 16, chunk_size: int = 16 * 1024 * 1024) -> None:
         self.spec = spec
@@ -450,14 +540,23 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._fail("write", uri, exc) from exc
 
-    def upload_file(self, path: Path, uri: str, *, sha256: str | None = None, crc32: int | None = None) -> None:
+    def upload_file(
+        self,
+        path: Path,
+        uri: str,
+        *,
+        sha256: str | None = None,
+        crc32: int | None = None,
+        part_crc32s: Sequence[int] = (),
+    ) -> None:
         from boto3.s3.transfer import TransferConfig
 
         from finetune_trainer.transfer import crc32_checksum
 
         bucket, key = self._split(uri)
         try:
-            if (sha256 is not None or crc32 is not None) and path.stat().st_size <= self.single_put_max:
+            size = path.stat().st_size
+            if (sha256 is not None or crc32 is not None) and size <= self.single_put_max:
                 if crc32 is not None:
                     checksum = {"ChecksumCRC32": crc32_checksum(crc32)}
                 else:
@@ -465,12 +564,49 @@ class S3Storage(Storage):
                 with open(path, "rb") as body:
                     self.put_client.put_object(Bucket=bucket, Key=key, Body=body, **checksum)
                 return
-            # boto3's transfer manager does concurrent multipart uploads; 64 MiB parts keep the part count of
-            # multi-GB checkpoint shards low, and downloads later fetch part by part.
-            config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
+            if part_crc32s:
+                if len(part_crc32s) != -(-size // PART_SIZE):
+                    raise ValueError(f"{len(part_crc32s)} part CRC32s for {size} bytes in parts of {PART_SIZE}")
+                self._put_parts(path, bucket, key, part_crc32s)
+                return
+            # boto3's transfer manager does concurrent multipart uploads, botocore computing each part's CRC32.
+            config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
             self.put_client.upload_file(str(path), bucket, key, Config=config, ExtraArgs={"ChecksumAlgorithm": "CRC32"})
         except Exception as exc:
             raise self._fail("upload to", uri, exc) from exc
+
+    def part_size_for(self, size: int) -> int | None:
+        return PART_SIZE if size > self.single_put_max else None
+
+    def _put_parts(self, path: Path, bucket: str, key: str, part_crc32s: Sequence[int]) -> None:
+        """A multipart upload of PART_SIZE parts, each with the CRC32 the caller read with the file's sha256: the
+        store checks every part against the bytes that were hashed, and this side reads each part once, to send it
+        (the transfer manager would compute each CRC32 again). A failed upload is aborted: no parts stay behind."""
+        from finetune_trainer.transfer import crc32_checksum
+
+        client = self.put_client
+        upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")["UploadId"]
+
+        def send(number: int) -> dict[str, Any]:
+            checksum = crc32_checksum(part_crc32s[number - 1])
+            with _FileSlice(path, (number - 1) * PART_SIZE, PART_SIZE) as body:
+                response = client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumCRC32=checksum
+                )
+            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+
+        try:
+            with ThreadPoolExecutor(min(self.upload_part_workers, len(part_crc32s))) as pool:
+                parts = list(pool.map(send, range(1, len(part_crc32s) + 1)))
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            try:
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception as exc:  # the first failure is the one to report; the store expires the rest
+                log.warning("cannot abort the multipart upload of s3://%s/%s: %s", bucket, key, exc)
+            raise
 
     def delete_prefix(self, uri: str) -> int:
         bucket, key = self._split(as_prefix(uri))
