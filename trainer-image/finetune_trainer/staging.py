@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import sys
@@ -66,6 +67,12 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in, writable, in one cal
 _populate_by_madvise = sys.platform.startswith("linux")  # turned off the first time the kernel says it cannot
 
 
+@functools.cache
+def _madvise() -> Any:
+    """libc's madvise, loaded once (errno kept for the caller)."""
+    return ctypes.CDLL(None, use_errno=True).madvise
+
+
 def fault_in(buffer: torch.Tensor) -> None:
     """Make every page of a freshly allocated host buffer resident, so that the first copy into it does not fault
     them in one by one. The contents are not defined before or after (the buffer is about to be overwritten)."""
@@ -76,9 +83,8 @@ def fault_in(buffer: torch.Tensor) -> None:
     if _populate_by_madvise:
         page = mmap.PAGESIZE
         first = start - start % page
-        libc = ctypes.CDLL(None, use_errno=True)
         # A foreign call without the GIL: training goes on in the other threads.
-        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + size - first), _MADV_POPULATE_WRITE) == 0:
+        if _madvise()(ctypes.c_void_p(first), ctypes.c_size_t(start + size - first), _MADV_POPULATE_WRITE) == 0:
             return
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS):
