@@ -183,6 +183,10 @@ class CheckpointUploader:
         self.check()
         self._queue.put(_Job(step, local_dir, loss, extra, writes))
 
+    def busy(self) -> bool:
+        """Whether a checkpoint is queued or being uploaded (its files written, hashed, sent) right now."""
+        return self._queue.unfinished_tasks > 0
+
     def check(self) -> None:
         """Raise the first background upload error, if any."""
         if self._error is not None:

@@ -246,7 +246,7 @@ class FineTuneRecipe:
     def _build_trainer(self, model: Any, args: Any, tokenizer: Any, collator: Any, callbacks: list[Any]) -> None:
         from transformers import PrinterCallback
 
-        from finetune_trainer.callbacks import ResumableTrainer
+        from finetune_trainer.callbacks import ResumableTrainer, YieldCoreToCheckpoints
         from finetune_trainer.staging import StagedWrites
 
         self.trainer = ResumableTrainer(
@@ -259,8 +259,10 @@ class FineTuneRecipe:
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)  # our JSON lines replace its printed dicts
-        if self.uploader is not None:  # the process that uploads this node's checkpoints writes them off the step
-            self.trainer.staging = StagedWrites()
+        uploader = self.uploader
+        if uploader is not None:  # the process that uploads this node's checkpoints writes them off the step
+            staging = self.trainer.staging = StagedWrites()
+            self.trainer.add_callback(YieldCoreToCheckpoints(lambda: uploader.busy() or staging.busy()))
 
     def _log_setup_done(self, started: float, args: Any) -> None:
         import torch

@@ -232,6 +232,12 @@ class StagedWrites:
         self._pending = PendingWrites(writes)
         return self._pending
 
+    def busy(self) -> bool:
+        """Whether buffers are being reserved or a checkpoint's files written in the background right now."""
+        reservation, pending = self._reservation, self._pending
+        reserving = reservation is not None and reservation.thread.is_alive()
+        return reserving or (pending is not None and not pending.done())
+
     # -- memory ----------------------------------------------------------------------------------------------------
 
     def _fits(self, key: tuple[str, ...], tensor: torch.Tensor) -> bool:
