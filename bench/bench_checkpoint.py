@@ -17,7 +17,7 @@ each run the page cache is written back and, where this process may (root), drop
 into a page cache that must first evict other files cost several times the CPU on the development VM.
 
     ~/.cache/finetune-operator/venv/bin/python bench/bench_checkpoint.py [--methods lora,full] [--steps 12]
-        [--save-every 4] [--layers 24] [--repeat 1] [--sync-writes]
+        [--save-every 4] [--layers 24] [--repeat 1] [--sync-writes] [--train-threads N]
 
 The trainer copies a checkpoint's optimizer state (and a full fine-tune's weights) into host buffers and writes
 the files in the background (finetune_trainer/staging.py); --sync-writes turns that off, so that a run can be
@@ -29,6 +29,12 @@ of the overhead is what the background upload and the object store take from the
 the Trainer reserves the staging buffers in the background (staging.StagedWrites.reserve); the gap after the first
 step, before the window, is printed for each run. The run without checkpoints stages nothing (its one save comes
 after the window): the reservation is a cost of checkpointing and falls in the window of the run with them.
+
+Background work that is merely put off past the window would flatter the figure: each run also prints how many of
+the checkpoints saved before the window's last step were uploaded by that step's end ("2 of 2" with the defaults).
+While a checkpoint is in the background, training on the CPU gives one of its intra-op threads to it
+(callbacks.YieldCoreToCheckpoints); --train-threads 1 trains on one thread throughout, in both runs, leaving the
+other core to the background writes, the upload and MinIO, as a GPU node's host CPUs would be left.
 
 Last line: `checkpoint overhead lora P% (blocking B%), full Q% (blocking C%)`.
 """
@@ -90,15 +96,23 @@ def write_model(directory: Path, layers: int, hidden: int, intermediate: int) ->
     return sum(p.numel() for p in model.parameters())
 
 
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 class StepClock:
     """Wall time at the start and the end of each optimizer step (a transformers TrainerCallback). Between the end
     of one step and the start of the next the Trainer logs and saves: that gap is what a save blocks."""
 
-    def __init__(self, store_pid: int) -> None:
+    def __init__(self, store_pid: int, uploaded: list[int]) -> None:
         self.store_pid = store_pid
+        self.uploaded = uploaded  # the uploader's steps whose checkpoints are uploaded and complete, in order
         self.begins: list[float] = []
         self.ends: list[float] = []
         self.cpu: list[tuple[float, float]] = []  # at each step's end: CPU s of this process and of the store
+        self.done: list[int] = []  # at each step's end: how many checkpoints were uploaded by then
 
     def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
         self.begins.append(time.perf_counter())
@@ -111,6 +125,7 @@ class StepClock:
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
         self.ends.append(time.perf_counter())
         self.cpu.append((process_cpu_seconds(os.getpid()), process_cpu_seconds(self.store_pid)))
+        self.done.append(len(self.uploaded))
 
 
 class Window(NamedTuple):
@@ -119,6 +134,8 @@ class Window(NamedTuple):
     after_first: float  # seconds between the end of the first step and the start of the second (before the window)
     cpu: float  # CPU seconds per step of this process (training, saves, the upload's client side)
     store_cpu: float  # CPU seconds per step of MinIO
+    saved: int  # checkpoints saved before the window's last step
+    uploaded: int  # of them, uploaded by the end of that step (the rest of their upload fell after the window)
 
 
 def run_once(
@@ -160,9 +177,10 @@ def run_once(
     )
     quiet = ProgressReporter(config.job_name, None, stream=open(os.devnull, "w"))  # noqa: SIM115
     recipe = FineTuneRecipe(config, ranks=Ranks(0, 0, 1, 1), reporter=quiet)
-    clock = StepClock(store_pid)
     try:
         recipe.setup()
+        assert recipe.uploader is not None
+        clock = StepClock(store_pid, recipe.uploader.completed)
         recipe.trainer.add_callback(clock)
         # --sync-writes: the Trainer writes every file before the next step, as before staging.py. In the run
         # without checkpoints nothing is staged either: its only save comes after the last step, and the staging
@@ -183,6 +201,8 @@ def run_once(
         clock.begins[1] - clock.ends[0],
         (own1 - own0) / steps,
         (store1 - store0) / steps,
+        (len(clock.ends) - 1) // save_every,  # the Trainer saves after a step's on_step_end
+        clock.done[last],
     )
 
 
@@ -198,12 +218,23 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=0,
+        help="torch's intra-op threads for training (default: torch's own, one per core); 1 on the 2-CPU VM leaves "
+        "a core to the background writes, the upload and MinIO, as a GPU node's host CPUs would",
+    )
+    parser.add_argument(
         "--sync-writes",
         action="store_true",
         help="write each checkpoint's files before the next step (no staging in host memory), to compare",
     )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.train_threads:
+        import torch
+
+        torch.set_num_threads(args.train_threads)
 
     work = Path(tempfile.mkdtemp(prefix="ftj-bench-ckpt-"))
     server = MinioServer.start(work / "minio")
@@ -217,7 +248,8 @@ def main() -> None:
         print(f"model: Qwen2 shape, {args.layers} layers, hidden {args.hidden}: {params / 1e6:.0f}M parameters (fp32)")
         print(
             f"{args.steps} steps of {args.cutoff} tokens, checkpoint every {args.save_every} to MinIO; "
-            f"step time from step {args.warmup} to {args.steps}"
+            f"step time from step {args.warmup} to {args.steps}; training on {torch_threads()} thread(s) of "
+            f"{os.cpu_count()} CPUs"
         )
         figures: dict[str, tuple[float, float]] = {}
         for method in args.methods.split(","):
@@ -233,7 +265,8 @@ def main() -> None:
                     print(
                         f"  {method} {label:7} checkpoints: {run.seconds:.3f} s/step, {run.between:.3f} of it between "
                         f"steps ({run.after_first:.3f} s after the first step); CPU s/step: this process "
-                        f"{run.cpu:.2f}, MinIO {run.store_cpu:.2f}",
+                        f"{run.cpu:.2f}, MinIO {run.store_cpu:.2f}; uploaded by the last step's end: "
+                        f"{run.uploaded} of {run.saved}",
                         flush=True,
                     )
                 with_, without = measured["with"], measured["without"]
