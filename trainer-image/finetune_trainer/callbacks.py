@@ -77,31 +77,52 @@ class _ReserveStaging(TrainerCallback):  # type: ignore[misc]
 
 
 class YieldCoreToCheckpoints(TrainerCallback):  # type: ignore[misc]
-    """On the CPU, a step that begins while a checkpoint is still in the background (buffers being reserved, files
-    being written, hashed or uploaded: `busy()`) runs on one intra-op thread fewer; the next step that begins with
-    nothing in the background gets it back, and so does whatever follows training.
+    """On the CPU, a step that begins while a checkpoint's work runs in the background (buffers being reserved,
+    files being written, hashed or uploaded) runs on one intra-op thread fewer when that work has outlasted a step
+    (it had begun before the previous step began) or the work before it did; a step that begins with nothing in the
+    background gets the thread back, and so does whatever follows training. `sources` say when the background work
+    in progress began (time.monotonic()), or None.
 
-    The background work needs a core. Left to compete with as many threads as cores, it stalls the step's parallel
-    regions, whose threads wait at each barrier for the one that was preempted: on the 2-CPU development VM a full
-    fine-tune's steps took 12.4 s instead of 7.2 with a checkpoint every 4 steps, 10.5 s with the thread given back
-    (bench/bench_checkpoint.py). Nothing changes on a GPU, where the step does not run on the host's threads, or
-    where training already runs on a single thread (several processes per node: torchrun sets one each)."""
+    The background work needs a core. Left to compete with as many threads as cores, it preempts one of them and the
+    others wait for it at every barrier of the step (bench/bench_checkpoint.py, docs/benchmarks.md: a full
+    fine-tune's checkpoint every 4 steps on 2 CPUs). The choice holds for a whole step, so work that does not outlast
+    one (a LoRA checkpoint's upload, a fraction of a step) keeps every thread: given at once, that thread cost the
+    step more than the upload took. Nothing changes on a GPU, where the step does not run on the host's threads, or
+    where training runs on one thread (several processes per node: torchrun sets one each)."""
 
-    def __init__(self, busy: Callable[[], bool]) -> None:
-        self.busy = busy
+    def __init__(self, *sources: Callable[[], float | None]) -> None:
+        self.sources = sources
         self.threads = 0  # torch's intra-op threads for training; 0 where nothing is to be given
+        self.previous: float | None = None  # when the previous step began
+        self.long = False  # the background work seen last outlasted a step
+        self.seen: bool | None = None  # background work at the previous step's beginning: whether it outlasted one
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         threads = torch.get_num_threads()
         self.threads = threads if args.device.type == "cpu" and threads > 1 else 0
+        self.previous = None
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        now = time.monotonic()
         if self.threads:
-            self._use(self.threads - 1 if self.busy() else self.threads)
+            self._use(self.threads - 1 if self._give(now) else self.threads)
+        self.previous = now
+
+    def _give(self, now: float) -> bool:
+        began = min((t for t in (source() for source in self.sources) if t is not None), default=None)
+        if began is None:  # nothing in the background: what was there decides for the next checkpoint
+            if self.seen is not None:
+                self.long, self.seen = self.seen, None
+            return False
+        outlasted = self.previous is not None and began < self.previous
+        if outlasted:
+            self.long = True
+        self.seen = bool(self.seen) or outlasted
+        return outlasted or self.long
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -23,6 +23,7 @@ import re
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,7 @@ class _Job:
     loss: float | None
     extra: dict[str, Any]
     writes: _Writes | None = None
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class CheckpointUploader:
@@ -171,6 +173,7 @@ class CheckpointUploader:
         self.run = run  # the run record (finetune_trainer.identity) every record and manifest carries
         self.completed: list[int] = []
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._unfinished: deque[float] = deque()  # when each job in the queue or in progress was submitted
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
@@ -181,11 +184,17 @@ class CheckpointUploader:
         """Queue checkpoint `step` for upload: written to `local_dir` by every local rank, except for the files
         this process still writes in the background (`writes`, staging.PendingWrites), which the upload waits for."""
         self.check()
-        self._queue.put(_Job(step, local_dir, loss, extra, writes))
+        job = _Job(step, local_dir, loss, extra, writes)
+        self._unfinished.append(job.submitted)
+        self._queue.put(job)
 
-    def busy(self) -> bool:
-        """Whether a checkpoint is queued or being uploaded (its files written, hashed, sent) right now."""
-        return self._queue.unfinished_tasks > 0
+    def busy_since(self) -> float | None:
+        """When (time.monotonic()) the oldest checkpoint still queued or being uploaded (its files written, hashed,
+        sent) was submitted; None when there is none."""
+        try:
+            return self._unfinished[0]
+        except IndexError:
+            return None
 
     def check(self) -> None:
         """Raise the first background upload error, if any."""
@@ -216,6 +225,8 @@ class CheckpointUploader:
                 log.error("checkpoint step %s upload failed: %s", getattr(job, "step", "?"), exc)
                 self._error = exc
             finally:
+                if job is not None:
+                    self._unfinished.popleft()
                 self._queue.task_done()
 
     def _upload(self, job: _Job) -> None:

@@ -259,10 +259,9 @@ class FineTuneRecipe:
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)  # our JSON lines replace its printed dicts
-        uploader = self.uploader
-        if uploader is not None:  # the process that uploads this node's checkpoints writes them off the step
+        if self.uploader is not None:  # the process that uploads this node's checkpoints writes them off the step
             staging = self.trainer.staging = StagedWrites()
-            self.trainer.add_callback(YieldCoreToCheckpoints(lambda: uploader.busy() or staging.busy()))
+            self.trainer.add_callback(YieldCoreToCheckpoints(self.uploader.busy_since, staging.busy_since))
 
     def _log_setup_done(self, started: float, args: Any) -> None:
         import torch

@@ -107,11 +107,11 @@ class PendingWrites:
         # torch.save's settings are thread-local: the writes follow those of the thread that staged them (the
         # recipe turns the zip CRC32s off there).
         self._compute_crc32 = bool(serialization_config.save.compute_crc32)
+        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="checkpoint-write", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        started = time.monotonic()
         torch.serialization.set_crc32_options(self._compute_crc32)
         for path, write in self._writes:
             try:
@@ -121,7 +121,7 @@ class PendingWrites:
                 self._error.__cause__ = exc
                 log.error("%s", self._error)
                 return
-        log.debug("wrote %d staged checkpoint file(s) in %.1fs", len(self._writes), time.monotonic() - started)
+        log.debug("wrote %d staged checkpoint file(s) in %.1fs", len(self._writes), time.monotonic() - self.started)
 
     def done(self) -> bool:
         return not self._thread.is_alive()
@@ -232,11 +232,16 @@ class StagedWrites:
         self._pending = PendingWrites(writes)
         return self._pending
 
-    def busy(self) -> bool:
-        """Whether buffers are being reserved or a checkpoint's files written in the background right now."""
+    def busy_since(self) -> float | None:
+        """When (time.monotonic()) the background work in progress began, reserving buffers or writing a
+        checkpoint's files (the older of the two); None when there is none."""
         reservation, pending = self._reservation, self._pending
-        reserving = reservation is not None and reservation.thread.is_alive()
-        return reserving or (pending is not None and not pending.done())
+        started = []
+        if reservation is not None and reservation.thread.is_alive():
+            started.append(reservation.started)
+        if pending is not None and not pending.done():
+            started.append(pending.started)
+        return min(started, default=None)
 
     # -- memory ----------------------------------------------------------------------------------------------------
 
@@ -304,11 +309,11 @@ class _Reservation:
         self.buffers: dict[tuple[str, ...], torch.Tensor] = {}
         self.error: BaseException | None = None
         self.seconds = 0.0
+        self.started = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="checkpoint-reserve", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        started = time.monotonic()
         try:
             for key, size, stride, dtype, cuda in self._specs:
                 buffer = _host_buffer(size, stride, dtype, cuda)
@@ -318,7 +323,7 @@ class _Reservation:
         except (RuntimeError, OSError) as exc:
             self.buffers.clear()
             self.error = exc
-        self.seconds = time.monotonic() - started
+        self.seconds = time.monotonic() - self.started
 
 
 def _host_buffer(size: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
