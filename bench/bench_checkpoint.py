@@ -96,12 +96,6 @@ def write_model(directory: Path, layers: int, hidden: int, intermediate: int) ->
     return sum(p.numel() for p in model.parameters())
 
 
-def torch_threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
-
-
 class StepClock:
     """Wall time at the start and the end of each optimizer step (a transformers TrainerCallback). Between the end
     of one step and the start of the next the Trainer logs and saves: that gap is what a save blocks."""
@@ -231,9 +225,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.train_threads:
-        import torch
+    import torch
 
+    if args.train_threads:
         torch.set_num_threads(args.train_threads)
 
     work = Path(tempfile.mkdtemp(prefix="ftj-bench-ckpt-"))
@@ -248,7 +242,7 @@ def main() -> None:
         print(f"model: Qwen2 shape, {args.layers} layers, hidden {args.hidden}: {params / 1e6:.0f}M parameters (fp32)")
         print(
             f"{args.steps} steps of {args.cutoff} tokens, checkpoint every {args.save_every} to MinIO; "
-            f"step time from step {args.warmup} to {args.steps}; training on {torch_threads()} thread(s) of "
+            f"step time from step {args.warmup} to {args.steps}; training on {torch.get_num_threads()} thread(s) of "
             f"{os.cpu_count()} CPUs"
         )
         figures: dict[str, tuple[float, float]] = {}

@@ -102,7 +102,7 @@ class YieldCoreToCheckpoints(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         threads = torch.get_num_threads()
         self.threads = threads if args.device.type == "cpu" and threads > 1 else 0
-        self.previous = None
+        self.previous, self.long, self.seen = None, False, None
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -136,7 +136,6 @@ class _Job:
     loss: float | None
     extra: dict[str, Any]
     writes: _Writes | None = None
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class CheckpointUploader:
@@ -184,9 +183,8 @@ class CheckpointUploader:
         """Queue checkpoint `step` for upload: written to `local_dir` by every local rank, except for the files
         this process still writes in the background (`writes`, staging.PendingWrites), which the upload waits for."""
         self.check()
-        job = _Job(step, local_dir, loss, extra, writes)
-        self._unfinished.append(job.submitted)
-        self._queue.put(job)
+        self._unfinished.append(time.monotonic())
+        self._queue.put(_Job(step, local_dir, loss, extra, writes))
 
     def busy_since(self) -> float | None:
         """When (time.monotonic()) the oldest checkpoint still queued or being uploaded (its files written, hashed,
