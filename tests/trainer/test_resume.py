@@ -4,6 +4,7 @@ complete checkpoint in storage and continues with exactly the losses of an unint
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -292,6 +293,62 @@ def test_on_the_cpu_a_step_leaves_a_core_to_checkpoint_uploads_that_outlast_a_st
     # Step 5 began with step 4's checkpoint just submitted, after step 2's had outlasted a step: given at once.
     assert stall.threads[5] == 1
     assert after == 2, "the threads are given back once training ends"
+
+
+class LocalFileBlocked(TrainerCallback):  # type: ignore[misc]
+    """Puts a directory where the Trainer's local checkpoint-<step>/<name> would go, just before the save at `step`:
+    writing that file to the local disk fails there."""
+
+    def __init__(self, step: int, name: str) -> None:
+        self.step, self.name = step, name
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            (Path(args.output_dir) / f"checkpoint-{self.step}" / self.name).mkdir(parents=True)
+
+
+def test_a_full_fine_tunes_optimizer_state_goes_from_its_staged_copy_straight_into_the_store(
+    tmp_path: Path, sources: tuple[Path, Path], s3: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The largest file of a full fine-tune's checkpoint (AdamW state, twice the weights) is serialized from the staged
+    # copy into the store by the background thread, without a local file the uploader would read back: here that
+    # local file cannot even be created, and the checkpoint is complete all the same, its record listing the object.
+    model, data = sources
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    config = make_config(
+        tmp_path,
+        model_uri=model.as_uri(),
+        data_uri=data.as_uri(),
+        output_uri=s3.uri("run/"),
+        method={"type": "full"},
+        training={**TRAINING, "maxSteps": 4},
+        storage={"endpoint": s3.endpoint_url, "region": s3.region, "addressingStyle": "path"},
+    )
+    recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=io.StringIO()))
+    try:
+        recipe.setup()
+        recipe.trainer.add_callback(LocalFileBlocked(2, "optimizer.pt"))
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    assert result.status == "finished"
+    assert recipe.uploader is not None
+    assert recipe.uploader.completed == [2, 4]
+    client = s3.client()
+    manifest = json.loads(
+        client.get_object(Bucket=s3.bucket, Key="run/checkpoints/step-2/manifest.json")["Body"].read()
+    )
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert {"optimizer.pt", "model.safetensors", "scheduler.pt", "trainer_state.json"} <= set(listed)
+    stored = client.get_object(Bucket=s3.bucket, Key="run/checkpoints/step-2/optimizer.pt")["Body"].read()
+    assert listed["optimizer.pt"]["size"] == len(stored)
+    assert listed["optimizer.pt"]["sha256"] == hashlib.sha256(stored).hexdigest()
+    state = torch.load(io.BytesIO(stored), weights_only=True)
+    params = [p for p in recipe.trainer.model.parameters() if p.requires_grad]
+    assert len(state["state"]) == len(params)
+    assert sorted(tuple(s["exp_avg"].shape) for s in state["state"].values()) == sorted(tuple(p.shape) for p in params)
+    assert int(state["state"][0]["step"]) == 2
 
 
 def test_resume_takes_the_newest_checkpoint_whose_manifest_and_files_are_complete(tmp_path: Path) -> None:

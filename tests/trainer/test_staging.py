@@ -1,11 +1,14 @@
 """Checkpoint files written in the background (finetune_trainer.staging): the staged copy is a snapshot that the
 next optimizer step cannot change, tied weights stay tied, buffers are reused from save to save, buffers reserved
 ahead are resident before the first save and take it, staging steps aside when memory is short, and a failed write
-names its file. The whole path through the Trainer (a preempted
-full fine-tune resuming with the losses of an uninterrupted run) is in test_resume.py."""
+names its file; staged state goes straight into the store, or to the local file where the store refuses it. The
+whole path through the Trainer (a preempted full fine-tune resuming with the losses of an uninterrupted run, the
+optimizer state of a full fine-tune stored without a local file) is in test_resume.py."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import mmap
 import os
@@ -13,13 +16,16 @@ import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from finetune_trainer import staging as staging_module
+from finetune_trainer.config import StorageSpec
 from finetune_trainer.errors import CheckpointWriteError
-from finetune_trainer.staging import StagedWrites, available_memory, fault_in
+from finetune_trainer.staging import StagedWrites, available_memory, fault_in, save_staged
+from finetune_trainer.storage import S3Storage
 
 
 def _optimizer_like() -> dict[str, object]:
@@ -28,6 +34,12 @@ def _optimizer_like() -> dict[str, object]:
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(64, 32), "exp_avg_sq": torch.rand(64, 32)}},
         "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}],
     }
+
+
+def _assert_same_state(loaded: dict[str, Any], expected: dict[str, Any]) -> None:
+    for name, tensor in expected["state"][0].items():
+        assert torch.equal(loaded["state"][0][name], tensor), name
+    assert loaded["param_groups"] == expected["param_groups"]
 
 
 def test_a_staged_state_is_a_snapshot_that_later_in_place_updates_do_not_reach(tmp_path: Path) -> None:
@@ -243,3 +255,33 @@ def test_a_model_with_tied_weights_saved_from_its_staged_state_equals_its_own_sa
     assert "lm_head.weight" not in written
     for name, tensor in direct.items():
         assert torch.equal(written[name], tensor), name
+
+
+def test_staged_state_goes_into_the_store_and_where_the_store_refuses_it_to_the_local_file(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    storage = S3Storage(StorageSpec(endpoint=s3.endpoint_url, region=s3.region, addressing_style="path"))
+    staged = StagedWrites().stage("optimizer", _optimizer_like())
+    path = tmp_path / "checkpoint-2" / "optimizer.pt"
+    path.parent.mkdir()
+
+    uri = s3.uri("run/checkpoints/step-2/optimizer.pt")
+    entry = save_staged(staged, str(path), (storage, uri))
+    stored = storage.read_bytes(uri)
+    assert stored is not None
+    assert entry == {"path": "optimizer.pt", "size": len(stored), "sha256": hashlib.sha256(stored).hexdigest()}
+    assert not path.exists(), "nothing written to the local disk"
+    _assert_same_state(torch.load(io.BytesIO(stored), weights_only=True), _optimizer_like())
+
+    # The store refuses the object (here: no such bucket): the same staged state goes to the local file, for the
+    # uploader to send with the checkpoint's other files, and the log says why.
+    refused = f"s3://no-such-bucket-{os.getpid()}/run/checkpoints/step-2/optimizer.pt"
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.staging"):
+        assert save_staged(staged, str(path), (storage, refused)) is None
+    assert f"cannot upload to {refused}" in caplog.text
+    assert "the bucket does not exist" in caplog.text
+    assert "writing optimizer.pt to the local disk" in caplog.text
+    _assert_same_state(torch.load(path, weights_only=True), _optimizer_like())
+    assert s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []

@@ -490,6 +490,82 @@ def test_a_file_over_the_single_put_limit_goes_in_parts_checked_against_crc32s_r
     assert s3_env.client().list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", []) == []
 
 
+def _stream(writer: Any, data: bytes, chunks: tuple[int, ...]) -> None:
+    """Write `data` into `writer` the way torch.save does: pieces of uneven sizes, as memoryviews."""
+    view, offset = memoryview(data), 0
+    for size in chunks:
+        writer.write(view[offset : offset + size])
+        offset += size
+    writer.write(view[offset:])
+
+
+def test_a_file_streamed_into_the_store_goes_in_parts_with_their_crc32s_and_appears_only_once_complete(
+    s3_env: Any,
+) -> None:
+    """A checkpoint's optimizer state serialized straight into the store: cut into parts as it is written (a part
+    spans several writes and one write several parts), each part sent with its CRC32 while the next fills, the
+    record's sha256 computed on the way; nothing is visible at the key before `commit()`."""
+    storage = S3Storage(_spec(s3_env))
+    parts = SentHeaders(storage.put_client, "UploadPart")
+    data = _blob(2 * PART_SIZE + 5 * MiB + 11, 9)
+    uri = s3_env.uri("runs/s/checkpoints/step-4/optimizer.pt")
+
+    writer = storage.open_writer(uri)
+    _stream(writer, data, (100, 3 * MiB, PART_SIZE, 7, PART_SIZE - 2 * MiB))
+    assert storage.list(uri) == []  # parts sent so far are not an object yet
+    entry = writer.commit()
+
+    assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    slices = [data[:PART_SIZE], data[PART_SIZE : 2 * PART_SIZE], data[2 * PART_SIZE :]]
+    assert sorted(p["x-amz-checksum-crc32"] for p in parts.requests) == sorted(_b64_crc32(s) for s in slices)
+    assert {p["x-amz-content-sha256"] for p in parts.requests} == {"UNSIGNED-PAYLOAD"}
+    assert all("x-amz-checksum-crc32" in _signed(p) for p in parts.requests)
+    assert _stored_checksums(s3_env, "runs/s/checkpoints/step-4/optimizer.pt")["CRC32"].endswith("-3")
+    assert storage.read_bytes(uri) == data
+
+    # Less than a part goes in one PUT checked against its CRC32.
+    small = _blob(3 * MiB + 1, 10)
+    writer = storage.open_writer(s3_env.uri("runs/s/small.pt"))
+    _stream(writer, small, (5, MiB))
+    assert writer.commit() == {"size": len(small), "sha256": hashlib.sha256(small).hexdigest()}
+    assert _stored_checksums(s3_env, "runs/s/small.pt") == {"CRC32": _b64_crc32(small)}
+    assert storage.read_bytes(s3_env.uri("runs/s/small.pt")) == small
+
+    # A stream abandoned half way (the serialization failed) leaves nothing: no object, no parts in the store, and
+    # the object already at the key stays.
+    writer = storage.open_writer(uri)
+    _stream(writer, _blob(PART_SIZE + MiB, 11), (MiB,))
+    writer.abort()
+    assert storage.read_bytes(uri) == data
+    assert s3_env.client().list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", []) == []
+
+
+def test_a_stream_the_store_refuses_fails_with_the_uri_and_leaves_no_parts(s3_env: Any) -> None:
+    storage = S3Storage(_spec(s3_env))
+    uri = f"s3://no-such-bucket-{os.getpid()}/runs/optimizer.pt"
+    writer = storage.open_writer(uri)
+    with pytest.raises(StorageError, match=rf"cannot upload to {re.escape(uri)} .*the bucket does not exist"):
+        _stream(writer, _blob(PART_SIZE + MiB, 12), (MiB,))  # refused when the first part is full
+    writer.abort()  # the caller's clean-up after a failure is harmless
+
+
+def test_a_file_streamed_into_local_storage_takes_its_name_only_once_complete(tmp_path: Path) -> None:
+    storage = LocalStorage()
+    data = _blob(3 * MiB + 3, 13)
+    uri = f"file://{tmp_path}/out/checkpoints/step-2/optimizer.pt"
+    writer = storage.open_writer(uri)
+    _stream(writer, data, (7, MiB))
+    assert not (tmp_path / "out/checkpoints/step-2/optimizer.pt").exists()
+    assert writer.commit() == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert (tmp_path / "out/checkpoints/step-2/optimizer.pt").read_bytes() == data
+
+    writer = storage.open_writer(uri)
+    _stream(writer, b"half", ())
+    writer.abort()
+    assert (tmp_path / "out/checkpoints/step-2/optimizer.pt").read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints/step-2").iterdir()) == ["optimizer.pt"]
+
+
 def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path: Path) -> None:
     storage = S3Storage(_spec(s3_env))
     storage.single_put_max = 4 * MiB  # larger files go in parts through the transfer manager

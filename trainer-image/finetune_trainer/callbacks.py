@@ -9,6 +9,7 @@ reporting progress to the FineTuneJob.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -29,7 +30,8 @@ from transformers.trainer_pt_utils import reissue_pt_warnings
 from finetune_trainer.checkpoints import LOCAL_PREFIX
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
-from finetune_trainer.staging import PendingWrites, StagedWrites
+from finetune_trainer.staging import PendingWrites, StagedWrites, save_staged
+from finetune_trainer.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,8 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
     # `pending_writes` is the last save's, for the uploader to wait on.
     staging: StagedWrites | None = None
     pending_writes: PendingWrites | None = None
+    # Where a staged file goes in storage (CheckpointUploader.stored_file): the background write puts it there.
+    stored_file: Callable[[str, str], tuple[Storage, str] | None] | None = None
     _staging_save = False  # inside a checkpoint save that stages
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -234,7 +238,8 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             return
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, OPTIMIZER_NAME)
-        staging.defer(path, lambda: torch.save(staged, path))
+        target = self.stored_file(output_dir, OPTIMIZER_NAME) if self.stored_file is not None else None
+        staging.defer(path, functools.partial(save_staged, staged, path, target))
         with warnings.catch_warnings(record=True) as caught:
             torch.save(scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
         reissue_pt_warnings(caught)  # type: ignore[no-untyped-call]

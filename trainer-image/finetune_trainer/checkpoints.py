@@ -126,6 +126,8 @@ def apply_retention(storage: Storage, output_uri: str, keep: int) -> list[int]:
 
 
 class _Writes(Protocol):
+    stored: list[dict[str, Any]]  # files already put into storage by the writes (path, size, sha256)
+
     def wait(self) -> None: ...
 
 
@@ -181,10 +183,20 @@ class CheckpointUploader:
         self, local_dir: Path, step: int, *, loss: float | None = None, writes: _Writes | None = None, **extra: Any
     ) -> None:
         """Queue checkpoint `step` for upload: written to `local_dir` by every local rank, except for the files
-        this process still writes in the background (`writes`, staging.PendingWrites), which the upload waits for."""
+        this process still writes in the background (`writes`, staging.PendingWrites), which the upload waits for;
+        those the writes put into storage themselves (`stored_file`) join this node's record."""
         self.check()
         self._unfinished.append(time.monotonic())
         self._queue.put(_Job(step, local_dir, loss, extra, writes))
+
+    def stored_file(self, local_dir: str, name: str) -> tuple[Storage, str] | None:
+        """Where file `name` of the Trainer's local checkpoint directory `local_dir` (checkpoint-<N>) goes in
+        storage, for a background write that puts it there itself (staging.save_staged); None for a directory
+        not named that way."""
+        suffix = Path(local_dir).name[len(LOCAL_PREFIX) :]
+        if not Path(local_dir).name.startswith(LOCAL_PREFIX) or not suffix.isdigit():
+            return None
+        return self.storage, join_uri(step_uri(self.output_uri, int(suffix)), name)
 
     def busy_since(self) -> float | None:
         """When (time.monotonic()) the oldest checkpoint still queued or being uploaded (its files written, hashed,
@@ -230,9 +242,11 @@ class CheckpointUploader:
     def _upload(self, job: _Job) -> None:
         started = time.monotonic()
         uri = step_uri(self.output_uri, job.step)
+        files = []
         if job.writes is not None:
             job.writes.wait()
-        files = self.storage.upload_dir(job.local_dir, uri)
+            files = list(job.writes.stored)
+        files = sorted(files + self.storage.upload_dir(job.local_dir, uri), key=lambda f: str(f["path"]))
         node_record: dict[str, Any] = {"node": self.ranks.node_rank, "attempt": self.attempt, "files": files}
         if self.run is not None:
             node_record["run"] = self.run

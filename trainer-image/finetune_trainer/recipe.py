@@ -261,6 +261,7 @@ class FineTuneRecipe:
         self.trainer.remove_callback(PrinterCallback)  # our JSON lines replace its printed dicts
         if self.uploader is not None:  # the process that uploads this node's checkpoints writes them off the step
             staging = self.trainer.staging = StagedWrites()
+            self.trainer.stored_file = self.uploader.stored_file
             self.trainer.add_callback(YieldCoreToCheckpoints(self.uploader.busy_since, staging.busy_since))
 
     def _log_setup_done(self, started: float, args: Any) -> None:

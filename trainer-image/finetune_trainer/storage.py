@@ -25,7 +25,7 @@ import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -129,6 +129,33 @@ ObjectList = list[ObjectInfo]
 FileList = list[dict[str, Any]]  # path, size and sha256 of each file, as checkpoint and output records list them
 
 
+class ObjectWriter(ABC):
+    """One object written into storage as it is produced: `write()` takes bytes-like pieces of any size (torch.save
+    streams into it), `commit()` makes the object appear at `uri` in one piece and returns the record's fields for
+    it (size and sha256, computed on the way), `abort()` leaves nothing behind, and whatever was at `uri` before
+    stays until a commit replaces it. Errors are StorageErrors that name the URI."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.size = 0
+        self._sha256 = hashlib.sha256()
+
+    @abstractmethod
+    def write(self, data: Any) -> int: ...
+
+    def flush(self) -> None:  # noqa: B027 (torch.save calls it; the bytes are in the object once commit() returns)
+        """Nothing to do before `commit()`."""
+
+    @abstractmethod
+    def commit(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def _entry(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self._sha256.hexdigest()}
+
+
 class Storage(ABC):
     """What the trainer needs from a storage backend. Paths inside a prefix always use "/"."""
 
@@ -158,6 +185,11 @@ class Storage(ABC):
         computed them; a store that can check the bytes it receives does so against the CRC32 where given (cheaper
         for it, and for every later download), else against the sha256, and refuses bytes that differ.
         `part_crc32s`: the CRC32 of each `part_size_for(size)` slice, for a file this store receives in parts."""
+
+    @abstractmethod
+    def open_writer(self, uri: str) -> ObjectWriter:
+        """A new object at `uri` written as it is produced (`torch.save(obj, writer)`), without a local file:
+        see ObjectWriter."""
 
     def part_size_for(self, size: int) -> int | None:
         """The size of the parts a file of `size` bytes is sent in, where it is sent in parts (else None): the
@@ -315,6 +347,9 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot upload {path} to {uri}: {exc}") from exc
 
+    def open_writer(self, uri: str) -> ObjectWriter:
+        return _LocalWriter(uri, self.path(uri))
+
     def delete_prefix(self, uri: str) -> int:
         path = self.path(uri)
         if not path.exists():
@@ -348,6 +383,44 @@ class LocalStorage(Storage):
                 continue
             replace_atomically(target, functools.partial(shutil.copyfile, source), durable=durable)
         return listed
+
+
+class _LocalWriter(ObjectWriter):
+    """Writes a temporary file beside the destination and renames it over the destination at commit."""
+
+    def __init__(self, uri: str, dest: Path) -> None:
+        super().__init__(uri)
+        self._dest = dest
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        except OSError as exc:
+            raise StorageError(f"cannot write {uri}: {exc}") from exc
+        self._tmp = Path(name)
+        self._file = os.fdopen(fd, "wb")
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.uri}: {exc}") from exc
+        self._sha256.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def commit(self) -> dict[str, Any]:
+        try:
+            self._file.close()
+            os.replace(self._tmp, self._dest)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"cannot write {self.uri}: {exc}") from exc
+        return self._entry()
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 # --- S3 ---------------------------------------------------------------------------------------------------------
@@ -452,6 +525,7 @@ class S3Storage(Storage):
 
     single_put_max = 1024 * 1024 * 1024  # one PUT may be 5 GiB; past 1 GiB parts sent at once are worth more
     upload_part_workers = 8  # parts of one file in flight (the transfer manager's default is 10)
+    stream_parts_in_flight = 2  # parts of a streamed object (open_writer) being sent while the next one fills
 
     def __init__(self, spec: StorageSpec, *, workers: int = 16, chunk_size: int = 16 * 1024 * 1024) -> None:
         self.spec = spec
@@ -459,6 +533,7 @@ class S3Storage(Storage):
         self.chunk_size = chunk_size
         self._clients: dict[bool, Any] = {}
         self._lock = threading.Lock()
+        self._spare_parts: list[bytearray] = []  # streamed objects' part buffers, kept from one object to the next
 
     def _client_for(self, sign_payload: bool) -> Any:
         with self._lock:
@@ -608,6 +683,22 @@ class S3Storage(Storage):
                 log.warning("cannot abort the multipart upload of s3://%s/%s: %s", bucket, key, exc)
             raise
 
+    def open_writer(self, uri: str) -> ObjectWriter:
+        return _S3Writer(self, uri)
+
+    def _part_buffer(self) -> bytearray:
+        with self._lock:
+            if self._spare_parts:
+                return self._spare_parts.pop()
+        return bytearray(PART_SIZE)
+
+    def _spare_part(self, buffer: bytearray) -> None:
+        with self._lock:
+            if (
+                len(buffer) == PART_SIZE and len(self._spare_parts) <= self.stream_parts_in_flight
+            ):  # enough for one writer at a time
+                self._spare_parts.append(buffer)
+
     def delete_prefix(self, uri: str) -> int:
         bucket, key = self._split(as_prefix(uri))
         count = 0
@@ -648,6 +739,140 @@ class S3Storage(Storage):
         downloader = RangedDownloader(self.client, workers=self.workers, chunk_size=self.chunk_size, durable=durable)
         downloader.run(transfers, label=uri)
         return listed
+
+
+class _S3Writer(ObjectWriter):
+    """A multipart upload fed as the bytes come: each PART_SIZE part is sent with its CRC32 (the store checks it;
+    the body is not signed, as in `S3Storage.upload_file`) while the next one fills, at most
+    `stream_parts_in_flight` at a time; an object smaller than a part goes in one PUT at commit. The part buffers
+    are reused from object to object, so a checkpoint's optimizer state passes through ~200 MiB of memory that is
+    already resident, where a local file would take gigabytes of fresh page cache, written and read back."""
+
+    def __init__(self, storage: S3Storage, uri: str) -> None:
+        super().__init__(uri)
+        self._storage = storage
+        self._bucket, self._key = storage._split(uri)
+        self._part = storage._part_buffer()
+        self._filled = 0
+        self._upload_id: str | None = None
+        self._sent: list[Future[dict[str, Any]]] = []
+        self._slots = threading.Semaphore(storage.stream_parts_in_flight)
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        written = len(view)
+        buffer = memoryview(self._part)
+        while view:
+            take = min(len(view), PART_SIZE - self._filled)
+            buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == PART_SIZE:
+                buffer.release()
+                self._guarded(self._ship)
+                buffer = memoryview(self._part)
+        buffer.release()
+        self.size += written
+        return written
+
+    def commit(self) -> dict[str, Any]:
+        from finetune_trainer.transfer import crc32_checksum
+
+        def finish() -> None:
+            if self._upload_id is None:  # all of it fits in one part: one PUT
+                body = self._last_part()
+                self._sha256.update(body)
+                checksum = {"ChecksumCRC32": crc32_checksum(_crc32(body))}
+                self._storage.put_client.put_object(Bucket=self._bucket, Key=self._key, Body=body, **checksum)
+                return
+            if self._filled:
+                self._last_part()
+                self._ship()
+            parts = [future.result() for future in self._sent]
+            self._storage.put_client.complete_multipart_upload(
+                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
+
+        self._guarded(finish)
+        self._close()
+        return self._entry()
+
+    def abort(self) -> None:
+        """Stop sending and abort the multipart upload (the store keeps no parts)."""
+        for future in self._sent:
+            future.cancel()
+        self._close()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                self._storage.put_client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=upload_id)
+            except Exception as exc:  # the failure being handled is the one to report; the store expires the rest
+                log.warning("cannot abort the multipart upload of %s: %s", self.uri, exc)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:
+            self.abort()
+            raise self._storage._fail("upload to", self.uri, exc) from exc
+
+    def _ship(self) -> None:
+        """Send the filled part (waiting for a slot) and start the next one in another buffer."""
+        from finetune_trainer.transfer import crc32_checksum
+
+        for future in self._sent:  # a part already refused fails the object now, not at commit
+            if future.done() and future.exception() is not None:
+                future.result()
+        client = self._storage.put_client
+        if self._upload_id is None:
+            created = client.create_multipart_upload(Bucket=self._bucket, Key=self._key, ChecksumAlgorithm="CRC32")
+            self._upload_id = created["UploadId"]
+            self._pool = ThreadPoolExecutor(self._storage.stream_parts_in_flight, thread_name_prefix="stream-part")
+        assert self._pool is not None
+        part, number = self._part, len(self._sent) + 1
+        self._sha256.update(part)
+        checksum = crc32_checksum(_crc32(part))
+        upload_id = self._upload_id
+        self._slots.acquire()
+
+        def send() -> dict[str, Any]:
+            try:  # botocore takes a bytearray as it is (not a memoryview): the buffer is sent without a copy
+                response = client.upload_part(
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=part,
+                    ChecksumCRC32=checksum,
+                )
+                return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+            finally:
+                self._storage._spare_part(part)
+                self._slots.release()
+
+        self._sent.append(self._pool.submit(send))
+        self._part, self._filled = self._storage._part_buffer(), 0
+
+    def _last_part(self) -> bytearray:
+        """The part being filled, cut to what it holds (in place; that buffer is then not kept for reuse)."""
+        del self._part[self._filled :]
+        return self._part
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._storage._spare_part(self._part)
+
+
+def _crc32(data: Any) -> int:
+    from zlib_ng.zlib_ng import crc32
+
+    return int(crc32(data))
 
 
 # --- selection --------------------------------------------------------------------------------------------------
