@@ -20,8 +20,9 @@ into a page cache that must first evict other files cost several times the CPU o
         [--save-every 4] [--layers 24] [--repeat 1] [--sync-writes] [--train-threads N]
 
 The trainer copies a checkpoint's optimizer state (and a full fine-tune's weights) into host buffers and writes
-the files in the background (finetune_trainer/staging.py); --sync-writes turns that off, so that a run can be
-compared with the Trainer writing every file before the next step.
+the files in the background (finetune_trainer/staging.py), the optimizer state straight into the store (no local
+file); --sync-writes turns that off, so that a run can be compared with the Trainer writing every file before the
+next step.
 
 Also the part the save blocks: the time between the end of a step and the start of the next (where the Trainer
 serializes the checkpoint and the callbacks hand it to the uploader), against the same gaps without saves; the rest
@@ -37,6 +38,14 @@ While a checkpoint is in the background, training on the CPU gives one of its in
 other core to the background writes, the upload and MinIO, as a GPU node's host CPUs would be left.
 
 Last line: `checkpoint overhead lora P% (blocking B%), full Q% (blocking C%)`.
+
+--writes-only measures, without training, the background part of a full fine-tune's checkpoint that the trainer
+serializes from its staged copy: AdamW state of the model's shape (random values, 2 x fp32 per parameter) written
+the two ways the trainer can, alternating over --repeat rounds, the page cache dropped before each: to a local file
+that the uploader then hashes and uploads (`upload_dir`) and removes, as when the store refuses the stream; and
+streamed straight into the store (staging.save_staged with a target). Prints wall and CPU seconds (this process,
+MinIO) for each, medians over the rounds; last line `optimizer state in the background: file W s, C CPU s (M MinIO);
+stream ...; stream/file CPU R`.
 """
 
 from __future__ import annotations
@@ -200,6 +209,86 @@ def run_once(
     )
 
 
+def optimizer_like(layers: int, hidden: int, intermediate: int) -> tuple[dict[str, Any], int]:
+    """AdamW's state_dict for a Qwen2-shaped model of write_model's shape (random values) and its parameter count."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(build_tokenizer()),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        shapes = [p.shape for p in Qwen2ForCausalLM(config).parameters()]
+    torch.manual_seed(0)
+    state = {
+        i: {"step": torch.tensor(4.0), "exp_avg": torch.randn(shape), "exp_avg_sq": torch.rand(shape)}
+        for i, shape in enumerate(shapes)
+    }
+    groups = [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": list(state)}]
+    return {"state": state, "param_groups": groups}, sum(shape.numel() for shape in shapes)
+
+
+def writes_only(args: argparse.Namespace) -> None:
+    """--writes-only (see the module docstring)."""
+    import torch
+
+    from finetune_trainer.config import StorageSpec
+    from finetune_trainer.staging import save_staged
+    from finetune_trainer.storage import S3Storage
+
+    torch.serialization.set_crc32_options(False)  # as the trainer saves checkpoints
+    work = Path(tempfile.mkdtemp(prefix="ftj-bench-ckpt-"))
+    server = MinioServer.start(work / "minio")
+    try:
+        bucket = server.new_bucket()
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = bucket.access_key, bucket.secret_key
+        storage = S3Storage(StorageSpec(endpoint=bucket.endpoint_url, region=bucket.region, addressing_style="path"))
+        state, params = optimizer_like(args.layers, args.hidden, args.intermediate)
+        size = sum(t.nbytes for s in state["state"].values() for t in s.values())
+        print(f"optimizer state of a {params / 1e6:.0f}M-parameter Qwen2 shape: {size / 2**30:.2f} GiB")
+        local = work / "checkpoint-1"
+        local.mkdir()
+
+        def to_file(uri: str) -> None:
+            save_staged(state, str(local / "optimizer.pt"), None)
+            storage.upload_dir(local, uri)
+            (local / "optimizer.pt").unlink()
+
+        def streamed(uri: str) -> None:
+            save_staged(state, str(local / "optimizer.pt"), (storage, uri + "optimizer.pt"))
+
+        ways = {"file": to_file, "stream": streamed}
+        figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
+        for attempt in range(args.repeat):
+            for name in list(ways) if attempt % 2 == 0 else list(ways)[::-1]:
+                drop_page_cache()
+                own, store, started = process_cpu_seconds(os.getpid()), process_cpu_seconds(server.pid), time.time()
+                ways[name](bucket.uri(f"{name}-{attempt}/"))
+                wall = time.time() - started
+                figure = (wall, process_cpu_seconds(os.getpid()) - own, process_cpu_seconds(server.pid) - store)
+                figures[name].append(figure)
+                print(
+                    f"  round {attempt + 1} {name:6}: {wall:.1f} s, CPU s: this process {figure[1]:.2f}, "
+                    f"MinIO {figure[2]:.2f}",
+                    flush=True,
+                )
+        med = {name: [statistics.median(f[i] for f in runs) for i in range(3)] for name, runs in figures.items()}
+        print(
+            "optimizer state in the background: "
+            + "; ".join(f"{n} {w:.1f} s, {c:.2f} CPU s ({m:.2f} MinIO)" for n, (w, c, m) in med.items())
+            + f"; stream/file CPU {(med['stream'][1] + med['stream'][2]) / (med['file'][1] + med['file'][2]):.2f}"
+        )
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="lora,full")
@@ -223,8 +312,16 @@ def main() -> None:
         action="store_true",
         help="write each checkpoint's files before the next step (no staging in host memory), to compare",
     )
+    parser.add_argument(
+        "--writes-only",
+        action="store_true",
+        help="no training: the optimizer state's background write, to a local file then uploaded, against streamed",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.writes_only:
+        writes_only(args)
+        return
     import torch
 
     if args.train_threads:

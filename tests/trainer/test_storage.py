@@ -500,7 +500,7 @@ def _stream(writer: Any, data: bytes, chunks: tuple[int, ...]) -> None:
 
 
 def test_a_file_streamed_into_the_store_goes_in_parts_with_their_crc32s_and_appears_only_once_complete(
-    s3_env: Any,
+    s3_env: Any, tmp_path: Path
 ) -> None:
     """A checkpoint's optimizer state serialized straight into the store: cut into parts as it is written (a part
     spans several writes and one write several parts), each part sent with its CRC32 while the next fills, the
@@ -522,6 +522,9 @@ def test_a_file_streamed_into_the_store_goes_in_parts_with_their_crc32s_and_appe
     assert all("x-amz-checksum-crc32" in _signed(p) for p in parts.requests)
     assert _stored_checksums(s3_env, "runs/s/checkpoints/step-4/optimizer.pt")["CRC32"].endswith("-3")
     assert storage.read_bytes(uri) == data
+    # A resume downloads it part by part, each part checked against the CRC32 it was sent with.
+    storage.download(uri, tmp_path / "back")
+    assert (tmp_path / "back" / "optimizer.pt").read_bytes() == data
 
     # Less than a part goes in one PUT checked against its CRC32.
     small = _blob(3 * MiB + 1, 10)
