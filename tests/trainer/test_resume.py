@@ -243,6 +243,30 @@ class StoreStalled(TrainerCallback):  # type: ignore[misc]
             self.stopped = False
 
 
+def _config_to_s3(
+    tmp: Path,
+    sources: tuple[Path, Path],
+    s3: S3Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+    method: dict[str, Any],
+    *,
+    max_steps: int,
+) -> Any:
+    """A run of the module's model and data whose output (checkpoints included) goes to the session's MinIO."""
+    model, data = sources
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    return make_config(
+        tmp,
+        model_uri=model.as_uri(),
+        data_uri=data.as_uri(),
+        output_uri=s3.uri("run/"),
+        method=method,
+        training={**TRAINING, "maxSteps": max_steps},
+        storage={"endpoint": s3.endpoint_url, "region": s3.region, "addressingStyle": "path"},
+    )
+
+
 def test_on_the_cpu_a_step_leaves_a_core_to_checkpoint_uploads_that_outlast_a_step(
     tmp_path: Path,
     sources: tuple[Path, Path],
@@ -253,18 +277,7 @@ def test_on_the_cpu_a_step_leaves_a_core_to_checkpoint_uploads_that_outlast_a_st
     # The checkpoint's background work (its files written, hashed and uploaded) competes with the step's intra-op
     # threads for the cores (see callbacks.YieldCoreToCheckpoints). A step gives one thread back when that work has
     # outlasted a step, or the work of the checkpoint before did; work shorter than a step costs none.
-    model, data = sources
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    config = make_config(
-        tmp_path,
-        model_uri=model.as_uri(),
-        data_uri=data.as_uri(),
-        output_uri=s3.uri("run/"),
-        method=METHOD,
-        training={**TRAINING, "maxSteps": 6},
-        storage={"endpoint": s3.endpoint_url, "region": s3.region, "addressingStyle": "path"},
-    )
+    config = _config_to_s3(tmp_path, sources, s3, monkeypatch, METHOD, max_steps=6)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=io.StringIO()))
@@ -313,18 +326,7 @@ def test_a_full_fine_tunes_optimizer_state_goes_from_its_staged_copy_straight_in
     # The largest file of a full fine-tune's checkpoint (AdamW state, twice the weights) is serialized from the staged
     # copy into the store by the background thread, without a local file the uploader would read back: here that
     # local file cannot even be created, and the checkpoint is complete all the same, its record listing the object.
-    model, data = sources
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    config = make_config(
-        tmp_path,
-        model_uri=model.as_uri(),
-        data_uri=data.as_uri(),
-        output_uri=s3.uri("run/"),
-        method={"type": "full"},
-        training={**TRAINING, "maxSteps": 4},
-        storage={"endpoint": s3.endpoint_url, "region": s3.region, "addressingStyle": "path"},
-    )
+    config = _config_to_s3(tmp_path, sources, s3, monkeypatch, {"type": "full"}, max_steps=4)
     recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=io.StringIO()))
     try:
         recipe.setup()
