@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import time
@@ -21,10 +22,11 @@ from trainer.tinymodels import losses_by_step, make_config, progress_lines, writ
 from transformers import TrainerCallback
 
 from finetune_trainer.checkpoints import CheckpointUploader, latest_complete, list_checkpoints
+from finetune_trainer.config import StorageSpec
 from finetune_trainer.distenv import Ranks
 from finetune_trainer.progress import ProgressReporter
 from finetune_trainer.recipe import EXIT_PREEMPTED, FineTuneRecipe, RunResult
-from finetune_trainer.storage import LocalStorage, StorageError
+from finetune_trainer.storage import LocalStorage, S3Storage, StorageError
 from support.s3 import MinioServer, S3Bucket
 
 # Dropout > 0 makes the losses depend on the restored RNG state, so "equal" also proves RNG restore.
@@ -306,6 +308,45 @@ def test_on_the_cpu_a_step_leaves_a_core_to_checkpoint_uploads_that_outlast_a_st
     # Step 5 began with step 4's checkpoint just submitted, after step 2's had outlasted a step: given at once.
     assert stall.threads[5] == 1
     assert after == 2, "the threads are given back once training ends"
+
+
+def test_a_save_does_not_wait_past_its_patience_for_a_store_that_stopped_answering(
+    tmp_path: Path,
+    sources: tuple[Path, Path],
+    s3: S3Bucket,
+    minio: MinioServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Step 2's optimizer state streams into a store that stops answering before it can finish; the save at step 4
+    # waits for it only until it has run for the trainer's patience (1 s here), then writes its own checkpoint to the
+    # local disk, unstaged, and training goes on. Once the store answers again, everything is uploaded and complete.
+    config = _config_to_s3(tmp_path, sources, s3, monkeypatch, METHOD, max_steps=6)
+    recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=io.StringIO()))
+    stall: StoreStalled | None = None
+    try:
+        recipe.setup()
+        assert recipe.uploader is not None
+        recipe.trainer.staged_patience = 1.0
+        stall = StoreStalled(minio.pid, {2: 5}, recipe.uploader)
+        recipe.trainer.add_callback(stall)
+        with caplog.at_level(logging.WARNING, logger="finetune_trainer.callbacks"):
+            result = recipe.train()
+    finally:
+        if stall is not None:
+            stall.resume_store()
+        recipe.cleanup()
+    assert result.status == "finished"
+    assert recipe.uploader.completed == [2, 4, 6]
+    staging = recipe.trainer.staging
+    assert staging is not None
+    assert staging.staged_saves == 2, "steps 2 and 6 staged; step 4 written to the local disk beside the stream"
+    assert "checkpoint step 4 is written to the local disk" in caplog.text
+    storage = S3Storage(StorageSpec(endpoint=s3.endpoint_url, region=s3.region, addressing_style="path"))
+    listing = list_checkpoints(storage, config.output.uri)
+    assert listing.complete == [4, 6]  # retention keeps two
+    for step in (4, 6):
+        assert {"optimizer.pt", "adapter_model.safetensors"} <= set(listing.files[step])
 
 
 class LocalFileBlocked(TrainerCallback):  # type: ignore[misc]

@@ -158,6 +158,9 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
     pending_writes: PendingWrites | None = None
     # Where a staged file goes in storage (CheckpointUploader.stored_file): the background write puts it there.
     stored_file: Callable[[str, str], tuple[Storage, str] | None] | None = None
+    # How long a save waits for the previous checkpoint's background writes, counted from their start, before it
+    # writes its own checkpoint to the local disk unstaged (the store not answering must not stop training).
+    staged_patience = 300.0
     _staging_save = False  # inside a checkpoint save that stages
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -196,7 +199,17 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
         if staging is None:
             super()._save_checkpoint(model, trial)
             return
-        staging.ready()  # the previous checkpoint's files are written: its buffers can take this one
+        # The previous checkpoint's files are written: its buffers can take this one.
+        if not staging.ready(self.staged_patience):
+            log.warning(
+                "checkpoint step %d is written to the local disk before training goes on: the previous "
+                "checkpoint's background writes (its optimizer state streaming into storage) have run for over "
+                "%.0fs and still hold the staging buffers; the store may not be answering",
+                self.state.global_step,
+                self.staged_patience,
+            )
+            super()._save_checkpoint(model, trial)
+            return
         self._staging_save = True
         try:
             super()._save_checkpoint(model, trial)

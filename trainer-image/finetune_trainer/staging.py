@@ -159,6 +159,11 @@ class PendingWrites:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    def join(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the writes to end; whether they have."""
+        self._thread.join(max(0.0, timeout))
+        return self.done()
+
     def wait(self) -> None:
         self._thread.join()
         if self._error is not None:
@@ -207,13 +212,20 @@ class StagedWrites:
         if needed and self._room_for(sum(tensor.nbytes for _, tensor in needed)):
             self._reservation = _Reservation(needed)
 
-    def ready(self) -> None:
+    def ready(self, patience: float | None = None) -> bool:
         """Wait until the previous checkpoint's files are written (its buffers are about to be reused) and a
-        reservation is done; raise the write's failure."""
+        reservation is done; raise the write's failure. With `patience` (seconds): return False instead of
+        waiting past the moment those writes have run that long (a store that stopped answering holds a stream
+        until the client's timeouts): they go on, the buffers stay theirs, and the caller saves without staging."""
         self._take_reservation()
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.wait()
+        pending = self._pending
+        if pending is None:
+            return True
+        if patience is not None and not pending.join(pending.started + patience - time.monotonic()):
+            return False
+        self._pending = None
+        pending.wait()
+        return True
 
     def stage(self, name: str, obj: Any) -> Any | None:
         """A copy of `obj` (nested dicts, lists and tuples of tensors and plain values) whose tensors live in this
