@@ -80,12 +80,12 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_model(directory: Path, layers: int, hidden: int, intermediate: int) -> int:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def model_config(layers: int, hidden: int, intermediate: int) -> Any:
+    """The bench's Qwen2 shape with the test tokenizer's vocabulary and special tokens."""
+    from transformers import Qwen2Config
 
     tokenizer = build_tokenizer()
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -98,10 +98,16 @@ def write_model(directory: Path, layers: int, hidden: int, intermediate: int) ->
         bos_token_id=None,
         tie_word_embeddings=True,
     )
+
+
+def write_model(directory: Path, layers: int, hidden: int, intermediate: int) -> int:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(model_config(layers, hidden, intermediate))
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -212,19 +218,10 @@ def run_once(
 def optimizer_like(layers: int, hidden: int, intermediate: int) -> tuple[dict[str, Any], int]:
     """AdamW's state_dict for a Qwen2-shaped model of write_model's shape (random values) and its parameter count."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=len(build_tokenizer()),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
     with torch.device("meta"):
-        shapes = [p.shape for p in Qwen2ForCausalLM(config).parameters()]
+        shapes = [p.shape for p in Qwen2ForCausalLM(model_config(layers, hidden, intermediate)).parameters()]
     torch.manual_seed(0)
     state = {
         i: {"step": torch.tensor(4.0), "exp_avg": torch.randn(shape), "exp_avg_sq": torch.rand(shape)}

@@ -157,7 +157,7 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
     staging: StagedWrites | None = None
     pending_writes: PendingWrites | None = None
     # Where a staged file goes in storage (CheckpointUploader.stored_file): the background write puts it there.
-    stored_file: Callable[[str, str], tuple[Storage, str] | None] | None = None
+    stored_file: Callable[[int, str], tuple[Storage, str]] | None = None
     # How long a save waits for the previous checkpoint's background writes, counted from their start, before it
     # writes its own checkpoint to the local disk unstaged (the store not answering must not stop training).
     staged_patience = 300.0
@@ -251,7 +251,8 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             return
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, OPTIMIZER_NAME)
-        target = self.stored_file(output_dir, OPTIMIZER_NAME) if self.stored_file is not None else None
+        # The Trainer saves checkpoint `global_step` into checkpoint-<global_step>/.
+        target = self.stored_file(self.state.global_step, OPTIMIZER_NAME) if self.stored_file is not None else None
         staging.defer(path, functools.partial(save_staged, staged, path, target))
         with warnings.catch_warnings(record=True) as caught:
             torch.save(scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))

@@ -189,14 +189,10 @@ class CheckpointUploader:
         self._unfinished.append(time.monotonic())
         self._queue.put(_Job(step, local_dir, loss, extra, writes))
 
-    def stored_file(self, local_dir: str, name: str) -> tuple[Storage, str] | None:
-        """Where file `name` of the Trainer's local checkpoint directory `local_dir` (checkpoint-<N>) goes in
-        storage, for a background write that puts it there itself (staging.save_staged); None for a directory
-        not named that way."""
-        suffix = Path(local_dir).name[len(LOCAL_PREFIX) :]
-        if not Path(local_dir).name.startswith(LOCAL_PREFIX) or not suffix.isdigit():
-            return None
-        return self.storage, join_uri(step_uri(self.output_uri, int(suffix)), name)
+    def stored_file(self, step: int, name: str) -> tuple[Storage, str]:
+        """Where file `name` of checkpoint `step` goes in storage, for a background write that puts it there itself
+        (staging.save_staged) instead of the local checkpoint directory."""
+        return self.storage, join_uri(step_uri(self.output_uri, step), name)
 
     def busy_since(self) -> float | None:
         """When (time.monotonic()) the oldest checkpoint still queued or being uploaded (its files written, hashed,

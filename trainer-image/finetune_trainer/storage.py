@@ -657,18 +657,12 @@ class S3Storage(Storage):
         """A multipart upload of PART_SIZE parts, each with the CRC32 the caller read with the file's sha256: the
         store checks every part against the bytes that were hashed, and this side reads each part once, to send it
         (the transfer manager would compute each CRC32 again). A failed upload is aborted: no parts stay behind."""
-        from finetune_trainer.transfer import crc32_checksum
-
         client = self.put_client
         upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")["UploadId"]
 
         def send(number: int) -> dict[str, Any]:
-            checksum = crc32_checksum(part_crc32s[number - 1])
             with _FileSlice(path, (number - 1) * PART_SIZE, PART_SIZE) as body:
-                response = client.upload_part(
-                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumCRC32=checksum
-                )
-            return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+                return _upload_part(client, bucket, key, upload_id, number, body, part_crc32s[number - 1])
 
         try:
             with ThreadPoolExecutor(min(self.upload_part_workers, len(part_crc32s))) as pool:
@@ -677,10 +671,7 @@ class S3Storage(Storage):
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
         except BaseException:
-            try:
-                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception as exc:  # the first failure is the one to report; the store expires the rest
-                log.warning("cannot abort the multipart upload of s3://%s/%s: %s", bucket, key, exc)
+            _abort_upload(client, bucket, key, upload_id)
             raise
 
     def open_writer(self, uri: str) -> ObjectWriter:
@@ -806,10 +797,7 @@ class _S3Writer(ObjectWriter):
         self._close()
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
-            try:
-                self._storage.put_client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=upload_id)
-            except Exception as exc:  # the failure being handled is the one to report; the store expires the rest
-                log.warning("cannot abort the multipart upload of %s: %s", self.uri, exc)
+            _abort_upload(self._storage.put_client, self._bucket, self._key, upload_id)
 
     def _guarded(self, action: Callable[[], None]) -> None:
         try:
@@ -820,8 +808,6 @@ class _S3Writer(ObjectWriter):
 
     def _ship(self) -> None:
         """Send the filled part (waiting for a slot) and start the next one in another buffer."""
-        from finetune_trainer.transfer import crc32_checksum
-
         for future in self._sent:  # a part already refused fails the object now, not at commit
             if future.done() and future.exception() is not None:
                 future.result()
@@ -831,23 +817,14 @@ class _S3Writer(ObjectWriter):
             self._upload_id = created["UploadId"]
             self._pool = ThreadPoolExecutor(self._storage.stream_parts_in_flight, thread_name_prefix="stream-part")
         assert self._pool is not None
-        part, number = self._part, len(self._sent) + 1
+        part, number, upload_id = self._part, len(self._sent) + 1, self._upload_id
         self._sha256.update(part)
-        checksum = crc32_checksum(_crc32(part))
-        upload_id = self._upload_id
+        crc = _crc32(part)
         self._slots.acquire()
 
         def send() -> dict[str, Any]:
             try:  # botocore takes a bytearray as it is (not a memoryview): the buffer is sent without a copy
-                response = client.upload_part(
-                    Bucket=self._bucket,
-                    Key=self._key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=part,
-                    ChecksumCRC32=checksum,
-                )
-                return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+                return _upload_part(client, self._bucket, self._key, upload_id, number, part, crc)
             finally:
                 self._storage._spare_part(part)
                 self._slots.release()
@@ -867,6 +844,29 @@ class _S3Writer(ObjectWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._storage._spare_part(self._part)
+
+
+def _upload_part(
+    client: Any, bucket: str, key: str, upload_id: str, number: int, body: Any, crc: int
+) -> dict[str, Any]:
+    """Send part `number` of a multipart upload with its CRC32 (checked by the store; the body is not signed);
+    the part's entry for complete_multipart_upload."""
+    from finetune_trainer.transfer import crc32_checksum
+
+    checksum = crc32_checksum(crc)
+    response = client.upload_part(
+        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumCRC32=checksum
+    )
+    return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+
+
+def _abort_upload(client: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort a failed multipart upload, so that no parts stay behind; the failure being handled is the one to
+    report (the store expires what an abort cannot remove)."""
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception as exc:
+        log.warning("cannot abort the multipart upload of s3://%s/%s: %s", bucket, key, exc)
 
 
 def _crc32(data: Any) -> int:
