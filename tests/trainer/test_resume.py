@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer.leftovers import kill_while_writing
 from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
 from transformers import TrainerCallback
 
@@ -392,6 +393,27 @@ def test_a_full_fine_tunes_optimizer_state_goes_from_its_staged_copy_straight_in
     assert len(state["state"]) == len(params)
     assert sorted(tuple(s["exp_avg"].shape) for s in state["state"].values()) == sorted(tuple(p.shape) for p in params)
     assert int(state["state"][0]["step"]) == 2
+
+
+def test_a_new_attempt_removes_the_unfinished_writes_an_earlier_attempt_left_under_its_output(
+    tmp_path: Path, sources: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # An attempt killed while it streamed a checkpoint's optimizer state and while its export wrote the weights
+    # left their temporary files in the output; the next attempt removes them before it trains.
+    model, data = sources
+    config = make_config(
+        tmp_path, model_uri=model.as_uri(), data_uri=data.as_uri(), method=METHOD, training={**TRAINING, "maxSteps": 2}
+    )
+    out = tmp_path / "out"
+    kill_while_writing(f"file://{out}/checkpoints/step-7/optimizer.pt")
+    kill_while_writing(f"file://{out}/adapter_model.safetensors")
+    with caplog.at_level(logging.INFO, logger="finetune_trainer"):
+        result, recipe, _ = _run(config, export=False)
+    assert result.status == "finished"
+    assert recipe.uploader is not None
+    assert recipe.uploader.completed == [2]
+    assert f"removed 2 unfinished write(s) of an earlier attempt under {config.output.uri}" in caplog.text
+    assert [p for p in out.rglob(".*") if p.is_file()] == []  # the temporary files' names begin with a dot
 
 
 def test_resume_takes_the_newest_checkpoint_whose_manifest_and_files_are_complete(tmp_path: Path) -> None:

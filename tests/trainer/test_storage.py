@@ -15,12 +15,14 @@ import re
 import socket
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+from trainer.leftovers import kill_while_writing, leave_upload, uploads_of
 from trainer.tinymodels import losses_by_step, make_config, progress_lines, write_dataset, write_model
 
 from finetune_trainer.cache import NodeCache
@@ -277,19 +279,22 @@ class CorruptingProxy:
                     end.shutdown(socket.SHUT_RDWR)
 
 
-def refuse_object_attributes(client: Any) -> None:
-    """Make the server's answer to GetObjectAttributes an AccessDenied, as under an IAM policy that grants
-    s3:GetObject alone (MinIO here has no such user to create)."""
+def refuse(client: Any, operation: str) -> None:
+    """Make the server's answer to `operation` an AccessDenied, as under an IAM policy that does not grant it
+    (MinIO here has no such user to create): GetObjectAttributes where a policy grants s3:GetObject alone,
+    ListMultipartUploads without s3:ListBucketMultipartUploads."""
     from botocore.awsrequest import AWSResponse
+
+    class Body(io.BytesIO):
+        def stream(self, amt: int = 2**16, decode_content: bool | None = None) -> Iterator[bytes]:
+            yield self.read()  # what botocore reads an error's body with
 
     body = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
 
-    def refuse(request: Any, **kwargs: Any) -> AWSResponse | None:
-        if "attributes" not in request.url:
-            return None
-        return AWSResponse(request.url, 403, {"Content-Type": "application/xml"}, io.BytesIO(body))  # type: ignore[arg-type]
+    def deny(request: Any, **kwargs: Any) -> AWSResponse:
+        return AWSResponse(request.url, 403, {"Content-Type": "application/xml"}, Body(body))  # type: ignore[arg-type]
 
-    client.meta.events.register("before-send.s3.GetObjectAttributes", refuse)
+    client.meta.events.register(f"before-send.s3.{operation}", deny)
 
 
 @pytest.mark.parametrize("part_list", [True, False], ids=["parts-in-ranges", "part-by-part"])
@@ -304,7 +309,7 @@ def test_a_part_whose_bytes_do_not_match_its_checksum_is_fetched_again(
         spec = StorageSpec(endpoint=proxy.url, region=s3_env.region, addressing_style="path")
         storage = S3Storage(spec, workers=2)
         if not part_list:
-            refuse_object_attributes(storage.client)
+            refuse(storage.client, "GetObjectAttributes")
         counter = GetCounter(storage.client)
         with caplog.at_level(logging.WARNING, logger="finetune_trainer.transfer"):
             storage.download(s3_env.uri("parts.bin"), tmp_path)
@@ -567,6 +572,69 @@ def test_a_file_streamed_into_local_storage_takes_its_name_only_once_complete(tm
     writer.abort()
     assert (tmp_path / "out/checkpoints/step-2/optimizer.pt").read_bytes() == data
     assert sorted(p.name for p in (tmp_path / "out/checkpoints/step-2").iterdir()) == ["optimizer.pt"]
+
+
+def test_a_file_sent_in_parts_aborts_the_unfinished_uploads_an_earlier_writer_left_at_its_key(
+    s3_env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A writer killed half way through a multipart upload leaves it in the store; the next complete upload of the
+    # same object (the checkpoint saved again, the export run again) aborts it. Other objects' uploads stay.
+    storage = S3Storage(_spec(s3_env))
+    storage.single_put_max = 4 * MiB
+    client, bucket = s3_env.client(), s3_env.bucket
+    streamed, sent, other = "run/checkpoints/step-6/optimizer.pt", "run/model.safetensors", "run/other.bin"
+    for key in (streamed, streamed, sent, other):
+        leave_upload(client, bucket, key)
+
+    data = _blob(PART_SIZE + MiB, 15)
+    writer = storage.open_writer(s3_env.uri(streamed))
+    _stream(writer, data, (MiB,))
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.storage"):
+        writer.commit()
+    assert uploads_of(client, bucket, streamed) == []
+    assert f"aborted 2 unfinished upload(s) of {s3_env.uri(streamed)}" in caplog.text
+    assert storage.read_bytes(s3_env.uri(streamed)) == data
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_blob(5 * MiB, 16))
+    digest = digest_file(path, part_size=storage.part_size_for(path.stat().st_size))
+    storage.upload_file(
+        path, s3_env.uri(sent), sha256=digest.sha256, crc32=digest.crc32, part_crc32s=digest.part_crc32s
+    )
+    assert uploads_of(client, bucket, sent) == []
+    assert len(uploads_of(client, bucket, other)) == 1
+
+
+def test_the_unfinished_uploads_of_an_object_are_aborted_on_request_and_a_refused_listing_names_the_uri(
+    s3_env: Any,
+) -> None:
+    storage = S3Storage(_spec(s3_env))
+    client, bucket = s3_env.client(), s3_env.bucket
+    leave_upload(client, bucket, "run/model.safetensors")
+    assert storage.abort_incomplete(s3_env.uri("run/model.safetensors")) == 1
+    assert uploads_of(client, bucket, "run/model.safetensors") == []
+    assert storage.abort_incomplete(s3_env.uri("run/model.safetensors")) == 0
+
+    refuse(storage.client, "ListMultipartUploads")  # a policy without s3:ListBucketMultipartUploads
+    uri = s3_env.uri("run/")
+    refused = rf"cannot list the incomplete uploads under {re.escape(uri)} .*access denied"
+    with pytest.raises(StorageError, match=refused):
+        storage.abort_incomplete(uri)
+
+
+def test_the_temporary_files_a_killed_local_writer_left_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    storage = LocalStorage()
+    out = tmp_path / "out"
+    kill_while_writing(f"file://{out}/checkpoints/step-6/optimizer.pt")
+    kill_while_writing(f"file://{out}/model.safetensors")
+    storage.write_bytes(f"file://{out}/checkpoints/step-4/optimizer.pt", b"kept")
+    (out / "checkpoints/step-4/.keep").write_text("not ours")
+    assert len(list((out / "checkpoints/step-6").iterdir())) == 1
+    assert storage.abort_incomplete(f"file://{out}/") == 2
+    assert list((out / "checkpoints/step-6").iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in (out / "checkpoints/step-4").iterdir()) == [".keep", "optimizer.pt"]
+    assert storage.abort_incomplete(f"file://{tmp_path}/nothing-here/") == 0
 
 
 def test_upload_dir_read_write_and_delete_round_trip_on_s3(s3_env: Any, tmp_path: Path) -> None:

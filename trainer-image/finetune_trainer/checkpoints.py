@@ -107,6 +107,20 @@ def latest_complete(storage: Storage, output_uri: str) -> CheckpointRef | None:
     return None
 
 
+def remove_unfinished_writes(storage: Storage, output_uri: str) -> int:
+    """Remove what writes of an earlier attempt left unfinished under the run's output (Storage.abort_incomplete:
+    a killed stream's multipart upload or temporary file), before any rank of this attempt writes there. A store
+    that refuses to list them is not an error: their parts stay until the bucket's lifecycle rule removes them."""
+    try:
+        removed = storage.abort_incomplete(output_uri)
+    except StorageError as exc:
+        log.warning("%s; an earlier attempt's unfinished uploads stay until a lifecycle rule removes them", exc)
+        return 0
+    if removed:
+        log.info("removed %d unfinished write(s) of an earlier attempt under %s", removed, output_uri)
+    return removed
+
+
 def apply_retention(storage: Storage, output_uri: str, keep: int) -> list[int]:
     """Delete complete checkpoints beyond the newest `keep`, and incomplete ones older than the newest complete one.
     Returns the deleted steps."""

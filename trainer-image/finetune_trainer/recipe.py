@@ -28,6 +28,7 @@ from finetune_trainer.checkpoints import (
     apply_retention,
     latest_complete,
     list_checkpoints,
+    remove_unfinished_writes,
     step_uri,
 )
 from finetune_trainer.config import TrainerConfig
@@ -351,8 +352,9 @@ class FineTuneRecipe:
         must not each look for themselves).
 
         Incomplete checkpoints newer than the choice are leftovers of an earlier attempt that this one will reach
-        again; rank 0 deletes them first, and node records carry the attempt id, so that a stale record of another
-        node can never complete a new checkpoint."""
+        again; rank 0 deletes them first, with what writes of an earlier attempt left unfinished under the output
+        (no rank of this attempt writes yet), and node records carry the attempt id, so that a stale record of
+        another node can never complete a new checkpoint."""
         choice: CheckpointRef | None = None
         attempt = ""
         other_run = ""  # OutputInUseError's message: every rank fails with it
@@ -365,6 +367,7 @@ class FineTuneRecipe:
             choice = latest_complete(self.storage, self.output_uri)
             attempt = uuid.uuid4().hex
             start = choice.step if choice else 0
+            remove_unfinished_writes(self.storage, self.output_uri)
             for step in list_checkpoints(self.storage, self.output_uri).incomplete:
                 if step > start:
                     log.info("deleting incomplete checkpoint step %d of an earlier attempt", step)

@@ -37,14 +37,23 @@ from finetune_trainer.errors import TrainerError
 log = logging.getLogger(__name__)
 
 
+PARTIAL_SUFFIX = ".partial"  # the temporary files a write fills before their rename: ".<name>.<random>.partial"
+
+
+def temporary_beside(dest: Path) -> tuple[int, Path]:
+    """A new temporary file in `dest`'s directory (created if missing), named so that `LocalStorage.abort_incomplete`
+    recognises it should its writer die before the rename: its descriptor and path."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX)
+    return fd, Path(name)
+
+
 def replace_atomically(dest: Path, write: Callable[[Path], object], *, durable: bool = False) -> None:
     """Fill a temporary file beside `dest` with `write`, then rename it over `dest`: a reader sees the old file or
     the whole new one, never half of it, and a failed write leaves no temporary file behind. `durable`: the file
     is fsynced before the rename, so not even a crash of the machine leaves `dest` torn."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    fd, tmp = temporary_beside(dest)
     os.close(fd)
-    tmp = Path(name)
     try:
         write(tmp)
         if durable:
@@ -199,6 +208,15 @@ class Storage(ABC):
     @abstractmethod
     def delete_prefix(self, uri: str) -> int:
         """Delete every object under the prefix `uri`; return how many were deleted."""
+
+    @abstractmethod
+    def abort_incomplete(self, uri: str) -> int:
+        """Remove what writes of the object `uri`, or under the prefix `uri` (ending in "/"), left unfinished:
+        S3 multipart uploads never completed nor aborted (a process killed while it sent a file in parts: no
+        listing of objects shows them, yet the store keeps and bills their parts), a local writer's temporary
+        files. Only for a moment when no write there is under way (a live one would fail). Returns how many were
+        removed. MinIO lists the uploads of one object only (a prefix finds none there); it expires unfinished
+        uploads itself (`api stale_uploads_expiry`, 24 h by default)."""
 
     @abstractmethod
     def delete(self, uri: str) -> bool:
@@ -361,6 +379,16 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot delete {uri}: {exc}") from exc
         return count
 
+    def abort_incomplete(self, uri: str) -> int:
+        path = self.path(uri)
+        left = [p for p in path.rglob(f".*{PARTIAL_SUFFIX}") if p.is_file()] if path.is_dir() else []
+        try:
+            for leftover in left:
+                leftover.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete the unfinished writes under {uri}: {exc}") from exc
+        return len(left)
+
     def delete(self, uri: str) -> bool:
         path = self.path(uri)
         if not path.is_file():
@@ -392,11 +420,9 @@ class _LocalWriter(ObjectWriter):
         super().__init__(uri)
         self._dest = dest
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+            fd, self._tmp = temporary_beside(dest)
         except OSError as exc:
             raise StorageError(f"cannot write {uri}: {exc}") from exc
-        self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
 
     def write(self, data: Any) -> int:
@@ -534,6 +560,7 @@ class S3Storage(Storage):
         self._clients: dict[bool, Any] = {}
         self._lock = threading.Lock()
         self._spare_parts: list[bytearray] = []  # streamed objects' part buffers, kept from one object to the next
+        self._listing_refused = False  # ListMultipartUploads was refused once (said once, then at debug level)
 
     def _client_for(self, sign_payload: bool) -> Any:
         with self._lock:
@@ -673,6 +700,19 @@ class S3Storage(Storage):
         except BaseException:
             _abort_upload(client, bucket, key, upload_id)
             raise
+        self._abort_earlier_uploads(f"s3://{bucket}/{key}")
+
+    def _abort_earlier_uploads(self, uri: str) -> None:
+        """After an object went in parts: abort the uploads of it that an earlier writer left unfinished (killed
+        while it sent the same checkpoint file or export), which only their key finds on every store."""
+        try:
+            aborted = self.abort_incomplete(uri)
+        except StorageError as exc:  # a policy without s3:ListBucketMultipartUploads: say so once
+            level, self._listing_refused = (logging.DEBUG if self._listing_refused else logging.WARNING), True
+            log.log(level, "%s; unfinished uploads stay until the bucket's lifecycle rule removes them", exc)
+            return
+        if aborted:
+            log.info("aborted %d unfinished upload(s) of %s left by an earlier writer", aborted, uri)
 
     def open_writer(self, uri: str) -> ObjectWriter:
         return _S3Writer(self, uri)
@@ -703,6 +743,24 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._fail("delete", uri, exc) from exc
         return count
+
+    def abort_incomplete(self, uri: str) -> int:
+        bucket, key = self._split(uri)
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            pages = paginator.paginate(Bucket=bucket, Prefix=key)
+            uploads = [u for page in pages for u in page.get("Uploads", []) if key.endswith("/") or u["Key"] == key]
+        except Exception as exc:
+            raise self._fail("list the incomplete uploads under", uri, exc) from exc
+        aborted = 0
+        for upload in uploads:
+            try:
+                self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+            except Exception as exc:
+                if _client_error_code(exc) != "NoSuchUpload":  # completed or aborted since the listing
+                    raise self._fail("abort the incomplete upload of", f"s3://{bucket}/{upload['Key']}", exc) from exc
+        return aborted
 
     def delete(self, uri: str) -> bool:
         bucket, key = self._split(uri)
@@ -788,6 +846,8 @@ class _S3Writer(ObjectWriter):
 
         self._guarded(finish)
         self._close()
+        if self._upload_id is not None:
+            self._storage._abort_earlier_uploads(self.uri)
         return self._entry()
 
     def abort(self) -> None:
