@@ -630,6 +630,8 @@ def test_the_temporary_files_a_killed_local_writer_left_are_removed_and_nothing_
     storage.write_bytes(f"file://{out}/checkpoints/step-4/optimizer.pt", b"kept")
     (out / "checkpoints/step-4/.keep").write_text("not ours")
     assert len(list((out / "checkpoints/step-6").iterdir())) == 1
+    kill_while_writing(f"file://{out}/checkpoints/step-4/optimizer.pt")
+    assert storage.abort_incomplete(f"file://{out}/checkpoints/step-4/optimizer.pt") == 1  # the one object's
     assert storage.abort_incomplete(f"file://{out}/") == 2
     assert list((out / "checkpoints/step-6").iterdir()) == []
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import glob
 import hashlib
 import io
 import logging
@@ -381,7 +382,10 @@ class LocalStorage(Storage):
 
     def abort_incomplete(self, uri: str) -> int:
         path = self.path(uri)
-        left = [p for p in path.rglob(f".*{PARTIAL_SUFFIX}") if p.is_file()] if path.is_dir() else []
+        if path.is_dir():
+            left = [p for p in path.rglob(f".*{PARTIAL_SUFFIX}") if p.is_file()]
+        else:  # the object `uri`: the temporary files beside it (see temporary_beside)
+            left = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}") if p.is_file()]
         try:
             for leftover in left:
                 leftover.unlink(missing_ok=True)
