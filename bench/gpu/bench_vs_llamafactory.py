@@ -10,7 +10,7 @@ own `run_exp`; ours through the recipe `python -m finetune_trainer train` runs. 
 second over the optimizer steps after the warm-up, seconds per step over the same steps, and the process's peak
 memory (torch.cuda.max_memory_allocated on a GPU, peak RSS on the CPU). Each side defaults to its own attention
 choice (LLaMA-Factory's flash_attn auto, ours training.attention auto); on a GPU ours also runs with Liger kernels.
-Sides alternate, best of --repeat.
+Sides alternate (the order reversed every other round), best of --repeat.
 
     python bench/gpu/bench_vs_llamafactory.py                 # a CUDA machine: Qwen2.5-1.5B shape, cutoff 4096, bf16
     python bench/gpu/bench_vs_llamafactory.py --mode smoke    # CPU, tiny shape, a few steps (CI runs this)
@@ -314,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     sources = work / "sources"  # a kept --workdir reuses the model and data it made
     model, data = (sources / "model", sources / "data") if sources.exists() else make_sources(sources, mode)
     results: dict[tuple[str, str], Result] = {}
-    for _ in range(args.repeat):
+    for attempt in range(args.repeat):
         for method in methods:
-            for side in sides:
+            for side in sides if attempt % 2 == 0 else sides[::-1]:  # neither side always goes first
                 result = run_side(side, mode, method, model, data, work, lf_python, log)
                 print(
                     f"{method:5} {side:13} {result.tokens_per_second:10,.0f} tokens/s {result.seconds_per_step:7.3f} "
