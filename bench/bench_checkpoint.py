@@ -20,8 +20,8 @@ into a page cache that must first evict other files cost several times the CPU o
         [--save-every 4] [--layers 24] [--repeat 1] [--sync-writes] [--train-threads N]
 
 The trainer copies a checkpoint's optimizer state (and a full fine-tune's weights) into host buffers and writes
-the files in the background (finetune_trainer/staging.py), the optimizer state straight into the store (no local
-file); --sync-writes turns that off, so that a run can be compared with the Trainer writing every file before the
+the files in the background (finetune_trainer/staging.py), the optimizer state and the weights straight into the
+store (no local files); --sync-writes turns that off, so that a run can be compared with the Trainer writing every file before the
 next step.
 
 Also the part the save blocks: the time between the end of a step and the start of the next (where the Trainer
@@ -40,12 +40,13 @@ other core to the background writes, the upload and MinIO, as a GPU node's host 
 Last line: `checkpoint overhead lora P% (blocking B%), full Q% (blocking C%)`.
 
 --writes-only measures, without training, the background part of a full fine-tune's checkpoint that the trainer
-serializes from its staged copy: AdamW state of the model's shape (random values, 2 x fp32 per parameter) written
-the two ways the trainer can, alternating over --repeat rounds, the page cache dropped before each: to a local file
-that the uploader then hashes and uploads (`upload_dir`) and removes, as when the store refuses the stream; and
-streamed straight into the store (staging.save_staged with a target). Prints wall and CPU seconds (this process,
-MinIO) for each, medians over the rounds; last line `optimizer state in the background: file W s, C CPU s (M MinIO);
-stream ...; stream/file CPU R`.
+serializes from its staged copy: the weights and AdamW state of the model's shape (random values, fp32; 1 + 2 x 4
+bytes per parameter) written the two ways the trainer can, alternating over --repeat rounds, the page cache dropped
+before each: to local files (safetensors' save_file, as save_pretrained writes them, and torch.save) that the
+uploader then hashes and uploads (`upload_dir`) and removes, as when the store refuses the stream; and streamed
+straight into the store (staging.save_weights_staged and save_staged with a target). Prints wall and CPU seconds
+(this process, MinIO) for each, medians over the rounds; last line `full checkpoint in the background: file W s, C
+CPU s (M MinIO); stream ...; stream/file CPU R`.
 """
 
 from __future__ import annotations
@@ -215,28 +216,33 @@ def run_once(
     )
 
 
-def optimizer_like(layers: int, hidden: int, intermediate: int) -> tuple[dict[str, Any], int]:
-    """AdamW's state_dict for a Qwen2-shaped model of write_model's shape (random values) and its parameter count."""
+def state_like(layers: int, hidden: int, intermediate: int) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """A full checkpoint's state for a Qwen2-shaped model of write_model's shape (random values): the weights as
+    save_pretrained writes them (the tied lm_head once), AdamW's state_dict, and the parameter count."""
     import torch
     from transformers import Qwen2ForCausalLM
 
     with torch.device("meta"):
-        shapes = [p.shape for p in Qwen2ForCausalLM(model_config(layers, hidden, intermediate)).parameters()]
+        shapes = {
+            name: p.shape for name, p in Qwen2ForCausalLM(model_config(layers, hidden, intermediate)).named_parameters()
+        }
     torch.manual_seed(0)
+    weights = {name: torch.randn(shape) for name, shape in shapes.items()}
     state = {
         i: {"step": torch.tensor(4.0), "exp_avg": torch.randn(shape), "exp_avg_sq": torch.rand(shape)}
-        for i, shape in enumerate(shapes)
+        for i, shape in enumerate(shapes.values())
     }
     groups = [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": list(state)}]
-    return {"state": state, "param_groups": groups}, sum(shape.numel() for shape in shapes)
+    return weights, {"state": state, "param_groups": groups}, sum(shape.numel() for shape in shapes.values())
 
 
 def writes_only(args: argparse.Namespace) -> None:
     """--writes-only (see the module docstring)."""
     import torch
+    from safetensors.torch import save_file
 
     from finetune_trainer.config import StorageSpec
-    from finetune_trainer.staging import save_staged
+    from finetune_trainer.staging import save_staged, save_weights_staged
     from finetune_trainer.storage import S3Storage
 
     torch.serialization.set_crc32_options(False)  # as the trainer saves checkpoints
@@ -246,18 +252,25 @@ def writes_only(args: argparse.Namespace) -> None:
         bucket = server.new_bucket()
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = bucket.access_key, bucket.secret_key
         storage = S3Storage(StorageSpec(endpoint=bucket.endpoint_url, region=bucket.region, addressing_style="path"))
-        state, params = optimizer_like(args.layers, args.hidden, args.intermediate)
-        size = sum(t.nbytes for s in state["state"].values() for t in s.values())
-        print(f"optimizer state of a {params / 1e6:.0f}M-parameter Qwen2 shape: {size / 2**30:.2f} GiB")
+        weights, state, params = state_like(args.layers, args.hidden, args.intermediate)
+        sizes = (
+            sum(t.nbytes for t in weights.values()) / 2**30,
+            sum(t.nbytes for s in state["state"].values() for t in s.values()) / 2**30,
+        )
+        print(f"a {params / 1e6:.0f}M-parameter Qwen2 shape: weights {sizes[0]:.2f} GiB, optimizer {sizes[1]:.2f} GiB")
         local = work / "checkpoint-1"
         local.mkdir()
 
         def to_file(uri: str) -> None:
+            # As before the weights streamed: save_pretrained's safetensors file and torch.save's, then upload_dir.
+            save_file(weights, str(local / "model.safetensors"), metadata={"format": "pt"})
             save_staged(state, str(local / "optimizer.pt"), None)
             storage.upload_dir(local, uri)
-            (local / "optimizer.pt").unlink()
+            for path in local.iterdir():
+                path.unlink()
 
         def streamed(uri: str) -> None:
+            save_weights_staged(weights, str(local), lambda name: (storage, uri + name), 50 * 10**9)
             save_staged(state, str(local / "optimizer.pt"), (storage, uri + "optimizer.pt"))
 
         ways = {"file": to_file, "stream": streamed}
@@ -277,7 +290,7 @@ def writes_only(args: argparse.Namespace) -> None:
                 )
         med = {name: [statistics.median(f[i] for f in runs) for i in range(3)] for name, runs in figures.items()}
         print(
-            "optimizer state in the background: "
+            "full checkpoint in the background: "
             + "; ".join(f"{n} {w:.1f} s, {c:.2f} CPU s ({m:.2f} MinIO)" for n, (w, c, m) in med.items())
             + f"; stream/file CPU {(med['stream'][1] + med['stream'][2]) / (med['file'][1] + med['file'][2]):.2f}"
         )
@@ -312,7 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--writes-only",
         action="store_true",
-        help="no training: the optimizer state's background write, to a local file then uploaded, against streamed",
+        help="no training: a full checkpoint's background writes, to local files then uploaded, against streamed",
     )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 from trainer.leftovers import kill_while_writing
@@ -362,17 +363,19 @@ class LocalFileBlocked(TrainerCallback):  # type: ignore[misc]
             (Path(args.output_dir) / f"checkpoint-{self.step}" / self.name).mkdir(parents=True)
 
 
-def test_a_full_fine_tunes_optimizer_state_goes_from_its_staged_copy_straight_into_the_store(
+def test_a_full_fine_tunes_optimizer_state_and_weights_go_from_their_staged_copy_straight_into_the_store(
     tmp_path: Path, sources: tuple[Path, Path], s3: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The largest file of a full fine-tune's checkpoint (AdamW state, twice the weights) is serialized from the staged
-    # copy into the store by the background thread, without a local file the uploader would read back: here that
-    # local file cannot even be created, and the checkpoint is complete all the same, its record listing the object.
+    # The largest files of a full fine-tune's checkpoint (AdamW state, twice the weights, and the weights) are
+    # serialized from the staged copy into the store by the background thread, without local files the uploader
+    # would read back: here those local files cannot even be created, and the checkpoint is complete all the same,
+    # its record listing the objects.
     config = _config_to_s3(tmp_path, sources, s3, monkeypatch, {"type": "full"}, max_steps=4)
     recipe = FineTuneRecipe(config, reporter=ProgressReporter(config.job_name, stream=io.StringIO()))
     try:
         recipe.setup()
         recipe.trainer.add_callback(LocalFileBlocked(2, "optimizer.pt"))
+        recipe.trainer.add_callback(LocalFileBlocked(2, "model.safetensors"))
         result = recipe.train()
     finally:
         recipe.cleanup()
@@ -393,6 +396,16 @@ def test_a_full_fine_tunes_optimizer_state_goes_from_its_staged_copy_straight_in
     assert len(state["state"]) == len(params)
     assert sorted(tuple(s["exp_avg"].shape) for s in state["state"].values()) == sorted(tuple(p.shape) for p in params)
     assert int(state["state"][0]["step"]) == 2
+    weights = client.get_object(Bucket=s3.bucket, Key="run/checkpoints/step-2/model.safetensors")["Body"].read()
+    assert listed["model.safetensors"]["size"] == len(weights)
+    assert listed["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    # The names and shapes of the model's own save (its tied lm_head dropped), beside its configuration.
+    stored = safetensors.torch.load(weights)
+    model = recipe.trainer.model
+    model.save_pretrained(tmp_path / "direct")
+    direct = safetensors.torch.load_file(tmp_path / "direct" / "model.safetensors")
+    assert {name: tuple(t.shape) for name, t in stored.items()} == {name: tuple(t.shape) for name, t in direct.items()}
+    assert "config.json" in listed
 
 
 def test_a_new_attempt_removes_the_unfinished_writes_an_earlier_attempt_left_under_its_output(

@@ -1,14 +1,16 @@
 """Checkpoint files written in the background (finetune_trainer.staging): the staged copy is a snapshot that the
 next optimizer step cannot change, tied weights stay tied, buffers are reused from save to save, buffers reserved
 ahead are resident before the first save and take it, staging steps aside when memory is short, and a failed write
-names its file; staged state goes straight into the store, or to the local file where the store refuses it. The
-whole path through the Trainer (a preempted full fine-tune resuming with the losses of an uninterrupted run, the
-optimizer state of a full fine-tune stored without a local file) is in test_resume.py."""
+names its file; staged state goes straight into the store, or to the local file where the store refuses it, and a
+model's staged weights go there laid out as its own save_pretrained lays them. The whole path through the Trainer
+(a preempted full fine-tune resuming with the losses of an uninterrupted run, the optimizer state and weights of a
+full fine-tune stored without a local file) is in test_resume.py."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import mmap
 import os
@@ -24,7 +26,7 @@ import torch
 from finetune_trainer import staging as staging_module
 from finetune_trainer.config import StorageSpec
 from finetune_trainer.errors import CheckpointWriteError
-from finetune_trainer.staging import StagedWrites, available_memory, fault_in, save_staged
+from finetune_trainer.staging import StagedWrites, available_memory, fault_in, save_staged, save_weights_staged
 from finetune_trainer.storage import S3Storage
 
 
@@ -232,46 +234,120 @@ def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup_limit(tmp_pat
     assert available_memory() is not None, "this machine's own figures are readable"
 
 
-def test_a_model_with_tied_weights_saved_from_its_staged_state_equals_its_own_save(tmp_path: Path) -> None:
-    """What the Trainer defers for a full fine-tune: save_pretrained with the staged state dict. Its files hold the
-    same tensors as the model's own save (the tied lm_head dropped as there), not the later updates."""
-    from safetensors.torch import load_file
+def _storage(s3: Any, monkeypatch: pytest.MonkeyPatch) -> S3Storage:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    return S3Storage(StorageSpec(endpoint=s3.endpoint_url, region=s3.region, addressing_style="path"))
+
+
+def _safetensors_files(directory: Path) -> dict[str, Any]:
+    """Every tensor of the safetensors files in `directory` by name, and each file's metadata."""
+    from safetensors import safe_open
+
+    tensors: dict[str, Any] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            assert handle.metadata() == {"format": "pt"}, path.name
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is no mapping)
+                assert name not in tensors, f"{name} in two files"
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_models_staged_weights_go_into_the_store_as_its_own_save_pretrained_lays_them_out(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch, tied: bool
+) -> None:
+    """What the Trainer defers for a full fine-tune: the staged state dict's weights, named and laid out as the
+    model's own save_pretrained writes them (the tied lm_head dropped as there), straight into the store, as one
+    file or as shards with their index; not the updates training makes after the copy."""
     from trainer.tiny import tiny_llama
 
-    model = tiny_llama(96, tie_word_embeddings=True)
+    from finetune_trainer.callbacks import saved_weights
+
+    storage = _storage(s3, monkeypatch)
+    model = tiny_llama(96, tie_word_embeddings=tied)
     model.save_pretrained(tmp_path / "direct")
+    direct = _safetensors_files(tmp_path / "direct")
+    assert ("lm_head.weight" in direct) is not tied
     staging = StagedWrites()
     staged = staging.stage("model", model.state_dict())
     assert staged is not None
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(1.0)  # training goes on
-    target = tmp_path / "staged"
-    staging.defer(str(target), lambda: model.save_pretrained(target, state_dict=staged, is_main_process=True))
-    staging.flush()
-    staging.ready()
-    direct, written = load_file(tmp_path / "direct" / "model.safetensors"), load_file(target / "model.safetensors")
-    assert sorted(written) == sorted(direct)
-    assert "lm_head.weight" not in written
-    for name, tensor in direct.items():
+
+    def stored_in(prefix: str) -> Any:
+        return lambda name: (storage, s3.uri(f"{prefix}/{name}"))
+
+    tensors = saved_weights(model, staged)
+    assert tensors is not None
+    for prefix, max_bytes in (("one", 10**9), ("sharded", 40_000)):
+        local = tmp_path / prefix
+        model.save_pretrained(local, state_dict={})  # the configuration, written first as by the Trainer
+        entries = save_weights_staged(tensors, str(local), stored_in(prefix), max_bytes)
+        names = sorted(entry["path"] for entry in entries)
+        for entry in entries:
+            data = storage.read_bytes(s3.uri(f"{prefix}/{entry['path']}"))
+            assert data is not None
+            assert (entry["size"], entry["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+            (local / entry["path"]).write_bytes(data)  # as a resume would download it
+        written = _safetensors_files(local)
+        assert sorted(written) == sorted(direct)
+        for name, tensor in direct.items():
+            assert torch.equal(written[name], tensor), name
+        if prefix == "one":
+            assert names == ["model.safetensors"]
+            assert not (local / "model.safetensors.index.json").exists()
+        else:
+            assert len(names) > 2, names
+            assert names == [f"model-{i:05d}-of-{len(names):05d}.safetensors" for i in range(1, len(names) + 1)]
+            index = json.loads((local / "model.safetensors.index.json").read_text())
+            assert sorted(index["weight_map"]) == sorted(direct)
+            assert set(index["weight_map"].values()) == set(names)
+            # transformers loads the shards through the index, beside the configuration the Trainer writes.
+            loaded = type(model).from_pretrained(local).state_dict()
+            for name, tensor in direct.items():
+                assert torch.equal(loaded[name], tensor), name
+
+
+def test_staged_weights_the_store_refuses_are_written_to_local_files_for_the_upload(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trainer.tiny import tiny_llama
+
+    from finetune_trainer.callbacks import saved_weights
+
+    storage = _storage(s3, monkeypatch)
+    model = tiny_llama(96)
+    staged = StagedWrites().stage("model", model.state_dict())
+    assert staged is not None
+    tensors = saved_weights(model, staged)
+    assert tensors is not None
+    refused = f"s3://no-such-bucket-{os.getpid()}/run/checkpoints/step-2"
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.staging"):
+        entries = save_weights_staged(tensors, str(tmp_path), lambda name: (storage, f"{refused}/{name}"), 10**9)
+    assert entries == []
+    assert f"cannot upload to {refused}/model.safetensors" in caplog.text
+    assert "writing model.safetensors to the local disk" in caplog.text
+    written = _safetensors_files(tmp_path)
+    for name, tensor in model.state_dict().items():
         assert torch.equal(written[name], tensor), name
 
 
 def test_staged_state_goes_into_the_store_and_where_the_store_refuses_it_to_the_local_file(
     tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    storage = S3Storage(StorageSpec(endpoint=s3.endpoint_url, region=s3.region, addressing_style="path"))
+    storage = _storage(s3, monkeypatch)
     staged = StagedWrites().stage("optimizer", _optimizer_like())
     path = tmp_path / "checkpoint-2" / "optimizer.pt"
     path.parent.mkdir()
 
     uri = s3.uri("run/checkpoints/step-2/optimizer.pt")
-    entry = save_staged(staged, str(path), (storage, uri))
+    entries = save_staged(staged, str(path), (storage, uri))
     stored = storage.read_bytes(uri)
     assert stored is not None
-    assert entry == {"path": "optimizer.pt", "size": len(stored), "sha256": hashlib.sha256(stored).hexdigest()}
+    assert entries == [{"path": "optimizer.pt", "size": len(stored), "sha256": hashlib.sha256(stored).hexdigest()}]
     assert not path.exists(), "nothing written to the local disk"
     _assert_same_state(torch.load(io.BytesIO(stored), weights_only=True), _optimizer_like())
 
@@ -279,7 +355,7 @@ def test_staged_state_goes_into_the_store_and_where_the_store_refuses_it_to_the_
     # uploader to send with the checkpoint's other files, and the log says why.
     refused = f"s3://no-such-bucket-{os.getpid()}/run/checkpoints/step-2/optimizer.pt"
     with caplog.at_level(logging.WARNING, logger="finetune_trainer.staging"):
-        assert save_staged(staged, str(path), (storage, refused)) is None
+        assert save_staged(staged, str(path), (storage, refused)) == []
     assert f"cannot upload to {refused}" in caplog.text
     assert "the bucket does not exist" in caplog.text
     assert "writing optimizer.pt to the local disk" in caplog.text

@@ -29,8 +29,9 @@ from transformers.trainer_pt_utils import reissue_pt_warnings
 
 from finetune_trainer.checkpoints import LOCAL_PREFIX
 from finetune_trainer.distenv import Ranks
+from finetune_trainer.merge.shards import parse_size, tensor_entries
 from finetune_trainer.progress import ProgressReporter
-from finetune_trainer.staging import PendingWrites, StagedWrites, save_staged
+from finetune_trainer.staging import PendingWrites, StagedWrites, save_staged, save_weights_staged
 from finetune_trainer.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,9 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         """In a staged checkpoint save, the weights of a whole model (full and freeze fine-tunes) are copied to the
-        staging buffers and written in the background; the tokenizer and training arguments are written here. An
-        adapter (a PeftModel) is small and saved as the Trainer saves it."""
+        staging buffers and, in the background, written straight into storage (`_store_weights`); the
+        configuration, tokenizer and training arguments are written here. An adapter (a PeftModel) is small and
+        saved as the Trainer saves it."""
         staging = self.staging
         if not self._staging_save or staging is None or state_dict is not None or output_dir is None:
             super()._save(output_dir, state_dict)
@@ -235,7 +237,12 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             super()._save(output_dir, state_dict)
             return
         os.makedirs(output_dir, exist_ok=True)
-        staging.defer(output_dir, lambda: model.save_pretrained(output_dir, state_dict=staged, is_main_process=True))
+        # The configuration files as save_pretrained writes them (it writes no weights file for no weights); the
+        # weights from the staged copy in the background, straight into storage where there is a target.
+        model.save_pretrained(output_dir, state_dict={}, is_main_process=True)
+        stored_file, step = self.stored_file, self.state.global_step
+        target = None if stored_file is None else functools.partial(stored_file, step)
+        staging.defer(output_dir, functools.partial(_store_weights, model, staged, output_dir, target))
         tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
@@ -278,6 +285,47 @@ class ResumableTrainer(Trainer):  # type: ignore[misc]
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+# save_pretrained's default: larger models go into shards of at most this size, and an index.
+_MAX_SHARD_BYTES = parse_size("50GB")
+
+
+def saved_weights(model: PreTrainedModel, state_dict: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The tensors `model.save_pretrained(state_dict=state_dict)` writes into its safetensors files, by the names it
+    writes them under: the keys it ignores and the tied weights it drops (safetensors holds no aliases) removed,
+    its weight conversions reverted. None where save_pretrained would do more than that (a quantized or offloaded
+    model, a transformers without these steps, a dtype safetensors cannot hold): the caller then lets it save."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        return None
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if getattr(model, "hf_quantizer", None) is not None or {"cpu", "disk"} & set(device_map.values()):
+        return None
+    ignored = set(model._keys_to_ignore_on_save or ())
+    tensors = {name: value for name, value in state_dict.items() if name not in ignored}
+    tensors = revert_weight_conversion(model, remove_tied_weights_from_state_dict(tensors, model))
+    if not all(isinstance(value, torch.Tensor) for value in tensors.values()) or tensor_entries(tensors) is None:
+        return None
+    return dict(tensors)
+
+
+def _store_weights(
+    model: PreTrainedModel,
+    staged: dict[str, Any],
+    directory: str,
+    target: Callable[[str], tuple[Storage, str]] | None,
+) -> list[dict[str, Any]] | None:
+    """The background write of a staged checkpoint's weights, laid out as save_pretrained lays them: straight into
+    storage at `target(file name)` (or into `directory` without a target) where `saved_weights` can name them, else
+    through save_pretrained itself into `directory`."""
+    tensors = saved_weights(model, staged)
+    if tensors is None:
+        model.save_pretrained(directory, state_dict=staged, is_main_process=True)
+        return None
+    return save_weights_staged(tensors, directory, target, _MAX_SHARD_BYTES)
 
 
 class CheckpointCallback(TrainerCallback):  # type: ignore[misc]

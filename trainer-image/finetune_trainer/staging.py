@@ -29,13 +29,14 @@ import copy
 import ctypes
 import errno
 import functools
+import json
 import logging
 import mmap
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -43,6 +44,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from finetune_trainer.errors import CheckpointWriteError
+from finetune_trainer.merge.shards import SAFE_INDEX, plan_shards, tensor_entries, write_safetensors
 from finetune_trainer.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -103,36 +105,66 @@ def fault_in(buffer: torch.Tensor) -> None:
     every_byte[-1:].zero_()  # the last page, where the buffer does not start on a page boundary
 
 
-def save_staged(obj: Any, path: str, target: tuple[Storage, str] | None) -> dict[str, Any] | None:
-    """torch.save staged state (a write `defer`red by the Trainer): straight into storage at `target` (storage,
-    URI) where there is one, with no local file, returning the record's entry for it (path: the file's name in the
-    checkpoint directory, size, sha256); without a target, or where the store fails, into the local file `path`,
-    which the uploader then sends with the checkpoint's other files (None). The staged buffers stay as they are
-    until this returns, so a failed stream loses nothing."""
+Entries = list[dict[str, Any]]  # the node record's entries of files a write put straight into storage
+Target = tuple[Storage, str]  # (storage, URI) of a file that goes straight into storage
+
+
+def store_or_write(serialize: Callable[[str | IO[bytes]], None], path: str, target: Target | None) -> Entries:
+    """Run `serialize` (which writes one file into the path or binary stream it is given) straight into storage at
+    `target` where there is one, with no local file, returning the record's entry for it (path: the file's name in
+    the checkpoint directory, size, sha256); without a target, or where the store fails, into the local file
+    `path`, which the uploader then sends with the checkpoint's other files ([]). Whatever `serialize` reads (the
+    staged buffers) stays as it is until this returns, so a failed stream loses nothing."""
     if target is not None:
         storage, uri = target
         writer = storage.open_writer(uri)
         try:
-            torch.save(obj, cast(IO[bytes], writer))  # it only writes and flushes
-            return {"path": os.path.basename(path), **writer.commit()}
+            serialize(cast(IO[bytes], writer))  # it only writes and flushes
+            return [{"path": os.path.basename(path), **writer.commit()}]
         except StorageError as exc:
             writer.abort()
             log.warning("%s; writing %s to the local disk for the upload instead", exc, os.path.basename(path))
         except BaseException:
             writer.abort()
             raise
-    torch.save(obj, path)
-    return None
+    serialize(path)
+    return []
+
+
+def save_staged(obj: Any, path: str, target: Target | None) -> Entries:
+    """torch.save staged state (a write `defer`red by the Trainer) into storage or the local file: see
+    `store_or_write`."""
+    return store_or_write(functools.partial(torch.save, obj), path, target)
+
+
+def save_weights_staged(
+    tensors: Mapping[str, torch.Tensor], directory: str, target: Callable[[str], Target] | None, max_shard_bytes: int
+) -> Entries:
+    """Write a model's weights (`tensors`, staged, named as in its saved files) as transformers' save_pretrained
+    lays them out (`model.safetensors`, or shards of at most `max_shard_bytes` and their index), each shard straight
+    into storage at `target(file name)` where there is one (see `store_or_write`). The index, a few kilobytes, is
+    written into `directory` for the uploader."""
+    entries = tensor_entries(tensors)
+    if entries is None:
+        raise CheckpointWriteError("a tensor of the model has a dtype safetensors cannot hold")
+    plan = plan_shards(entries, max_shard_bytes)
+    if len(plan.files) > 1:
+        Path(directory, SAFE_INDEX).write_text(json.dumps(plan.index(), indent=2, sort_keys=True) + "\n")
+    stored: Entries = []
+    for name, shard in zip(plan.files, plan.shards, strict=True):
+        serialize = functools.partial(write_safetensors, entries=shard, tensors=tensors)
+        stored += store_or_write(serialize, os.path.join(directory, name), target(name) if target else None)
+    return stored
 
 
 class PendingWrites:
     """The files of one checkpoint being written in the background; `wait()` returns once they are all written
-    and raises the first failure, naming the file. A write returns the record entry of a file it put straight
-    into storage (`stored`), or None for a local file."""
+    and raises the first failure, naming the file. A write returns the record entries of the files it put
+    straight into storage (`stored`), or None where it wrote local files only."""
 
-    def __init__(self, writes: list[tuple[str, Callable[[], dict[str, Any] | None]]]) -> None:
+    def __init__(self, writes: list[tuple[str, Callable[[], Entries | None]]]) -> None:
         self.paths = [path for path, _ in writes]
-        self.stored: list[dict[str, Any]] = []
+        self.stored: Entries = []
         self._writes = writes
         self._error: BaseException | None = None
         # torch.save's settings are thread-local: the writes follow those of the thread that staged them (the
@@ -152,8 +184,7 @@ class PendingWrites:
                 self._error.__cause__ = exc
                 log.error("%s", self._error)
                 return
-            if entry is not None:
-                self.stored.append(entry)
+            self.stored += entry or []
         log.debug("wrote %d staged checkpoint file(s) in %.1fs", len(self._writes), time.monotonic() - self.started)
 
     def done(self) -> bool:
@@ -188,7 +219,7 @@ class StagedWrites:
         self.allocated_in_save = 0  # of them allocated by stage() itself, while a step waited
         self._buffers: dict[tuple[str, ...], torch.Tensor] = {}
         self._reservation: _Reservation | None = None
-        self._deferred: list[tuple[str, Callable[[], dict[str, Any] | None]]] = []
+        self._deferred: list[tuple[str, Callable[[], Entries | None]]] = []
         self._pending: PendingWrites | None = None
         self._declined = False  # said why checkpoints are written synchronously
         self._failed = False  # a buffer could not be allocated: no more staging in this process
@@ -260,7 +291,7 @@ class StagedWrites:
         log.debug("staged %s: %d tensor(s) in %.2fs", name, len(staged), time.monotonic() - started)
         return _rebuild(obj, (name,), {key: staged[view] for key, view in views.items()})
 
-    def defer(self, path: str, write: Callable[[], dict[str, Any] | None]) -> None:
+    def defer(self, path: str, write: Callable[[], Entries | None]) -> None:
         """Run `write` (which writes `path` from staged state, or stores it: see PendingWrites) in the background at
         the next `flush()`."""
         self._deferred.append((path, write))

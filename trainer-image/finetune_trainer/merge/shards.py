@@ -22,7 +22,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -153,6 +153,42 @@ def header_bytes(entries: Sequence[TensorEntry], metadata: dict[str, str] | None
     return len(text).to_bytes(8, "little") + text
 
 
+def tensor_entries(tensors: Mapping[str, torch.Tensor]) -> list[TensorEntry] | None:
+    """The entries of a file holding `tensors` in this order; None when one has a dtype safetensors cannot hold."""
+    entries = []
+    for name, tensor in tensors.items():
+        code = CODES.get(tensor.dtype)
+        if code is None:
+            return None
+        entries.append(TensorEntry(name, code, tuple(tensor.shape)))
+    return entries
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor in row-major order, as safetensors stores them (a view, unless it must be made
+    contiguous first)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors data is little-endian; writing it on a big-endian host is not supported")
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def write_safetensors(
+    sink: str | os.PathLike[str] | IO[bytes], entries: Sequence[TensorEntry], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Write the safetensors file holding `entries` (in that order), their bytes taken from `tensors`, into `sink`:
+    a path, or any binary stream (one written as it is produced, such as `Storage.open_writer`'s)."""
+    if not isinstance(sink, (str, os.PathLike)):
+        sink.write(header_bytes(entries))
+        for entry in entries:
+            tensor = tensors[entry.name]
+            if CODES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise RuntimeError(f"tensor {entry.name!r} is not the {entry.dtype} {list(entry.shape)} planned")
+            sink.write(tensor_bytes(tensor))
+        return
+    with open(sink, "wb") as handle:
+        write_safetensors(handle, entries, tensors)
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """Where one tensor's bytes sit in a safetensors file."""
@@ -266,8 +302,6 @@ class ShardWriter:
     _size: int = 0
 
     def __post_init__(self) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("safetensors data is little-endian; writing it on a big-endian host is not supported")
         self._handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._emit(header_bytes(self.entries))
 
@@ -285,10 +319,10 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: got tensor {name!r} while expecting {expected!r}")
         if CODES.get(tensor.dtype) != entry.dtype:
             raise RuntimeError(f"{self.path.name}: tensor {name!r} is {tensor.dtype}, planned as {entry.dtype}")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tensor_bytes(tensor)
         if self._written + data.nbytes > entry.nbytes:
             raise RuntimeError(f"{self.path.name}: more bytes for {name!r} than its shape {list(entry.shape)} holds")
-        self._emit(data.data)  # a view of the tensor's bytes, no copy
+        self._emit(data)
         self._written += data.nbytes
         if self._written == entry.nbytes:
             self._index, self._written = self._index + 1, 0
