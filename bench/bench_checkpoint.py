@@ -21,8 +21,8 @@ into a page cache that must first evict other files cost several times the CPU o
 
 The trainer copies a checkpoint's optimizer state (and a full fine-tune's weights) into host buffers and writes
 the files in the background (finetune_trainer/staging.py), the optimizer state and the weights straight into the
-store (no local files); --sync-writes turns that off, so that a run can be compared with the Trainer writing every file before the
-next step.
+store (no local files); --sync-writes turns that off, so that a run can be compared with the Trainer writing every
+file before the next step.
 
 Also the part the save blocks: the time between the end of a step and the start of the next (where the Trainer
 serializes the checkpoint and the callbacks hand it to the uploader), against the same gaps without saves; the rest
@@ -52,6 +52,7 @@ CPU s (M MinIO); stream ...; stream/file CPU R`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -201,6 +202,11 @@ def run_once(
     finally:
         recipe.cleanup()
         shutil.rmtree(work / "cache", ignore_errors=True)
+    # The Trainer and its callbacks refer to each other: without a collection the model, its optimizer state and
+    # the staging buffers of this run (8 GiB for a full fine-tune at the default shape) outlive it, and a later run
+    # finds too little memory to stage its checkpoints (the trainer then writes them synchronously, and says so).
+    del recipe
+    gc.collect()
     first, last = args.warmup - 1, len(clock.ends) - 1
     steps = last - first
     between = sum(clock.begins[i + 1] - clock.ends[i] for i in range(first, last))
