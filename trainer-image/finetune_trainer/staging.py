@@ -8,10 +8,10 @@ copy the write would make anyway, into pinned memory). The copy is the snapshot:
 the live tensors, never the staged ones. Before a save stages anything, the previous save's files must be written
 (its buffers are reused), so at most one checkpoint's state is held beside the live one.
 
-Where the Trainer gives a target in storage (the optimizer state, the largest file of a full fine-tune's
-checkpoint), the background thread serializes the staged state straight into the store (`save_staged`) instead of
-a local file that the uploader would read back: the bytes pass once through a few reused part buffers rather than
-twice through gigabytes of fresh page cache.
+Where the Trainer gives a target in storage (the optimizer state and a full fine-tune's weights, the large files of
+its checkpoint), the background thread serializes the staged state straight into the store (`save_staged`,
+`save_weights_staged`) instead of local files that the uploader would read back: the bytes pass once through a few
+reused part buffers rather than twice through gigabytes of fresh page cache.
 
 The buffers can be reserved ahead (`reserve`, which the Trainer calls after its first step): allocated, and their
 pages faulted in, by a background thread while training goes on. Otherwise the first save pays for that while the
