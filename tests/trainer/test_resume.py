@@ -399,11 +399,12 @@ def test_a_full_fine_tunes_optimizer_state_and_weights_go_from_their_staged_copy
     assert listed["model.safetensors"]["size"] == len(weights)
     assert listed["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
     # The names and shapes of the model's own save, beside its configuration.
-    stored = load(weights)
+    stored_weights = load(weights)
     model = recipe.trainer.model
     model.save_pretrained(tmp_path / "direct")
     direct = load_file(tmp_path / "direct" / "model.safetensors")
-    assert {name: tuple(t.shape) for name, t in stored.items()} == {name: tuple(t.shape) for name, t in direct.items()}
+    shapes = {name: tuple(tensor.shape) for name, tensor in direct.items()}
+    assert {name: tuple(tensor.shape) for name, tensor in stored_weights.items()} == shapes
     assert "config.json" in listed
 
 
