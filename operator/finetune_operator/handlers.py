@@ -64,6 +64,13 @@ def _reconcile(key: tuple[str, str]) -> float | None:
 QUEUE: WorkQueue[tuple[str, str]] = WorkQueue(_reconcile, workers=QUEUE_WORKERS)
 
 
+def _stop_at_once() -> None:
+    """The lease is lost: stop now, before any other write can leave (os._exit: no handler, no thread gets to run
+    first), leaving no copy of the kubeconfig's credentials behind."""
+    k8s.remove_credential_files()
+    os._exit(1)
+
+
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _elector
@@ -72,7 +79,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     metrics.serve(SETTINGS.metrics_port)
     if SETTINGS.leader_election:
         _elector = LeaderElector(
-            SETTINGS.lease_name, SETTINGS.lease_namespace, SETTINGS.lease_seconds, on_lost=lambda: os._exit(1)
+            SETTINGS.lease_name, SETTINGS.lease_namespace, SETTINGS.lease_seconds, on_lost=_stop_at_once
         )
         _elector.wait_until_leader()
         _elector.start_renewing()

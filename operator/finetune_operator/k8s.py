@@ -73,6 +73,17 @@ def api_client() -> client.ApiClient:
         return _client
 
 
+def remove_credential_files() -> None:
+    """Remove the temporary files the Kubernetes client wrote a kubeconfig's inline certificates and key into
+    (outside a Pod). It removes them at interpreter exit; a process that ends with os._exit must call this first,
+    or the private key stays behind in $TMPDIR."""
+    from kubernetes.config import kube_config
+
+    cleanup = getattr(kube_config, "_cleanup_temp_files", None)
+    if cleanup is not None:
+        cleanup()
+
+
 def _base(api_version: str) -> str:
     return f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
 

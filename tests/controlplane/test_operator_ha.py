@@ -65,9 +65,16 @@ def test_two_replicas_never_both_act(cluster: Cluster, run_operator: Callable[..
 
 
 @pytest.mark.usefixtures("workloads")
-def test_a_frozen_leader_stops_before_a_standby_takes_over(cluster: Cluster, run_operator: Callable[..., Any]) -> None:
+def test_a_frozen_leader_stops_before_a_standby_takes_over(
+    cluster: Cluster, run_operator: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The kubeconfig carries its certificates and key inline: the Kubernetes client writes them to temporary files,
+    # which the first operator's own TMPDIR shows.
+    temporary = tmp_path / "first-tmp"
+    temporary.mkdir()
     env = operator_env(cluster.ns)
-    first = run_operator(namespaces=[cluster.ns], env=env).start()
+    first = run_operator(namespaces=[cluster.ns], env={**env, "TMPDIR": str(temporary)}).start()
+    assert list(temporary.iterdir()), "the client wrote no credential files: this test checks nothing"
     second = run_operator(namespaces=[cluster.ns], env=env).start(wait=False)
     os.kill(first.pid, signal.SIGSTOP)  # a leader that stalls (a frozen node, a long GC) without losing its lease
     try:
@@ -81,6 +88,8 @@ def test_a_frozen_leader_stops_before_a_standby_takes_over(cluster: Cluster, run
     assert not _handled(first.log(10**8), "during-freeze")
     assert "not renewed within" in first.log(10**8) or "lost lease" in first.log(10**8)
     assert len(cluster.batch.list_namespaced_job(cluster.ns).items) == 1
+    # It stopped at once, without Python's exit handlers, but not before removing the copies of its credentials.
+    assert list(temporary.iterdir()) == []
 
 
 def test_missing_kubeflow_api_gives_an_explanatory_condition(tmp_path: Path, control_plane: Any) -> None:
