@@ -29,7 +29,6 @@ import copy
 import ctypes
 import errno
 import functools
-import json
 import logging
 import mmap
 import os
@@ -44,7 +43,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from finetune_trainer.errors import CheckpointWriteError
-from finetune_trainer.merge.shards import SAFE_INDEX, plan_shards, tensor_entries, write_safetensors
+from finetune_trainer.merge.shards import plan_shards, tensor_entries, write_safetensors
 from finetune_trainer.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -148,8 +147,7 @@ def save_weights_staged(
     if entries is None:
         raise CheckpointWriteError("a tensor of the model has a dtype safetensors cannot hold")
     plan = plan_shards(entries, max_shard_bytes)
-    if len(plan.files) > 1:
-        Path(directory, SAFE_INDEX).write_text(json.dumps(plan.index(), indent=2, sort_keys=True) + "\n")
+    plan.write_index(Path(directory))
     stored: Entries = []
     for name, shard in zip(plan.files, plan.shards, strict=True):
         serialize = functools.partial(write_safetensors, entries=shard, tensors=tensors)

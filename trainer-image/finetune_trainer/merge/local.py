@@ -369,9 +369,8 @@ def _stream_weights(
             written.append(written_file)
             if on_file is not None:
                 on_file(out_dir / file_name, written_file)
-    if len(plan.files) > 1:
-        index_path = out_dir / SAFE_INDEX
-        index_path.write_text(json.dumps(plan.index(), indent=2, sort_keys=True) + "\n")
+    index_path = plan.write_index(out_dir)
+    if index_path is not None:
         written.append(_emit(index_path, out_dir, on_file))
     params = int(plan.index()["metadata"]["total_parameters"])
     return written, plan.files, plan.total_bytes, params

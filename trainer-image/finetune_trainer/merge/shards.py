@@ -115,6 +115,14 @@ class ShardPlan:
         params = sum(math.prod(e.shape) for shard in self.shards for e in shard)
         return {"metadata": {"total_size": self.total_bytes, "total_parameters": params}, "weight_map": self.weight_map}
 
+    def write_index(self, directory: Path) -> Path | None:
+        """Write the index into `directory` where there is more than one shard; its path, else None."""
+        if len(self.files) < 2:
+            return None
+        path = directory / SAFE_INDEX
+        path.write_text(json.dumps(self.index(), indent=2, sort_keys=True) + "\n")
+        return path
+
 
 def plan_shards(entries: Sequence[TensorEntry], max_bytes: int) -> ShardPlan:
     """Fill shards in order so that no file exceeds `max_bytes`, headers included; a tensor larger than the limit
